@@ -1,0 +1,403 @@
+//! The engine: a loaded model with its tokenizer and chat template, and the operations the
+//! services need: batched sampling of ragged prompts, teacher-forced scoring, adapter swaps, and
+//! the differentiable logprobs the learner trains through.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::chat::{ChatTemplate, Message};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::grad;
+use crate::lora::LoraAdapter;
+use crate::sampler::{FinishReason, RowSampler, SamplingParams};
+use crate::tokenizer::Tokenizer;
+use crate::transformer::{KvCache, Mode, Transformer};
+
+/// One prompt to continue.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+}
+
+/// A sampled continuation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    /// Logprob of each token under the distribution it was sampled from.
+    pub logprobs: Vec<f32>,
+    pub finish_reason: FinishReason,
+}
+
+/// A (prompt, completion) pair to score under teacher forcing.
+#[derive(Debug, Clone)]
+pub struct ScoreRequest {
+    pub prompt: Vec<u32>,
+    pub completion: Vec<u32>,
+}
+
+/// Differentiable logprobs of a batch of completions.
+#[derive(Debug)]
+pub struct TrainLogprobs {
+    /// `[n]` f32: the completion tokens of every sequence, concatenated in input order.
+    pub logprobs: Tensor,
+    /// Where each sequence starts in `logprobs` (length = sequences + 1).
+    pub offsets: Vec<usize>,
+}
+
+/// A loaded model ready to sample, score and train.
+pub struct Engine {
+    model: Transformer,
+    tokenizer: Option<Tokenizer>,
+    template: Option<ChatTemplate>,
+    adapter: Option<LoraAdapter>,
+    source: PathBuf,
+    pad_id: u32,
+    /// Rows of logits materialised at once when scoring.
+    pub logits_chunk: usize,
+    /// Tokens (rows x padded length) per scoring forward.
+    pub score_tokens: usize,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("source", &self.source)
+            .field("config", &self.model.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Loads a `.gguf` file or a Hugging Face folder.
+    pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let loaded = crate::loader::load(path, device, dtype)?;
+        let model = Transformer::from_weights(&loaded.config, loaded.weights, &loaded.source, device)?;
+        if let Some(tok) = &loaded.tokenizer {
+            if tok.vocab_size() > loaded.config.vocab_size {
+                tracing::warn!(
+                    "tokenizer has {} ids but the model only {}; ids beyond are refused",
+                    tok.vocab_size(),
+                    loaded.config.vocab_size
+                );
+            }
+        }
+        let template = match &loaded.chat_template {
+            Some(src) => Some(ChatTemplate::new(src, &loaded.bos_token, &loaded.eos_token)?),
+            None => None,
+        };
+        let pad_id = loaded
+            .config
+            .pad_token_id
+            .or(loaded.config.eos_token_ids.first().copied())
+            .unwrap_or(0);
+        Ok(Self {
+            model,
+            tokenizer: loaded.tokenizer,
+            template,
+            adapter: None,
+            source: loaded.source,
+            pad_id,
+            logits_chunk: 256,
+            score_tokens: 4096,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.cfg
+    }
+
+    /// The tokenizer; an error for a model folder that has none.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| Error::MissingFile {
+            path: self.source.join("tokenizer.json"),
+            what: "tokenizer",
+            hint: "this model can only be used with token ids; add tokenizer.json to use text",
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.model.device()
+    }
+
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    pub fn transformer(&self) -> &Transformer {
+        &self.model
+    }
+
+    /// The adapter merged into the inference weights, if any.
+    pub fn adapter(&self) -> Option<&LoraAdapter> {
+        self.adapter.as_ref()
+    }
+
+    /// Renders messages with the model's chat template.
+    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        match &self.template {
+            Some(t) => t.render(messages, add_generation_prompt),
+            None => Err(Error::Template(format!(
+                "{} has no chat template; send a plain completion prompt instead",
+                self.source.display()
+            ))),
+        }
+    }
+
+    /// Replaces the adapter (merged into the inference weights); `None` returns to the base.
+    /// The base weights stay loaded: a swap costs one `B @ A` per adapted projection.
+    pub fn set_adapter(&mut self, adapter: Option<LoraAdapter>) -> Result<()> {
+        self.model.set_adapter(adapter.as_ref())?;
+        self.adapter = adapter;
+        Ok(())
+    }
+
+    /// Loads a PEFT adapter folder and swaps it in.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        let adapter = LoraAdapter::load(dir, &self.model.cfg, self.device())?;
+        self.set_adapter(Some(adapter))
+    }
+
+    fn check_ids(&self, what: &str, ids: &[u32]) -> Result<()> {
+        let vocab = self.model.cfg.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(Error::InvalidRequest(format!(
+                "{what} has token id {bad}, outside the vocabulary of {vocab} ids"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Samples a continuation of every request, all rows in one batch.
+    pub fn generate(&self, requests: &[GenerateRequest]) -> Result<Vec<Generation>> {
+        if requests.is_empty() {
+            return Ok(vec![]);
+        }
+        let ctx = self.model.cfg.max_position_embeddings;
+        for (i, r) in requests.iter().enumerate() {
+            if r.prompt.is_empty() {
+                return Err(Error::InvalidRequest(format!("prompt {i} is empty")));
+            }
+            self.check_ids(&format!("prompt {i}"), &r.prompt)?;
+            r.params.validate()?;
+            if r.prompt.len() + r.params.max_tokens > ctx {
+                return Err(Error::InvalidRequest(format!(
+                    "prompt {i} has {} tokens and asks for {} more, over the context of {ctx}; \
+                     shorten the prompt or lower max_tokens",
+                    r.prompt.len(),
+                    r.params.max_tokens
+                )));
+            }
+        }
+        let n = requests.len();
+        let plen = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+        let max_new = requests.iter().map(|r| r.params.max_tokens).max().unwrap_or(0);
+        // Prefill, left-padded.
+        let mut start: Vec<usize> = requests.iter().map(|r| plen - r.prompt.len()).collect();
+        let mut tokens = Vec::with_capacity(n * plen);
+        for r in requests {
+            tokens.extend(std::iter::repeat_n(self.pad_id, plen - r.prompt.len()));
+            tokens.extend_from_slice(&r.prompt);
+        }
+        let mut cache = KvCache::new(&self.model.cfg, n, plen + max_new, self.model.dtype(), self.device())?;
+        let inputs = self.model.inputs(tokens, n, plen, &start, 0)?;
+        let hidden = self.model.hidden(&inputs, Mode::Cached(&mut cache))?;
+        let mut last = hidden.narrow(1, plen - 1, 1)?.squeeze(1)?; // [n, hidden]
+
+        let mut samplers: Vec<RowSampler> = requests.iter().map(|r| RowSampler::new(r.params.clone())).collect();
+        let mut out: Vec<Generation> = (0..n)
+            .map(|_| Generation {
+                tokens: vec![],
+                logprobs: vec![],
+                finish_reason: FinishReason::Length,
+            })
+            .collect();
+        // rows[i]: the request decoded in batch row i, None once it finished.
+        let mut rows: Vec<Option<usize>> = (0..n).map(Some).collect();
+        let mut offset = plen;
+        loop {
+            let live: Vec<usize> = (0..rows.len()).filter(|&r| rows[r].is_some()).collect();
+            if live.len() < rows.len() {
+                last = last.index_select(&self.row_index(&live)?, 0)?;
+            }
+            let logits = last
+                .matmul(&self.model.lm_head().t()?)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            let mut next = vec![self.pad_id; rows.len()];
+            for (k, &row) in live.iter().enumerate() {
+                let Some(req) = rows[row] else { continue };
+                let (id, lp) = samplers[req].sample(&logits[k]);
+                let g = &mut out[req];
+                g.tokens.push(id);
+                g.logprobs.push(lp);
+                let params = samplers[req].params();
+                if params.stop_ids.contains(&id) {
+                    g.finish_reason = FinishReason::Stop;
+                    rows[row] = None;
+                } else if g.tokens.len() >= params.max_tokens {
+                    rows[row] = None;
+                } else {
+                    next[row] = id;
+                }
+            }
+            let live: Vec<usize> = (0..rows.len()).filter(|&r| rows[r].is_some()).collect();
+            if live.is_empty() {
+                break;
+            }
+            // Drop finished rows from the batch once enough finished to pay for copying the cache;
+            // until then they are fed padding and their output is ignored.
+            if live.len() * 4 <= rows.len() * 3 {
+                cache = cache.select_rows(&self.row_index(&live)?)?;
+                start = live.iter().map(|&r| start[r]).collect();
+                next = live.iter().map(|&r| next[r]).collect();
+                rows = live.iter().map(|&r| rows[r]).collect();
+            }
+            let inputs = self.model.inputs(next, rows.len(), 1, &start, offset)?;
+            let hidden = self.model.hidden(&inputs, Mode::Cached(&mut cache))?;
+            last = hidden.squeeze(1)?;
+            offset += 1;
+        }
+        Ok(out)
+    }
+
+    fn row_index(&self, rows: &[usize]) -> Result<Tensor> {
+        let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        Ok(Tensor::from_vec(ids, rows.len(), self.device())?)
+    }
+
+    fn check_score_requests(&self, seqs: &[ScoreRequest]) -> Result<()> {
+        let ctx = self.model.cfg.max_position_embeddings;
+        for (i, s) in seqs.iter().enumerate() {
+            if s.prompt.is_empty() {
+                return Err(Error::InvalidRequest(format!(
+                    "sequence {i}: prompt_ids is empty (the first completion token needs a context)"
+                )));
+            }
+            self.check_ids(&format!("sequence {i} prompt_ids"), &s.prompt)?;
+            self.check_ids(&format!("sequence {i} completion_ids"), &s.completion)?;
+            if s.prompt.len() + s.completion.len() > ctx {
+                return Err(Error::InvalidRequest(format!(
+                    "sequence {i} has {} tokens, over the model's context of {ctx}",
+                    s.prompt.len() + s.completion.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Groups sequences (by length, to limit padding) into forwards of at most `score_tokens`
+    /// padded tokens. Returns batches of input indices.
+    fn score_batches(&self, seqs: &[ScoreRequest]) -> Vec<Vec<usize>> {
+        let len = |i: usize| seqs[i].prompt.len() + seqs[i].completion.len();
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(len(i)));
+        let mut batches: Vec<Vec<usize>> = vec![];
+        let mut current: Vec<usize> = vec![];
+        let mut width = 0;
+        for i in order {
+            let w = width.max(len(i));
+            if !current.is_empty() && w * (current.len() + 1) > self.score_tokens {
+                batches.push(std::mem::take(&mut current));
+                width = 0;
+            }
+            width = width.max(len(i));
+            current.push(i);
+        }
+        if !current.is_empty() {
+            batches.push(current);
+        }
+        batches
+    }
+
+    /// Runs one left-padded forward over `seqs[idx]` and returns the final hidden state of every
+    /// position that predicts a completion token `[n, hidden]`, with those tokens.
+    fn completion_hidden(&self, seqs: &[ScoreRequest], idx: &[usize], mode: Mode<'_>) -> Result<(Tensor, Vec<u32>)> {
+        let width = idx
+            .iter()
+            .map(|&i| seqs[i].prompt.len() + seqs[i].completion.len())
+            .max()
+            .unwrap_or(0);
+        let b = idx.len();
+        let mut tokens = Vec::with_capacity(b * width);
+        let mut start = Vec::with_capacity(b);
+        let mut picks = Vec::new();
+        let mut targets = Vec::new();
+        for (row, &i) in idx.iter().enumerate() {
+            let s = &seqs[i];
+            let pad = width - s.prompt.len() - s.completion.len();
+            start.push(pad);
+            tokens.extend(std::iter::repeat_n(self.pad_id, pad));
+            tokens.extend_from_slice(&s.prompt);
+            tokens.extend_from_slice(&s.completion);
+            for (k, &tok) in s.completion.iter().enumerate() {
+                picks.push((row * width + pad + s.prompt.len() - 1 + k) as u32);
+                targets.push(tok);
+            }
+        }
+        let inputs = self.model.inputs(tokens, b, width, &start, 0)?;
+        let hidden = self.model.hidden(&inputs, mode)?;
+        let h = hidden.reshape((b * width, self.model.cfg.hidden_size))?;
+        let n = picks.len();
+        let picks = Tensor::from_vec(picks, n, self.device())?;
+        Ok((h.index_select(&picks, 0)?, targets))
+    }
+
+    /// Per-token logprobs of each completion given its prompt (teacher forcing), under
+    /// `softmax(logits / temperature)`, with the current adapter. Results are in input order.
+    pub fn score(&self, seqs: &[ScoreRequest], temperature: f64) -> Result<Vec<Vec<f32>>> {
+        if !(temperature > 0.0 && temperature.is_finite()) {
+            return Err(Error::InvalidRequest(format!("temperature {temperature} must be > 0 for scoring")));
+        }
+        self.check_score_requests(seqs)?;
+        let mut out: Vec<Vec<f32>> = vec![vec![]; seqs.len()];
+        for batch in self.score_batches(seqs) {
+            let (h, targets) = self.completion_hidden(seqs, &batch, Mode::Plain)?;
+            let lp = grad::logprobs_detached(&h, self.model.lm_head(), &targets, temperature, self.logits_chunk)?
+                .to_vec1::<f32>()?;
+            let mut at = 0;
+            for &i in &batch {
+                let len = seqs[i].completion.len();
+                out[i] = lp[at..at + len].to_vec();
+                at += len;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Logprobs of every vocabulary id as the next token after `prompt`.
+    pub fn next_token_logprobs(&self, prompt: &[u32]) -> Result<Vec<f32>> {
+        let seq = [ScoreRequest {
+            prompt: prompt.to_vec(),
+            completion: vec![],
+        }];
+        self.check_score_requests(&seq)?;
+        let t = prompt.len();
+        let inputs = self.model.inputs(prompt.to_vec(), 1, t, &[0], 0)?;
+        let hidden = self.model.hidden(&inputs, Mode::Plain)?;
+        let last = hidden.narrow(1, t - 1, 1)?.reshape((1, self.model.cfg.hidden_size))?;
+        let logits = last
+            .matmul(&self.model.lm_head().t()?)?
+            .to_dtype(DType::F32)?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
+        Ok(crate::sampler::log_softmax(&logits))
+    }
+
+    /// Differentiable logprobs of the completions of `seqs` (one forward, no length batching:
+    /// the caller sizes micro-batches), with `adapter` applied unmerged so that gradients reach
+    /// its tensors (make them `Var`s). Frozen weights receive no gradient.
+    pub fn train_logprobs(&self, seqs: &[ScoreRequest], adapter: &LoraAdapter, temperature: f64) -> Result<TrainLogprobs> {
+        self.check_score_requests(seqs)?;
+        let idx: Vec<usize> = (0..seqs.len()).collect();
+        let (h, targets) = self.completion_hidden(seqs, &idx, Mode::Train(adapter))?;
+        let logprobs = grad::target_logprobs(&h, self.model.lm_head(), &targets, temperature, self.logits_chunk)?;
+        let mut offsets = vec![0];
+        for s in seqs {
+            offsets.push(offsets[offsets.len() - 1] + s.completion.len());
+        }
+        Ok(TrainLogprobs { logprobs, offsets })
+    }
+}

@@ -1,0 +1,30 @@
+//! `model`: the transformer engine every service of the project stands on, written on candle.
+//!
+//! It loads a GGUF file or a Hugging Face folder (Llama family, Qwen2), tokenizes and renders chat
+//! templates, samples ragged batches with per-token logprobs, scores completions under teacher
+//! forcing without materialising batch x length x vocab logits, reads and writes PEFT LoRA
+//! adapters (merged for sampling, swapped without reloading the base), and gives the learner a
+//! differentiable forward whose gradients reach the LoRA tensors only.
+//!
+//! It must never download anything (loading reads local paths only), never panic on a user's
+//! file or request (every bad input is an [`Error`] naming it), and never know about GRPO, HTTP
+//! or the rollout database: those live in the crates above it.
+
+pub mod chat;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod grad;
+pub mod loader;
+pub mod lora;
+pub mod sampler;
+pub mod tokenizer;
+pub mod transformer;
+
+pub use chat::{ChatTemplate, Message};
+pub use config::{Architecture, ModelConfig};
+pub use engine::{Engine, GenerateRequest, Generation, ScoreRequest, TrainLogprobs};
+pub use error::{Error, Result};
+pub use lora::{LoraAdapter, LoraConfig, LoraPair, Proj};
+pub use sampler::{FinishReason, SamplingParams};
+pub use tokenizer::Tokenizer;

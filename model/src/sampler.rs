@@ -1,0 +1,223 @@
+//! Choosing the next token from a row of logits: temperature, top-k, top-p, a seeded RNG per
+//! request. The logprob returned with a token is that of the distribution it was sampled from
+//! before truncation: log-softmax(logits / temperature) (TRL's convention, which the learner
+//! reproduces by dividing by the same temperature); greedy (temperature 0) reports the raw
+//! log-softmax.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
+
+/// Sampling parameters of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f64,
+    /// In (0, 1]; 1 disables nucleus truncation.
+    pub top_p: f64,
+    /// 0 disables top-k truncation.
+    pub top_k: usize,
+    pub max_tokens: usize,
+    /// Generation stops after any of these ids (the id is kept in the output).
+    pub stop_ids: Vec<u32>,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            max_tokens: 128,
+            stop_ids: vec![],
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks ranges; the message names the field and the allowed range.
+    pub fn validate(&self) -> Result<()> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(Error::InvalidRequest(format!(
+                "temperature {} must be >= 0 (0 is greedy)",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::InvalidRequest(format!("top_p {} must be in (0, 1]", self.top_p)));
+        }
+        if self.max_tokens == 0 {
+            return Err(Error::InvalidRequest("max_tokens must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// A stop id was produced.
+    Stop,
+    /// `max_tokens` was reached.
+    Length,
+}
+
+/// The per-row sampling state.
+#[derive(Debug)]
+pub struct RowSampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+/// log-softmax of `x` into a new vector (f64 accumulation).
+pub fn log_softmax(x: &[f32]) -> Vec<f32> {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = x.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    x.iter().map(|&v| (v as f64 - lse) as f32).collect()
+}
+
+impl RowSampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = StdRng::seed_from_u64(params.seed);
+        Self { params, rng }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks a token from `logits` (one row, length vocab); returns (id, logprob).
+    pub fn sample(&mut self, logits: &[f32]) -> (u32, f32) {
+        let t = self.params.temperature;
+        if t == 0.0 {
+            let (mut best, mut best_v) = (0usize, f32::NEG_INFINITY);
+            for (i, &v) in logits.iter().enumerate() {
+                if v > best_v {
+                    best = i;
+                    best_v = v;
+                }
+            }
+            let lp = log_softmax(logits);
+            return (best as u32, lp[best]);
+        }
+        let scaled: Vec<f32> = if t == 1.0 {
+            logits.to_vec()
+        } else {
+            logits.iter().map(|&v| (v as f64 / t) as f32).collect()
+        };
+        let lp = log_softmax(&scaled);
+        let truncate = self.params.top_k > 0 || self.params.top_p < 1.0;
+        let id = if !truncate {
+            let u: f64 = self.rng.random();
+            let mut acc = 0.0f64;
+            let mut chosen = lp.len() - 1;
+            for (i, &l) in lp.iter().enumerate() {
+                acc += (l as f64).exp();
+                if u < acc {
+                    chosen = i;
+                    break;
+                }
+            }
+            chosen
+        } else {
+            let mut order: Vec<usize> = (0..lp.len()).collect();
+            order.sort_unstable_by(|&a, &b| lp[b].total_cmp(&lp[a]).then(a.cmp(&b)));
+            let mut keep = if self.params.top_k > 0 {
+                self.params.top_k.min(order.len())
+            } else {
+                order.len()
+            };
+            if self.params.top_p < 1.0 {
+                let mut acc = 0.0f64;
+                for (n, &i) in order.iter().take(keep).enumerate() {
+                    acc += (lp[i] as f64).exp();
+                    if acc >= self.params.top_p {
+                        keep = n + 1;
+                        break;
+                    }
+                }
+            }
+            let kept = &order[..keep.max(1)];
+            let total: f64 = kept.iter().map(|&i| (lp[i] as f64).exp()).sum();
+            let u: f64 = self.rng.random::<f64>() * total;
+            let mut acc = 0.0f64;
+            let mut chosen = kept[kept.len() - 1];
+            for &i in kept {
+                acc += (lp[i] as f64).exp();
+                if u < acc {
+                    chosen = i;
+                    break;
+                }
+            }
+            chosen
+        };
+        (id as u32, lp[id])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f64, top_k: usize, top_p: f64, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn greedy_takes_argmax_with_raw_logprob() {
+        let mut s = RowSampler::new(params(0.0, 0, 1.0, 1));
+        let (id, lp) = s.sample(&[0.0, 2.0, 1.0]);
+        assert_eq!(id, 1);
+        let expected = 2.0 - (1f64 + 2f64.exp() + 1f64.exp()).ln();
+        assert!((lp as f64 - expected).abs() < 1e-6);
+    }
+
+    #[test]
+    fn logprob_is_under_tempered_distribution_before_truncation() {
+        let logits = [1.0f32, 0.5, -1.0, 0.0];
+        let mut s = RowSampler::new(params(0.7, 1, 1.0, 3));
+        let (id, lp) = s.sample(&logits);
+        assert_eq!(id, 0, "top_k 1 must pick the argmax");
+        let scaled: Vec<f32> = logits.iter().map(|v| v / 0.7).collect();
+        assert!((lp - log_softmax(&scaled)[0]).abs() < 1e-6, "logprob must not be renormalised by top-k");
+    }
+
+    #[test]
+    fn top_p_excludes_the_tail() {
+        // p = softmax: token 0 has ~0.84; with top_p 0.5 only it survives.
+        let logits = [3.0f32, 1.0, 0.5, 0.0];
+        for seed in 0..50 {
+            let mut s = RowSampler::new(params(1.0, 0, 0.5, seed));
+            assert_eq!(s.sample(&logits).0, 0);
+        }
+    }
+
+    #[test]
+    fn frequencies_follow_the_distribution() {
+        let logits = [0.0f32, (2f32).ln()]; // p = 1/3, 2/3
+        let mut s = RowSampler::new(params(1.0, 0, 1.0, 7));
+        let n = 20000;
+        let ones = (0..n).filter(|_| s.sample(&logits).0 == 1).count();
+        let f = ones as f64 / n as f64;
+        assert!((f - 2.0 / 3.0).abs() < 0.02, "frequency {f}");
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let e = params(-1.0, 0, 1.0, 0).validate().unwrap_err().to_string();
+        assert!(e.contains("temperature"), "{e}");
+        let e = params(1.0, 0, 0.0, 0).validate().unwrap_err().to_string();
+        assert!(e.contains("top_p"), "{e}");
+    }
+}

@@ -1,0 +1,463 @@
+//! The decoder: Llama-family and Qwen2 blocks written on candle, one struct per block.
+//!
+//! Unlike candle-transformers' llama, every row of a batch has its own positions and a padding
+//! mask, so ragged prompts batch together (left-padded: row b's real tokens start at cache column
+//! `start[b]`). The KV cache is preallocated and written in place; grouped-query attention folds
+//! the query heads of a KV head into the row dimension instead of copying K/V per head.
+//!
+//! Two modes share this code: inference (fused candle kernels, weights with any adapter merged in)
+//! and training (ops with a backward, adapter applied unmerged so its tensors get gradients, and
+//! frozen matmuls that only propagate the input gradient, see [`crate::grad`]).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::grad;
+use crate::lora::{LoraAdapter, Proj};
+
+/// A projection: frozen base weight, the weight used for inference (base + merged adapter),
+/// optional bias.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`
+    base: Tensor,
+    /// `[out, in]`: `base`, or `base + scaling * B @ A` when an adapter is merged.
+    active: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(base: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            active: base.clone(),
+            base,
+            bias,
+        }
+    }
+
+    /// x: `[n, in]` -> `[n, out]`.
+    fn forward(&self, x: &Tensor, train: Option<(&crate::lora::LoraPair, f64)>) -> Result<Tensor> {
+        let y = match train {
+            None => x.matmul(&self.active.t()?)?,
+            Some((pair, scaling)) => {
+                let base = grad::frozen_linear(x, &self.base)?;
+                let low = x.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)?;
+                (base + (low * scaling)?)?
+            }
+        };
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(b)?),
+            None => Ok(y),
+        }
+    }
+
+    fn forward_train_frozen(&self, x: &Tensor) -> Result<Tensor> {
+        let y = grad::frozen_linear(x, &self.base)?;
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(b)?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Self-attention with grouped-query heads and RoPE.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+}
+
+/// SwiGLU feed-forward.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// One decoder block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn linear(&self, proj: Proj) -> &Linear {
+        match proj {
+            Proj::Q => &self.attn.q,
+            Proj::K => &self.attn.k,
+            Proj::V => &self.attn.v,
+            Proj::O => &self.attn.o,
+            Proj::Gate => &self.mlp.gate,
+            Proj::Up => &self.mlp.up,
+            Proj::Down => &self.mlp.down,
+        }
+    }
+    fn linear_mut(&mut self, proj: Proj) -> &mut Linear {
+        match proj {
+            Proj::Q => &mut self.attn.q,
+            Proj::K => &mut self.attn.k,
+            Proj::V => &mut self.attn.v,
+            Proj::O => &mut self.attn.o,
+            Proj::Gate => &mut self.mlp.gate,
+            Proj::Up => &mut self.mlp.up,
+            Proj::Down => &mut self.mlp.down,
+        }
+    }
+}
+
+/// Preallocated key/value cache: per layer `[batch, kv_heads, capacity, head_dim]`.
+#[derive(Debug)]
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    capacity: usize,
+}
+
+impl KvCache {
+    pub fn new(cfg: &ModelConfig, batch: usize, capacity: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim);
+        let mut k = Vec::with_capacity(cfg.num_layers);
+        let mut v = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            k.push(Tensor::zeros(shape, dtype, device)?);
+            v.push(Tensor::zeros(shape, dtype, device)?);
+        }
+        Ok(Self { k, v, capacity })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// A left-padded batch, ready for a forward: ids, per-row RoPE tables and the additive mask.
+#[derive(Debug)]
+pub struct Inputs {
+    /// `[b, t]` u32
+    pub tokens: Tensor,
+    /// `[b, t, head_dim/2]`
+    cos: Tensor,
+    sin: Tensor,
+    /// `[b, 1, 1, t, offset + t]`: 0 where a query may attend, -inf elsewhere.
+    mask: Tensor,
+    /// Cache column of the first column of `tokens`.
+    pub offset: usize,
+}
+
+/// What a forward pass does besides computing hidden states.
+pub enum Mode<'a> {
+    /// Inference without a cache (teacher-forced scoring).
+    Plain,
+    /// Inference writing K/V into `cache` at columns `offset..offset+t`.
+    Cached(&'a mut KvCache),
+    /// Training: the adapter's tensors (usually `Var`s) are applied unmerged.
+    Train(&'a LoraAdapter),
+}
+
+/// The whole decoder.
+#[derive(Debug, Clone)]
+pub struct Transformer {
+    pub cfg: ModelConfig,
+    /// `[vocab, hidden]`
+    embed: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    /// `[vocab, hidden]`: `embed` when tied.
+    lm_head: Tensor,
+    /// `[max_positions, head_dim/2]`
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+    dtype: DType,
+}
+
+impl Transformer {
+    /// Builds the decoder from tensors under Hugging Face names, checking every shape.
+    pub fn from_weights(cfg: &ModelConfig, mut w: HashMap<String, Tensor>, source: &Path, device: &Device) -> Result<Self> {
+        let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = w.remove(name).ok_or_else(|| Error::MissingTensor {
+                path: source.to_path_buf(),
+                name: name.to_string(),
+            })?;
+            if t.dims() != shape {
+                return Err(Error::ShapeMismatch {
+                    path: source.to_path_buf(),
+                    name: name.to_string(),
+                    expected: shape.to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            Ok(t)
+        };
+        let h = cfg.hidden_size;
+        let embed = take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let dtype = embed.dtype();
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let mut lin = |proj: Proj, bias: bool| -> Result<Linear> {
+                let (out, inp) = proj.shape(cfg);
+                let name = format!("{p}.{}.{}", proj.parent(), proj.name());
+                let weight = take(&format!("{name}.weight"), &[out, inp])?;
+                let bias = if bias { Some(take(&format!("{name}.bias"), &[out])?) } else { None };
+                Ok(Linear::new(weight, bias))
+            };
+            let qkv_bias = cfg.qkv_bias();
+            let attn = Attention {
+                q: lin(Proj::Q, qkv_bias)?,
+                k: lin(Proj::K, qkv_bias)?,
+                v: lin(Proj::V, qkv_bias)?,
+                o: lin(Proj::O, false)?,
+            };
+            let mlp = Mlp {
+                gate: lin(Proj::Gate, false)?,
+                up: lin(Proj::Up, false)?,
+                down: lin(Proj::Down, false)?,
+            };
+            layers.push(Block {
+                input_norm: take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                attn,
+                post_norm: take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp,
+            });
+        }
+        let norm = take("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            take("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        let (cos, sin) = rope_tables(cfg, device)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos: cos.to_dtype(dtype)?,
+            sin: sin.to_dtype(dtype)?,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// `[vocab, hidden]` output projection.
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// Merges `adapter` into the inference weights (replacing any merged before); `None` returns
+    /// to the base weights. The base weights are never modified.
+    pub fn set_adapter(&mut self, adapter: Option<&LoraAdapter>) -> Result<()> {
+        for (l, block) in self.layers.iter_mut().enumerate() {
+            for proj in Proj::ALL {
+                let lin = block.linear_mut(proj);
+                let delta = match adapter {
+                    Some(a) => a.delta(l, proj)?,
+                    None => None,
+                };
+                lin.active = match delta {
+                    Some(d) => (&lin.base + d.to_dtype(lin.base.dtype())?)?,
+                    None => lin.base.clone(),
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the inputs of a left-padded batch. `rows[b]` are the row's new tokens (all rows the
+    /// same length `t`); `start[b]` is the cache column of the row's first real token; `offset` the
+    /// cache column of the first new token.
+    pub fn inputs(&self, tokens: Vec<u32>, b: usize, t: usize, start: &[usize], offset: usize) -> Result<Inputs> {
+        let total = offset + t;
+        let mut positions = Vec::with_capacity(b * t);
+        let mut mask = Vec::with_capacity(b * t * total);
+        for &s in start.iter().take(b) {
+            for i in 0..t {
+                let col = offset + i;
+                positions.push(col.saturating_sub(s) as u32);
+                for j in 0..total {
+                    let ok = (j >= s && j <= col) || j == col;
+                    mask.push(if ok { 0f32 } else { f32::NEG_INFINITY });
+                }
+            }
+        }
+        if let Some(&max) = positions.iter().max() {
+            if max as usize >= self.cfg.max_position_embeddings {
+                return Err(Error::InvalidRequest(format!(
+                    "sequence of {} tokens is longer than the model's context ({} positions)",
+                    max + 1,
+                    self.cfg.max_position_embeddings
+                )));
+            }
+        }
+        let dev = &self.device;
+        let pos = Tensor::from_vec(positions, b * t, dev)?;
+        let half = self.cfg.head_dim / 2;
+        Ok(Inputs {
+            tokens: Tensor::from_vec(tokens, (b, t), dev)?,
+            cos: self.cos.index_select(&pos, 0)?.reshape((b, t, half))?,
+            sin: self.sin.index_select(&pos, 0)?.reshape((b, t, half))?,
+            mask: Tensor::from_vec(mask, (b, 1, 1, t, total), dev)?.to_dtype(self.dtype)?,
+            offset,
+        })
+    }
+
+    /// Hidden states after the final norm: `[b, t, hidden]`.
+    pub fn hidden(&self, inp: &Inputs, mut mode: Mode<'_>) -> Result<Tensor> {
+        let (b, t) = inp.tokens.dims2()?;
+        let h = self.cfg.hidden_size;
+        let ids = inp.tokens.flatten_all()?;
+        let mut x = self.embed.index_select(&ids, 0)?.reshape((b, t, h))?;
+        for (l, block) in self.layers.iter().enumerate() {
+            x = self.block(l, block, &x, inp, &mut mode)?;
+        }
+        self.rms_norm(&x, &self.norm, matches!(mode, Mode::Train(_)))
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, train: bool) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        Ok(if train {
+            candle_nn::ops::rms_norm_slow(x, w, eps)?
+        } else {
+            candle_nn::ops::rms_norm(x, w, eps)?
+        })
+    }
+
+    fn proj(&self, l: usize, block: &Block, proj: Proj, x: &Tensor, mode: &Mode<'_>) -> Result<Tensor> {
+        let lin = block.linear(proj);
+        match mode {
+            Mode::Train(adapter) => match adapter.pairs.get(&(l, proj)) {
+                Some(pair) => lin.forward(x, Some((pair, adapter.config.scaling()))),
+                None => lin.forward_train_frozen(x),
+            },
+            _ => lin.forward(x, None),
+        }
+    }
+
+    fn block(&self, l: usize, block: &Block, x: &Tensor, inp: &Inputs, mode: &mut Mode<'_>) -> Result<Tensor> {
+        let train = matches!(mode, Mode::Train(_));
+        let (b, t, h) = x.dims3()?;
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let rep = nh / nkv;
+
+        // Attention.
+        let xn = self.rms_norm(x, &block.input_norm, train)?.reshape((b * t, h))?;
+        let q = self.proj(l, block, Proj::Q, &xn, mode)?;
+        let k = self.proj(l, block, Proj::K, &xn, mode)?;
+        let v = self.proj(l, block, Proj::V, &xn, mode)?;
+        // [b, heads, t, hd]
+        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let (q, k) = if train {
+            (rope_train(&q, &inp.cos, &inp.sin)?, rope_train(&k, &inp.cos, &inp.sin)?)
+        } else {
+            (
+                candle_nn::rotary_emb::rope(&q, &inp.cos, &inp.sin)?,
+                candle_nn::rotary_emb::rope(&k, &inp.cos, &inp.sin)?,
+            )
+        };
+        // Keys and values seen by the queries: [b, nkv, total, hd].
+        let (k, v) = match mode {
+            Mode::Cached(cache) => {
+                let total = inp.offset + t;
+                if total > cache.capacity {
+                    return Err(Error::InvalidRequest(format!(
+                        "KV cache of {} columns cannot hold {total}",
+                        cache.capacity
+                    )));
+                }
+                cache.k[l].slice_set(&k, 2, inp.offset)?;
+                cache.v[l].slice_set(&v, 2, inp.offset)?;
+                (cache.k[l].narrow(2, 0, total)?, cache.v[l].narrow(2, 0, total)?)
+            }
+            _ => (k, v),
+        };
+        let total = k.dim(2)?;
+        // Fold the `rep` query heads of each KV head into rows: [b, nkv, rep*t, hd].
+        let q = q.reshape((b, nkv, rep * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?
+            .reshape((b, nkv, rep, t, total))?
+            .broadcast_add(&inp.mask)?;
+        let probs = if train {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let attn = probs.reshape((b, nkv, rep * t, total))?.matmul(&v)?; // [b, nkv, rep*t, hd]
+        let attn = attn
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b * t, nh * hd))?;
+        let o = self.proj(l, block, Proj::O, &attn, mode)?.reshape((b, t, h))?;
+        let x = (x + o)?;
+
+        // Feed-forward.
+        let xn = self.rms_norm(&x, &block.post_norm, train)?.reshape((b * t, h))?;
+        let gate = self.proj(l, block, Proj::Gate, &xn, mode)?;
+        let up = self.proj(l, block, Proj::Up, &xn, mode)?;
+        let ff = self.proj(l, block, Proj::Down, &(gate.silu()? * up)?, mode)?;
+        Ok((x + ff.reshape((b, t, h))?)?)
+    }
+}
+
+/// RoPE with ops that have a backward. x: `[b, heads, t, hd]`, cos/sin: `[b, t, hd/2]`.
+fn rope_train(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(3)?;
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?; // [b, 1, t, hd]
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+    let x1 = x.narrow(3, 0, hd / 2)?;
+    let x2 = x.narrow(3, hd / 2, hd / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+}
+
+/// cos/sin of `position * theta^(-2i/hd)` for every position up to the context length.
+fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let n = cfg.max_position_embeddings;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64) as f32)
+        .collect();
+    let inv = Tensor::from_vec(inv, (1, half), device)?;
+    let pos = Tensor::arange(0u32, n as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((n, 1))?;
+    let freqs = pos.broadcast_mul(&inv)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+impl KvCache {
+    /// Keeps only the batch rows in `idx` (a `[k]` u32 tensor), in that order.
+    pub fn select_rows(&self, idx: &Tensor) -> Result<KvCache> {
+        let pick = |ts: &[Tensor]| -> Result<Vec<Tensor>> {
+            ts.iter().map(|t| Ok(t.index_select(idx, 0)?)).collect()
+        };
+        Ok(KvCache {
+            k: pick(&self.k)?,
+            v: pick(&self.v)?,
+            capacity: self.capacity,
+        })
+    }
+}

@@ -1,0 +1,252 @@
+//! The engine on the tiny seeded Llama of `../shared/golden/tiny_llama` against the PyTorch/PEFT
+//! oracle `tiny_grpo_step.json` + `tiny_lora_grads.safetensors`, plus sampling determinism,
+//! batching invariance, adapter round trips and the error messages for bad inputs.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::*;
+use model::{Engine, GenerateRequest, LoraAdapter, LoraPair, SamplingParams, ScoreRequest};
+
+fn tiny() -> Engine {
+    Engine::load(&golden_dir().join("tiny_llama"), &Device::Cpu, DType::F32).unwrap()
+}
+
+fn step() -> serde_json::Value {
+    read_json(&golden_dir().join("tiny_grpo_step.json"))
+}
+
+fn step_requests(g: &serde_json::Value) -> Vec<ScoreRequest> {
+    let prompts = g["prompts"].as_array().unwrap();
+    let comps = g["completions"].as_array().unwrap();
+    prompts
+        .iter()
+        .zip(comps)
+        .map(|(p, c)| ScoreRequest {
+            prompt: ids(p),
+            completion: ids(c),
+        })
+        .collect()
+}
+
+fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (*g as f64 - w).abs() <= tol,
+            "{what}[{i}]: got {g}, want {w} (tolerance {tol})"
+        );
+    }
+}
+
+#[test]
+fn scoring_matches_policy_and_reference_logprobs() {
+    let g = step();
+    let reqs = step_requests(&g);
+    let mut engine = tiny();
+    let base = engine.score(&reqs, 1.0).unwrap();
+    for (i, lp) in base.iter().enumerate() {
+        assert_close(lp, &floats(&g["ref_logp"][i]), 1e-5, &format!("ref_logp seq {i}"));
+    }
+    engine.load_adapter(&golden_dir().join("tiny_adapter")).unwrap();
+    let policy = engine.score(&reqs, 1.0).unwrap();
+    for (i, lp) in policy.iter().enumerate() {
+        assert_close(lp, &floats(&g["policy_logp"][i]), 1e-5, &format!("policy_logp seq {i}"));
+    }
+    // Unloading the adapter returns exactly to the base model.
+    engine.set_adapter(None).unwrap();
+    assert_eq!(engine.score(&reqs, 1.0).unwrap(), base);
+}
+
+#[test]
+fn scoring_in_a_batch_equals_one_by_one() {
+    let g = step();
+    let reqs = step_requests(&g);
+    let engine = tiny();
+    let together = engine.score(&reqs, 1.0).unwrap();
+    for (i, r) in reqs.iter().enumerate() {
+        let alone = engine.score(std::slice::from_ref(r), 1.0).unwrap();
+        let want: Vec<f64> = alone[0].iter().map(|&x| x as f64).collect();
+        assert_close(&together[i], &want, 1e-5, &format!("seq {i} batched vs alone"));
+    }
+}
+
+#[test]
+fn adapter_save_and_reload_is_bit_identical() {
+    let engine = tiny();
+    let src = golden_dir().join("tiny_adapter");
+    let adapter = LoraAdapter::load(&src, engine.config(), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    adapter.save(dir.path()).unwrap();
+    let again = LoraAdapter::load(dir.path(), engine.config(), &Device::Cpu).unwrap();
+    assert_eq!(adapter.config, again.config);
+    assert_eq!(adapter.pairs.len(), 14);
+    let original = candle_core::safetensors::load(src.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let saved = candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(original.len(), saved.len());
+    for (key, t) in &original {
+        let s = saved.get(key).unwrap_or_else(|| panic!("saved adapter lacks {key}"));
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+        };
+        assert_eq!(bits(t), bits(s), "{key} changed in the round trip");
+    }
+}
+
+/// The GRPO loss of the fixture (TRL's formula) over differentiable logprobs.
+fn grpo_loss(g: &serde_json::Value, logp: &Tensor, offsets: &[usize]) -> Tensor {
+    let beta = g["beta"].as_f64().unwrap();
+    let eps = g["epsilon"].as_f64().unwrap();
+    let adv = floats(&g["advantages"]);
+    let mut per_seq = Vec::new();
+    for (i, a) in adv.iter().enumerate() {
+        let lp = logp.narrow(0, offsets[i], offsets[i + 1] - offsets[i]).unwrap();
+        let f32s = |v: Vec<f64>| Tensor::new(v.iter().map(|&x| x as f32).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+        let old = f32s(floats(&g["old_logp"][i]));
+        let refp = f32s(floats(&g["ref_logp"][i]));
+        let ratio = (&lp - &old).unwrap().exp().unwrap();
+        let s1 = (&ratio * *a).unwrap();
+        let s2 = (ratio.clamp(1.0 - eps, 1.0 + eps).unwrap() * *a).unwrap();
+        let surr = s1.minimum(&s2).unwrap();
+        let d = (&refp - &lp).unwrap();
+        let kl = ((d.exp().unwrap() - &d).unwrap() - 1.0).unwrap();
+        let per_tok = ((kl * beta).unwrap() - surr).unwrap();
+        per_seq.push(per_tok.mean_all().unwrap());
+    }
+    Tensor::stack(&per_seq, 0).unwrap().mean_all().unwrap()
+}
+
+fn as_vars(adapter: &LoraAdapter) -> (LoraAdapter, Vec<(String, Var)>) {
+    let mut named = Vec::new();
+    let mut pairs = std::collections::BTreeMap::new();
+    for (&(layer, proj), p) in &adapter.pairs {
+        let a = Var::from_tensor(&p.a).unwrap();
+        let b = Var::from_tensor(&p.b).unwrap();
+        named.push((model::lora::peft_key(layer, proj, 'A'), a.clone()));
+        named.push((model::lora::peft_key(layer, proj, 'B'), b.clone()));
+        pairs.insert((layer, proj), LoraPair { a: a.as_tensor().clone(), b: b.as_tensor().clone() });
+    }
+    (LoraAdapter { config: adapter.config.clone(), pairs }, named)
+}
+
+#[test]
+fn lora_gradients_match_peft() {
+    let g = step();
+    let reqs = step_requests(&g);
+    let engine = tiny();
+    let adapter = LoraAdapter::load(&golden_dir().join("tiny_adapter"), engine.config(), &Device::Cpu).unwrap();
+    let (vars, named) = as_vars(&adapter);
+    let out = engine.train_logprobs(&reqs, &vars, 1.0).unwrap();
+    // The differentiable forward gives the policy logprobs too.
+    let flat = out.logprobs.to_vec1::<f32>().unwrap();
+    for i in 0..reqs.len() {
+        assert_close(&flat[out.offsets[i]..out.offsets[i + 1]], &floats(&g["policy_logp"][i]), 1e-5, "train logp");
+    }
+    let loss = grpo_loss(&g, &out.logprobs, &out.offsets);
+    let want_loss = g["loss"].as_f64().unwrap();
+    let got_loss = loss.to_scalar::<f32>().unwrap() as f64;
+    assert!((got_loss - want_loss).abs() < 1e-5, "loss {got_loss} vs {want_loss}");
+    let grads = loss.backward().unwrap();
+    let reference: HashMap<String, Tensor> =
+        candle_core::safetensors::load(golden_dir().join("tiny_lora_grads.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(reference.len(), named.len());
+    for (key, var) in &named {
+        let want = reference.get(key).unwrap_or_else(|| panic!("reference lacks {key}"));
+        let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {key}"));
+        let diff = (got - want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        let norm = want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        assert!(norm > 0.0, "{key}: zero reference gradient");
+        assert!(diff / norm < 1e-3, "{key}: relative gradient error {}", diff / norm);
+    }
+}
+
+fn sample(engine: &Engine, prompts: &[Vec<u32>], temperature: f64, seed: u64, max_tokens: usize) -> Vec<model::Generation> {
+    let reqs: Vec<GenerateRequest> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| GenerateRequest {
+            prompt: p.clone(),
+            params: SamplingParams {
+                temperature,
+                max_tokens,
+                seed: seed + i as u64,
+                stop_ids: vec![2],
+                ..Default::default()
+            },
+        })
+        .collect();
+    engine.generate(&reqs).unwrap()
+}
+
+#[test]
+fn same_seed_same_tokens_different_seed_differs() {
+    let engine = tiny();
+    let prompts = vec![vec![1, 10, 11, 12, 13], vec![1, 20, 21]];
+    let a = sample(&engine, &prompts, 1.0, 42, 24);
+    let b = sample(&engine, &prompts, 1.0, 42, 24);
+    assert_eq!(a, b);
+    let c = sample(&engine, &prompts, 1.0, 4242, 24);
+    assert_ne!(
+        a.iter().map(|g| &g.tokens).collect::<Vec<_>>(),
+        c.iter().map(|g| &g.tokens).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn sampled_logprobs_are_teacher_forced_logprobs() {
+    // The logprob reported with each sampled token equals the scorer's for the same tokens.
+    let engine = tiny();
+    let prompts = vec![vec![1, 10, 11, 12, 13], vec![1, 20, 21], vec![1, 5]];
+    for temperature in [1.0, 0.7] {
+        let gens = sample(&engine, &prompts, temperature, 9, 20);
+        let reqs: Vec<ScoreRequest> = prompts
+            .iter()
+            .zip(&gens)
+            .map(|(p, g)| ScoreRequest { prompt: p.clone(), completion: g.tokens.clone() })
+            .collect();
+        let scored = engine.score(&reqs, temperature).unwrap();
+        for (g, s) in gens.iter().zip(&scored) {
+            let want: Vec<f64> = s.iter().map(|&x| x as f64).collect();
+            assert_close(&g.logprobs, &want, 1e-4, "sampled vs scored");
+        }
+    }
+}
+
+#[test]
+fn ragged_batch_equals_one_by_one() {
+    let engine = tiny();
+    let prompts = vec![vec![1, 10, 11, 12, 13, 14, 15], vec![1, 20], vec![1, 30, 31, 32]];
+    for temperature in [0.0, 1.0] {
+        let together = sample(&engine, &prompts, temperature, 5, 30);
+        for (i, p) in prompts.iter().enumerate() {
+            let reqs = [GenerateRequest {
+                prompt: p.clone(),
+                params: SamplingParams { temperature, max_tokens: 30, seed: 5 + i as u64, stop_ids: vec![2], ..Default::default() },
+            }];
+            let alone = engine.generate(&reqs).unwrap().remove(0);
+            assert_eq!(alone.tokens, together[i].tokens, "row {i} t={temperature}");
+            let want: Vec<f64> = alone.logprobs.iter().map(|&x| x as f64).collect();
+            assert_close(&together[i].logprobs, &want, 1e-5, "batched logprobs");
+        }
+    }
+}
+
+#[test]
+fn finish_reasons() {
+    let engine = tiny();
+    let gens = sample(&engine, &[vec![1, 10, 11]], 0.0, 0, 3);
+    assert_eq!(gens[0].finish_reason, model::FinishReason::Length);
+    assert_eq!(gens[0].tokens.len(), 3);
+    // Stopping on the first greedy token.
+    let first = gens[0].tokens[0];
+    let reqs = [GenerateRequest {
+        prompt: vec![1, 10, 11],
+        params: SamplingParams { temperature: 0.0, max_tokens: 5, stop_ids: vec![first], ..Default::default() },
+    }];
+    let g = engine.generate(&reqs).unwrap().remove(0);
+    assert_eq!(g.tokens, vec![first]);
+    assert_eq!(g.finish_reason, model::FinishReason::Stop);
+}
