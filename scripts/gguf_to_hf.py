@@ -11,8 +11,9 @@ tokenizer_config.json, chat_template.jinja).
 Usage (in the bench venv, see scripts/setup-bench-python):
   .venv-bench/bin/python scripts/gguf_to_hf.py [--gguf assets/SmolLM2-135M-Instruct.Q4_1.gguf]
       [--out assets/SmolLM2-135M-Instruct-f32] [--check [GOLDEN_JSON]]
---check compares the result with shared/golden/smollm2_reference.json: tokenizer ids (exact) and the
-teacher-forced logprobs of the golden greedy completions (max abs error, tolerance 2e-3).
+--check compares the result with shared/golden/smollm2_reference.json: tokenizer ids, chat template
+rendering and prompt ids (all exact), and the teacher-forced logprobs of the golden greedy completions
+(max abs error, tolerance 2e-3).
 """
 import argparse
 import json
@@ -54,11 +55,15 @@ def check(out, golden_path):
     golden = json.load(open(golden_path))
     tok = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
     bad_tok = sum(tok.encode(c["text"], add_special_tokens=False).ids != c["ids"] for c in golden["tokenizer_cases"])
+    import jinja2
+    template = jinja2.Environment().from_string(open(os.path.join(out, "chat_template.jinja")).read())
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     worst = 0.0
     bad_prompt = 0
     for case in golden["generation_cases"]:
-        bad_prompt += tok.encode(case["rendered_prompt"], add_special_tokens=False).ids != case["prompt_ids"]
+        text = template.render(messages=case["messages"], add_generation_prompt=True)
+        bad_prompt += text != case["rendered_prompt"]
+        bad_prompt += tok.encode(text, add_special_tokens=False).ids != case["prompt_ids"]
         ids, comp = case["prompt_ids"], case["greedy_completion_ids"]
         with torch.no_grad():
             lp = torch.log_softmax(model(torch.tensor([ids + comp])).logits[0].float(), -1)
