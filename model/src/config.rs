@@ -109,7 +109,11 @@ impl ModelConfig {
         let ids = |key: &str| -> Vec<u32> {
             match v.get(key) {
                 Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(Value::as_u64)
+                    .map(|x| x as u32)
+                    .collect(),
                 _ => vec![],
             }
         };
@@ -123,7 +127,10 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             rope_theta,
-            rms_norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
+            rms_norm_eps: v
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6),
             max_position_embeddings: v
                 .get("max_position_embeddings")
                 .and_then(Value::as_u64)
@@ -156,7 +163,7 @@ impl ModelConfig {
                 return Err(Error::config(path, key, "must be positive"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::config(
                 path,
                 "num_key_value_heads",
@@ -166,11 +173,16 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::config(path, "head_dim", "must be even for RoPE"));
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
-            return Err(Error::config(path, "rms_norm_eps/rope_theta", "must be positive"));
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !positive(self.rms_norm_eps) || !positive(self.rope_theta) {
+            return Err(Error::config(
+                path,
+                "rms_norm_eps/rope_theta",
+                "must be positive",
+            ));
         }
         Ok(())
     }

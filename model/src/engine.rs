@@ -74,7 +74,8 @@ impl Engine {
     /// Loads a `.gguf` file or a Hugging Face folder.
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let loaded = crate::loader::load(path, device, dtype)?;
-        let model = Transformer::from_weights(&loaded.config, loaded.weights, &loaded.source, device)?;
+        let model =
+            Transformer::from_weights(&loaded.config, loaded.weights, &loaded.source, device)?;
         if let Some(tok) = &loaded.tokenizer {
             if tok.vocab_size() > loaded.config.vocab_size {
                 tracing::warn!(
@@ -85,7 +86,11 @@ impl Engine {
             }
         }
         let template = match &loaded.chat_template {
-            Some(src) => Some(ChatTemplate::new(src, &loaded.bos_token, &loaded.eos_token)?),
+            Some(src) => Some(ChatTemplate::new(
+                src,
+                &loaded.bos_token,
+                &loaded.eos_token,
+            )?),
             None => None,
         };
         let pad_id = loaded
@@ -193,7 +198,11 @@ impl Engine {
         }
         let n = requests.len();
         let plen = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
-        let max_new = requests.iter().map(|r| r.params.max_tokens).max().unwrap_or(0);
+        let max_new = requests
+            .iter()
+            .map(|r| r.params.max_tokens)
+            .max()
+            .unwrap_or(0);
         // Prefill, left-padded.
         let mut start: Vec<usize> = requests.iter().map(|r| plen - r.prompt.len()).collect();
         let mut tokens = Vec::with_capacity(n * plen);
@@ -201,12 +210,21 @@ impl Engine {
             tokens.extend(std::iter::repeat_n(self.pad_id, plen - r.prompt.len()));
             tokens.extend_from_slice(&r.prompt);
         }
-        let mut cache = KvCache::new(&self.model.cfg, n, plen + max_new, self.model.dtype(), self.device())?;
+        let mut cache = KvCache::new(
+            &self.model.cfg,
+            n,
+            plen + max_new,
+            self.model.dtype(),
+            self.device(),
+        )?;
         let inputs = self.model.inputs(tokens, n, plen, &start, 0)?;
         let hidden = self.model.hidden(&inputs, Mode::Cached(&mut cache))?;
         let mut last = hidden.narrow(1, plen - 1, 1)?.squeeze(1)?; // [n, hidden]
 
-        let mut samplers: Vec<RowSampler> = requests.iter().map(|r| RowSampler::new(r.params.clone())).collect();
+        let mut samplers: Vec<RowSampler> = requests
+            .iter()
+            .map(|r| RowSampler::new(r.params.clone()))
+            .collect();
         let mut out: Vec<Generation> = (0..n)
             .map(|_| Generation {
                 tokens: vec![],
@@ -314,7 +332,12 @@ impl Engine {
 
     /// Runs one left-padded forward over `seqs[idx]` and returns the final hidden state of every
     /// position that predicts a completion token `[n, hidden]`, with those tokens.
-    fn completion_hidden(&self, seqs: &[ScoreRequest], idx: &[usize], mode: Mode<'_>) -> Result<(Tensor, Vec<u32>)> {
+    fn completion_hidden(
+        &self,
+        seqs: &[ScoreRequest],
+        idx: &[usize],
+        mode: Mode<'_>,
+    ) -> Result<(Tensor, Vec<u32>)> {
         let width = idx
             .iter()
             .map(|&i| seqs[i].prompt.len() + seqs[i].completion.len())
@@ -349,14 +372,22 @@ impl Engine {
     /// `softmax(logits / temperature)`, with the current adapter. Results are in input order.
     pub fn score(&self, seqs: &[ScoreRequest], temperature: f64) -> Result<Vec<Vec<f32>>> {
         if !(temperature > 0.0 && temperature.is_finite()) {
-            return Err(Error::InvalidRequest(format!("temperature {temperature} must be > 0 for scoring")));
+            return Err(Error::InvalidRequest(format!(
+                "temperature {temperature} must be > 0 for scoring"
+            )));
         }
         self.check_score_requests(seqs)?;
         let mut out: Vec<Vec<f32>> = vec![vec![]; seqs.len()];
         for batch in self.score_batches(seqs) {
             let (h, targets) = self.completion_hidden(seqs, &batch, Mode::Plain)?;
-            let lp = grad::logprobs_detached(&h, self.model.lm_head(), &targets, temperature, self.logits_chunk)?
-                .to_vec1::<f32>()?;
+            let lp = grad::logprobs_detached(
+                &h,
+                self.model.lm_head(),
+                &targets,
+                temperature,
+                self.logits_chunk,
+            )?
+            .to_vec1::<f32>()?;
             let mut at = 0;
             for &i in &batch {
                 let len = seqs[i].completion.len();
@@ -377,7 +408,9 @@ impl Engine {
         let t = prompt.len();
         let inputs = self.model.inputs(prompt.to_vec(), 1, t, &[0], 0)?;
         let hidden = self.model.hidden(&inputs, Mode::Plain)?;
-        let last = hidden.narrow(1, t - 1, 1)?.reshape((1, self.model.cfg.hidden_size))?;
+        let last = hidden
+            .narrow(1, t - 1, 1)?
+            .reshape((1, self.model.cfg.hidden_size))?;
         let logits = last
             .matmul(&self.model.lm_head().t()?)?
             .to_dtype(DType::F32)?
@@ -389,11 +422,22 @@ impl Engine {
     /// Differentiable logprobs of the completions of `seqs` (one forward, no length batching:
     /// the caller sizes micro-batches), with `adapter` applied unmerged so that gradients reach
     /// its tensors (make them `Var`s). Frozen weights receive no gradient.
-    pub fn train_logprobs(&self, seqs: &[ScoreRequest], adapter: &LoraAdapter, temperature: f64) -> Result<TrainLogprobs> {
+    pub fn train_logprobs(
+        &self,
+        seqs: &[ScoreRequest],
+        adapter: &LoraAdapter,
+        temperature: f64,
+    ) -> Result<TrainLogprobs> {
         self.check_score_requests(seqs)?;
         let idx: Vec<usize> = (0..seqs.len()).collect();
         let (h, targets) = self.completion_hidden(seqs, &idx, Mode::Train(adapter))?;
-        let logprobs = grad::target_logprobs(&h, self.model.lm_head(), &targets, temperature, self.logits_chunk)?;
+        let logprobs = grad::target_logprobs(
+            &h,
+            self.model.lm_head(),
+            &targets,
+            temperature,
+            self.logits_chunk,
+        )?;
         let mut offsets = vec![0];
         for s in seqs {
             offsets.push(offsets[offsets.len() - 1] + s.completion.len());

@@ -27,7 +27,9 @@ pub enum Error {
     #[error("{path}: tensor '{name}' is missing")]
     MissingTensor { path: PathBuf, name: String },
     /// A tensor has a shape that does not fit the config.
-    #[error("{path}: tensor '{name}' has shape {found:?}, expected {expected:?} from the model config")]
+    #[error(
+        "{path}: tensor '{name}' has shape {found:?}, expected {expected:?} from the model config"
+    )]
     ShapeMismatch {
         path: PathBuf,
         name: String,
@@ -75,14 +77,22 @@ impl Error {
             source,
         }
     }
-    pub(crate) fn bad_file(path: impl Into<PathBuf>, what: &'static str, reason: impl ToString) -> Self {
+    pub(crate) fn bad_file(
+        path: impl Into<PathBuf>,
+        what: &'static str,
+        reason: impl ToString,
+    ) -> Self {
         Error::BadFile {
             path: path.into(),
             what,
             reason: reason.to_string(),
         }
     }
-    pub(crate) fn config(path: impl Into<PathBuf>, key: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn config(
+        path: impl Into<PathBuf>,
+        key: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
         Error::BadConfig {
             path: path.into(),
             key: key.into(),

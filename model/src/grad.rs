@@ -112,7 +112,13 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// Log-probability of `targets` under `softmax(h @ w^T / temperature)`, chunked over rows so
 /// that at most `chunk x vocab` logits exist at once, in the forward and in the backward.
 /// h: `[n, d]`, w: `[vocab, d]`, targets: `n` ids -> `[n]`.
-pub fn target_logprobs(h: &Tensor, w: &Tensor, targets: &[u32], temperature: f64, chunk: usize) -> Result<Tensor> {
+pub fn target_logprobs(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    temperature: f64,
+    chunk: usize,
+) -> Result<Tensor> {
     let lp = logprobs_detached(&h.detach(), w, targets, temperature, chunk)?;
     let w = w.clone();
     let targets = targets.to_vec();
@@ -132,7 +138,8 @@ pub fn target_logprobs(h: &Tensor, w: &Tensor, targets: &[u32], temperature: f64
                 .broadcast_as(p.shape())?
                 .eq(&Tensor::arange(0u32, p.dim(1)? as u32, h.device())?.broadcast_as(p.shape())?)?
                 .to_dtype(candle_core::DType::F32)?;
-            let gl = ((onehot - p)?.broadcast_mul(&g.narrow(0, start, len)?.unsqueeze(1)?)? / temperature)?;
+            let gl = ((onehot - p)?.broadcast_mul(&g.narrow(0, start, len)?.unsqueeze(1)?)?
+                / temperature)?;
             parts.push(gl.to_dtype(h.dtype())?.matmul(&w)?);
         }
         Tensor::cat(&parts, 0)
@@ -140,13 +147,23 @@ pub fn target_logprobs(h: &Tensor, w: &Tensor, targets: &[u32], temperature: f64
 }
 
 /// The forward of [`target_logprobs`] without a graph. Returns f32 `[n]`.
-pub fn logprobs_detached(h: &Tensor, w: &Tensor, targets: &[u32], temperature: f64, chunk: usize) -> Result<Tensor> {
+pub fn logprobs_detached(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    temperature: f64,
+    chunk: usize,
+) -> Result<Tensor> {
     let (n, _) = h.dims2()?;
     let mut parts = Vec::new();
     for start in (0..n).step_by(chunk.max(1)) {
         let len = chunk.min(n - start);
         let logits = h.narrow(0, start, len)?.matmul(&w.t()?)?;
-        let logits = if temperature == 1.0 { logits } else { (logits / temperature)? };
+        let logits = if temperature == 1.0 {
+            logits
+        } else {
+            (logits / temperature)?
+        };
         let logits = logits.to_dtype(candle_core::DType::F32)?;
         let lse = logits.log_sum_exp(1)?;
         let ids = Tensor::new(&targets[start..start + len], h.device())?;

@@ -28,3 +28,37 @@ pub use error::{Error, Result};
 pub use lora::{LoraAdapter, LoraConfig, LoraPair, Proj};
 pub use sampler::{FinishReason, SamplingParams};
 pub use tokenizer::Tokenizer;
+
+/// The device named on a command line: `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature).
+pub fn device(name: &str) -> Result<candle_core::Device> {
+    let cuda = |ordinal: usize| {
+        if !candle_core::utils::cuda_is_available() {
+            return Err(Error::InvalidRequest(format!(
+                "device '{name}' needs a build with the `cuda` feature and a GPU; use 'cpu'"
+            )));
+        }
+        Ok(candle_core::Device::new_cuda(ordinal)?)
+    };
+    match name {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => cuda(n),
+            None => Err(Error::InvalidRequest(format!(
+                "unknown device '{other}': use cpu, cuda or cuda:N"
+            ))),
+        },
+    }
+}
+
+/// The dtype named on a command line: `f32`, `bf16` or `f16`.
+pub fn dtype(name: &str) -> Result<candle_core::DType> {
+    match name {
+        "f32" => Ok(candle_core::DType::F32),
+        "bf16" => Ok(candle_core::DType::BF16),
+        "f16" => Ok(candle_core::DType::F16),
+        other => Err(Error::InvalidRequest(format!(
+            "unknown dtype '{other}': use f32, bf16 or f16"
+        ))),
+    }
+}

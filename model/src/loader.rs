@@ -86,8 +86,13 @@ fn meta_strings(path: &Path, c: &gguf_file::Content, key: &str) -> Result<Vec<St
 fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut reader = BufReader::new(file);
-    let content = gguf_file::Content::read(&mut reader)
-        .map_err(|e| Error::bad_file(path, "GGUF header", format!("{e} (truncated or not a GGUF file?)")))?;
+    let content = gguf_file::Content::read(&mut reader).map_err(|e| {
+        Error::bad_file(
+            path,
+            "GGUF header",
+            format!("{e} (truncated or not a GGUF file?)"),
+        )
+    })?;
     let arch_name = meta(path, &content, "general.architecture")?
         .to_string()
         .map_err(|e| Error::config(path, "general.architecture", e.to_string()))?
@@ -124,8 +129,13 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
         num_heads,
         num_kv_heads,
         head_dim,
-        rope_theta: meta_f32(path, &content, &format!("{a}.rope.freq_base")).unwrap_or(10000.0) as f64,
-        rms_norm_eps: meta_f32(path, &content, &format!("{a}.attention.layer_norm_rms_epsilon"))? as f64,
+        rope_theta: meta_f32(path, &content, &format!("{a}.rope.freq_base")).unwrap_or(10000.0)
+            as f64,
+        rms_norm_eps: meta_f32(
+            path,
+            &content,
+            &format!("{a}.attention.layer_norm_rms_epsilon"),
+        )? as f64,
         max_position_embeddings: meta_u32(path, &content, &format!("{a}.context_length"))
             .map(|x| x as usize)
             .unwrap_or(4096),
@@ -185,9 +195,13 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
             tracing::debug!("skipping GGUF tensor {name}");
             continue;
         };
-        let q = content
-            .tensor(&mut reader, name, device)
-            .map_err(|e| Error::bad_file(path, "tensor data", format!("tensor '{name}': {e} (file truncated or corrupt?)")))?;
+        let q = content.tensor(&mut reader, name, device).map_err(|e| {
+            Error::bad_file(
+                path,
+                "tensor data",
+                format!("tensor '{name}': {e} (file truncated or corrupt?)"),
+            )
+        })?;
         let mut t = q
             .dequantize(device)
             .map_err(|e| Error::bad_file(path, "tensor data", format!("tensor '{name}': {e}")))?;
@@ -215,8 +229,7 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
 /// `w.reshape(heads, 2, hd/2, in).swapaxes(1, 2)`. This undoes it so the half-split RoPE applies.
 fn unpermute_qk(w: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
-    Ok(w
-        .reshape((heads, head_dim / 2, 2, inp))?
+    Ok(w.reshape((heads, head_dim / 2, 2, inp))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((out, inp))?)
@@ -272,7 +285,9 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let map = v
             .get("weight_map")
             .and_then(Value::as_object)
-            .ok_or_else(|| Error::bad_file(&index, "safetensors index", "no 'weight_map' object"))?;
+            .ok_or_else(|| {
+                Error::bad_file(&index, "safetensors index", "no 'weight_map' object")
+            })?;
         let mut files: Vec<PathBuf> = map
             .values()
             .filter_map(Value::as_str)
@@ -294,7 +309,11 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Reads every tensor of a safetensors file, converting to `dtype`.
-pub(crate) fn read_safetensors(path: &Path, device: &Device, dtype: DType) -> Result<HashMap<String, Tensor>> {
+pub(crate) fn read_safetensors(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<HashMap<String, Tensor>> {
     if !path.exists() {
         return Err(Error::MissingFile {
             path: path.to_path_buf(),
@@ -303,8 +322,9 @@ pub(crate) fn read_safetensors(path: &Path, device: &Device, dtype: DType) -> Re
         });
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|e| Error::bad_file(path, "safetensors", format!("{e} (truncated or corrupt?)")))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+        Error::bad_file(path, "safetensors", format!("{e} (truncated or corrupt?)"))
+    })?;
     tensors
         .into_iter()
         .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
@@ -321,7 +341,11 @@ fn token_text(v: Option<&Value>) -> Option<String> {
 
 fn load_hf_folder(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
     let cfg_path = dir.join("config.json");
-    let cfg_text = read_text(&cfg_path, "model config", "a Hugging Face folder needs config.json")?;
+    let cfg_text = read_text(
+        &cfg_path,
+        "model config",
+        "a Hugging Face folder needs config.json",
+    )?;
     let mut config = ModelConfig::from_hf_json(&cfg_path, &cfg_text)?;
     let mut weights = HashMap::new();
     for file in weight_files(dir)? {
@@ -337,7 +361,8 @@ fn load_hf_folder(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedMod
     let tc_path = dir.join("tokenizer_config.json");
     let tc: Value = if tc_path.exists() {
         let text = read_text(&tc_path, "tokenizer config", "")?;
-        serde_json::from_str(&text).map_err(|e| Error::bad_file(&tc_path, "tokenizer_config.json", e))?
+        serde_json::from_str(&text)
+            .map_err(|e| Error::bad_file(&tc_path, "tokenizer_config.json", e))?
     } else {
         Value::Null
     };
@@ -358,10 +383,19 @@ fn load_hf_folder(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedMod
         }
     };
     let bos_token = token_text(tc.get("bos_token"))
-        .or_else(|| config.bos_token_id.and_then(|i| tokenizer.as_ref()?.id_to_token(i)))
+        .or_else(|| {
+            config
+                .bos_token_id
+                .and_then(|i| tokenizer.as_ref()?.id_to_token(i))
+        })
         .unwrap_or_default();
     let eos_token = token_text(tc.get("eos_token"))
-        .or_else(|| config.eos_token_ids.first().and_then(|i| tokenizer.as_ref()?.id_to_token(*i)))
+        .or_else(|| {
+            config
+                .eos_token_ids
+                .first()
+                .and_then(|i| tokenizer.as_ref()?.id_to_token(*i))
+        })
         .unwrap_or_default();
     // EOS ids: config.json, generation_config.json, and the tokenizer's eos token.
     let gen_path = dir.join("generation_config.json");

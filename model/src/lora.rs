@@ -37,7 +37,15 @@ pub enum Proj {
 }
 
 impl Proj {
-    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
 
     /// PEFT's module name (`q_proj`, ...).
     pub fn name(self) -> &'static str {
@@ -193,7 +201,12 @@ fn parse_peft_key(key: &str) -> Option<(usize, Proj, char)> {
 impl LoraAdapter {
     /// A fresh adapter as PEFT initialises one: A uniform in +-1/sqrt(in) (kaiming-uniform with
     /// a = sqrt(5)), B zero; seeded.
-    pub fn init(config: LoraConfig, model: &ModelConfig, seed: u64, device: &Device) -> Result<Self> {
+    pub fn init(
+        config: LoraConfig,
+        model: &ModelConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut pairs = BTreeMap::new();
         for layer in 0..model.num_layers {
@@ -226,22 +239,31 @@ impl LoraAdapter {
             });
         }
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let file: PeftConfigFile =
-            serde_json::from_str(&text).map_err(|e| Error::bad_file(&cfg_path, "adapter_config.json", e))?;
+        let file: PeftConfigFile = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_file(&cfg_path, "adapter_config.json", e))?;
         if file.peft_type != "LORA" {
             return Err(bad(format!("peft_type '{}' is not LORA", file.peft_type)));
         }
         if file.use_dora {
-            return Err(bad("DoRA adapters (use_dora: true) are not supported".into()));
+            return Err(bad(
+                "DoRA adapters (use_dora: true) are not supported".into()
+            ));
         }
         if file.fan_in_fan_out {
-            return Err(bad("fan_in_fan_out adapters (GPT-2 Conv1D) are not supported".into()));
+            return Err(bad(
+                "fan_in_fan_out adapters (GPT-2 Conv1D) are not supported".into(),
+            ));
         }
         if !file.rank_pattern.is_empty() || !file.alpha_pattern.is_empty() {
-            return Err(bad("per-module rank_pattern/alpha_pattern are not supported".into()));
+            return Err(bad(
+                "per-module rank_pattern/alpha_pattern are not supported".into(),
+            ));
         }
         if file.bias.as_deref().is_some_and(|b| b != "none") {
-            return Err(bad(format!("bias '{}' is not supported (only 'none')", file.bias.unwrap_or_default())));
+            return Err(bad(format!(
+                "bias '{}' is not supported (only 'none')",
+                file.bias.unwrap_or_default()
+            )));
         }
         if file.r == 0 {
             return Err(bad("r must be positive".into()));
@@ -252,11 +274,17 @@ impl LoraAdapter {
                 .map(|v| {
                     let name = v.as_str().unwrap_or_default();
                     Proj::from_name(name).ok_or_else(|| {
-                        bad(format!("target module '{name}' is not one of q,k,v,o,gate,up,down _proj"))
+                        bad(format!(
+                            "target module '{name}' is not one of q,k,v,o,gate,up,down _proj"
+                        ))
                     })
                 })
                 .collect::<Result<Vec<_>>>()?,
-            other => return Err(bad(format!("target_modules {other} must be a list of module names"))),
+            other => {
+                return Err(bad(format!(
+                    "target_modules {other} must be a list of module names"
+                )))
+            }
         };
         let config = LoraConfig {
             r: file.r,
@@ -270,13 +298,23 @@ impl LoraAdapter {
         let tensors = crate::loader::read_safetensors(&st_path, device, DType::F32)?;
         let mut halves: BTreeMap<(usize, Proj), (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
         for (key, t) in tensors {
-            let (layer, proj, ab) = parse_peft_key(&key)
-                .ok_or_else(|| bad(format!("unexpected tensor '{key}' (not a LoRA A/B weight of a decoder layer)")))?;
+            let (layer, proj, ab) = parse_peft_key(&key).ok_or_else(|| {
+                bad(format!(
+                    "unexpected tensor '{key}' (not a LoRA A/B weight of a decoder layer)"
+                ))
+            })?;
             if layer >= model.num_layers {
-                return Err(bad(format!("tensor '{key}': layer {layer} but the model has {} layers", model.num_layers)));
+                return Err(bad(format!(
+                    "tensor '{key}': layer {layer} but the model has {} layers",
+                    model.num_layers
+                )));
             }
             let (out, inp) = proj.shape(model);
-            let expected = if ab == 'A' { vec![config.r, inp] } else { vec![out, config.r] };
+            let expected = if ab == 'A' {
+                vec![config.r, inp]
+            } else {
+                vec![out, config.r]
+            };
             if t.dims() != expected.as_slice() {
                 return Err(Error::ShapeMismatch {
                     path: st_path.clone(),
@@ -298,7 +336,12 @@ impl LoraAdapter {
                 (Some(a), Some(b)) => {
                     pairs.insert((layer, proj), LoraPair { a, b });
                 }
-                _ => return Err(bad(format!("layer {layer} {}: lora_A or lora_B is missing", proj.name()))),
+                _ => {
+                    return Err(bad(format!(
+                        "layer {layer} {}: lora_A or lora_B is missing",
+                        proj.name()
+                    )))
+                }
             }
         }
         if pairs.is_empty() {
@@ -343,7 +386,8 @@ impl LoraAdapter {
             init_lora_weights: serde_json::Value::Bool(true),
         };
         let cfg_path = dir.join("adapter_config.json");
-        let text = serde_json::to_string_pretty(&file).map_err(|e| Error::bad_file(&cfg_path, "adapter config (write)", e))?;
+        let text = serde_json::to_string_pretty(&file)
+            .map_err(|e| Error::bad_file(&cfg_path, "adapter config (write)", e))?;
         std::fs::write(&cfg_path, text).map_err(|e| Error::io(&cfg_path, e))
     }
 
@@ -364,5 +408,4 @@ impl LoraAdapter {
         }
         out
     }
-
 }

@@ -47,10 +47,15 @@ impl SamplingParams {
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::InvalidRequest(format!("top_p {} must be in (0, 1]", self.top_p)));
+            return Err(Error::InvalidRequest(format!(
+                "top_p {} must be in (0, 1]",
+                self.top_p
+            )));
         }
         if self.max_tokens == 0 {
-            return Err(Error::InvalidRequest("max_tokens must be at least 1".into()));
+            return Err(Error::InvalidRequest(
+                "max_tokens must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -190,7 +195,10 @@ mod tests {
         let (id, lp) = s.sample(&logits);
         assert_eq!(id, 0, "top_k 1 must pick the argmax");
         let scaled: Vec<f32> = logits.iter().map(|v| v / 0.7).collect();
-        assert!((lp - log_softmax(&scaled)[0]).abs() < 1e-6, "logprob must not be renormalised by top-k");
+        assert!(
+            (lp - log_softmax(&scaled)[0]).abs() < 1e-6,
+            "logprob must not be renormalised by top-k"
+        );
     }
 
     #[test]

@@ -63,7 +63,11 @@ impl Tokenizer {
         let mut pairs = Vec::with_capacity(merges.len());
         for (i, m) in merges.iter().enumerate() {
             let (a, b) = m.split_once(' ').ok_or_else(|| {
-                Error::bad_file(path, "tokenizer.ggml.merges", format!("merge {i} '{m}' has no space"))
+                Error::bad_file(
+                    path,
+                    "tokenizer.ggml.merges",
+                    format!("merge {i} '{m}' has no space"),
+                )
             })?;
             pairs.push((a.to_string(), b.to_string()));
         }

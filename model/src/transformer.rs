@@ -124,7 +124,13 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(cfg: &ModelConfig, batch: usize, capacity: usize, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        cfg: &ModelConfig,
+        batch: usize,
+        capacity: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim);
         let mut k = Vec::with_capacity(cfg.num_layers);
         let mut v = Vec::with_capacity(cfg.num_layers);
@@ -183,7 +189,12 @@ pub struct Transformer {
 
 impl Transformer {
     /// Builds the decoder from tensors under Hugging Face names, checking every shape.
-    pub fn from_weights(cfg: &ModelConfig, mut w: HashMap<String, Tensor>, source: &Path, device: &Device) -> Result<Self> {
+    pub fn from_weights(
+        cfg: &ModelConfig,
+        mut w: HashMap<String, Tensor>,
+        source: &Path,
+        device: &Device,
+    ) -> Result<Self> {
         let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
             let t = w.remove(name).ok_or_else(|| Error::MissingTensor {
                 path: source.to_path_buf(),
@@ -209,7 +220,11 @@ impl Transformer {
                 let (out, inp) = proj.shape(cfg);
                 let name = format!("{p}.{}.{}", proj.parent(), proj.name());
                 let weight = take(&format!("{name}.weight"), &[out, inp])?;
-                let bias = if bias { Some(take(&format!("{name}.bias"), &[out])?) } else { None };
+                let bias = if bias {
+                    Some(take(&format!("{name}.bias"), &[out])?)
+                } else {
+                    None
+                };
                 Ok(Linear::new(weight, bias))
             };
             let qkv_bias = cfg.qkv_bias();
@@ -286,7 +301,14 @@ impl Transformer {
     /// Builds the inputs of a left-padded batch. `rows[b]` are the row's new tokens (all rows the
     /// same length `t`); `start[b]` is the cache column of the row's first real token; `offset` the
     /// cache column of the first new token.
-    pub fn inputs(&self, tokens: Vec<u32>, b: usize, t: usize, start: &[usize], offset: usize) -> Result<Inputs> {
+    pub fn inputs(
+        &self,
+        tokens: Vec<u32>,
+        b: usize,
+        t: usize,
+        start: &[usize],
+        offset: usize,
+    ) -> Result<Inputs> {
         let total = offset + t;
         let mut positions = Vec::with_capacity(b * t);
         let mut mask = Vec::with_capacity(b * t * total);
@@ -342,7 +364,14 @@ impl Transformer {
         })
     }
 
-    fn proj(&self, l: usize, block: &Block, proj: Proj, x: &Tensor, mode: &Mode<'_>) -> Result<Tensor> {
+    fn proj(
+        &self,
+        l: usize,
+        block: &Block,
+        proj: Proj,
+        x: &Tensor,
+        mode: &Mode<'_>,
+    ) -> Result<Tensor> {
         let lin = block.linear(proj);
         match mode {
             Mode::Train(adapter) => match adapter.pairs.get(&(l, proj)) {
@@ -353,7 +382,14 @@ impl Transformer {
         }
     }
 
-    fn block(&self, l: usize, block: &Block, x: &Tensor, inp: &Inputs, mode: &mut Mode<'_>) -> Result<Tensor> {
+    fn block(
+        &self,
+        l: usize,
+        block: &Block,
+        x: &Tensor,
+        inp: &Inputs,
+        mode: &mut Mode<'_>,
+    ) -> Result<Tensor> {
         let train = matches!(mode, Mode::Train(_));
         let (b, t, h) = x.dims3()?;
         let cfg = &self.cfg;
@@ -361,7 +397,9 @@ impl Transformer {
         let rep = nh / nkv;
 
         // Attention.
-        let xn = self.rms_norm(x, &block.input_norm, train)?.reshape((b * t, h))?;
+        let xn = self
+            .rms_norm(x, &block.input_norm, train)?
+            .reshape((b * t, h))?;
         let q = self.proj(l, block, Proj::Q, &xn, mode)?;
         let k = self.proj(l, block, Proj::K, &xn, mode)?;
         let v = self.proj(l, block, Proj::V, &xn, mode)?;
@@ -370,7 +408,10 @@ impl Transformer {
         let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let (q, k) = if train {
-            (rope_train(&q, &inp.cos, &inp.sin)?, rope_train(&k, &inp.cos, &inp.sin)?)
+            (
+                rope_train(&q, &inp.cos, &inp.sin)?,
+                rope_train(&k, &inp.cos, &inp.sin)?,
+            )
         } else {
             (
                 candle_nn::rotary_emb::rope(&q, &inp.cos, &inp.sin)?,
@@ -389,7 +430,10 @@ impl Transformer {
                 }
                 cache.k[l].slice_set(&k, 2, inp.offset)?;
                 cache.v[l].slice_set(&v, 2, inp.offset)?;
-                (cache.k[l].narrow(2, 0, total)?, cache.v[l].narrow(2, 0, total)?)
+                (
+                    cache.k[l].narrow(2, 0, total)?,
+                    cache.v[l].narrow(2, 0, total)?,
+                )
             }
             _ => (k, v),
         };
@@ -410,11 +454,15 @@ impl Transformer {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b * t, nh * hd))?;
-        let o = self.proj(l, block, Proj::O, &attn, mode)?.reshape((b, t, h))?;
+        let o = self
+            .proj(l, block, Proj::O, &attn, mode)?
+            .reshape((b, t, h))?;
         let x = (x + o)?;
 
         // Feed-forward.
-        let xn = self.rms_norm(&x, &block.post_norm, train)?.reshape((b * t, h))?;
+        let xn = self
+            .rms_norm(&x, &block.post_norm, train)?
+            .reshape((b * t, h))?;
         let gate = self.proj(l, block, Proj::Gate, &xn, mode)?;
         let up = self.proj(l, block, Proj::Up, &xn, mode)?;
         let ff = self.proj(l, block, Proj::Down, &(gate.silu()? * up)?, mode)?;

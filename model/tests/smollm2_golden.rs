@@ -34,14 +34,25 @@ fn tol() -> f64 {
 fn comparable_steps(case: &serde_json::Value) -> usize {
     let margin = reference()["tolerance"]["greedy_margin"].as_f64().unwrap();
     let margins = floats(&case["greedy_step_margins"]);
-    margins.iter().position(|&m| m < margin).unwrap_or(margins.len())
+    margins
+        .iter()
+        .position(|&m| m < margin)
+        .unwrap_or(margins.len())
 }
 
 #[test]
 fn config_from_gguf_metadata() {
     let c = engine().config();
     assert_eq!(
-        (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size),
+        (
+            c.num_layers,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.vocab_size
+        ),
         (30, 576, 1536, 9, 3, 64, 49152)
     );
     assert_eq!(c.rope_theta, 100000.0);
@@ -57,7 +68,11 @@ fn tokenizer_ids_are_identical() {
     assert!(cases.len() >= 40);
     for (i, case) in cases.iter().enumerate() {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(tok.encode(text).unwrap(), ids(&case["ids"]), "tokenizer case {i}: {text:?}");
+        assert_eq!(
+            tok.encode(text).unwrap(),
+            ids(&case["ids"]),
+            "tokenizer case {i}: {text:?}"
+        );
     }
 }
 
@@ -67,7 +82,11 @@ fn chat_template_renders_like_transformers() {
         let msgs: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
         let text = engine().render_chat(&msgs, true).unwrap();
         assert_eq!(text, case["rendered_prompt"].as_str().unwrap(), "case {i}");
-        assert_eq!(engine().tokenizer().unwrap().encode(&text).unwrap(), ids(&case["prompt_ids"]), "case {i} ids");
+        assert_eq!(
+            engine().tokenizer().unwrap().encode(&text).unwrap(),
+            ids(&case["prompt_ids"]),
+            "case {i} ids"
+        );
     }
 }
 
@@ -76,7 +95,12 @@ fn greedy(prompts: &[Vec<u32>], max_tokens: usize) -> Vec<model::Generation> {
         .iter()
         .map(|p| GenerateRequest {
             prompt: p.clone(),
-            params: SamplingParams { temperature: 0.0, max_tokens, stop_ids: vec![2], ..Default::default() },
+            params: SamplingParams {
+                temperature: 0.0,
+                max_tokens,
+                stop_ids: vec![2],
+                ..Default::default()
+            },
         })
         .collect();
     engine().generate(&reqs).unwrap()
@@ -86,14 +110,20 @@ fn check_greedy(i: usize, case: &serde_json::Value, got: &model::Generation) {
     let want = ids(&case["greedy_completion_ids"]);
     let want_lp = floats(&case["completion_logprobs"]);
     let n = comparable_steps(case);
-    assert!(got.tokens.len() >= n.min(want.len()), "case {i}: stopped early: {:?}", got.tokens);
-    assert_eq!(&got.tokens[..n], &want[..n], "case {i}: greedy ids differ before the first near-tie (step {n})");
-    for t in 0..n {
+    assert!(
+        got.tokens.len() >= n.min(want.len()),
+        "case {i}: stopped early: {:?}",
+        got.tokens
+    );
+    assert_eq!(
+        &got.tokens[..n],
+        &want[..n],
+        "case {i}: greedy ids differ before the first near-tie (step {n})"
+    );
+    for (t, (got_lp, want_lp)) in got.logprobs.iter().zip(&want_lp).take(n).enumerate() {
         assert!(
-            (got.logprobs[t] as f64 - want_lp[t]).abs() <= tol(),
-            "case {i} step {t}: greedy logprob {} vs {}",
-            got.logprobs[t],
-            want_lp[t]
+            (*got_lp as f64 - want_lp).abs() <= tol(),
+            "case {i} step {t}: greedy logprob {got_lp} vs {want_lp}"
         );
     }
     if n == want.len() {
@@ -114,7 +144,10 @@ fn greedy_decoding_reproduces_transformers_one_by_one() {
 fn greedy_decoding_batched_ragged_equals_one_by_one() {
     let prompts: Vec<Vec<u32>> = cases().iter().map(|c| ids(&c["prompt_ids"])).collect();
     let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    assert!(lens.iter().min() != lens.iter().max(), "prompts must be ragged: {lens:?}");
+    assert!(
+        lens.iter().min() != lens.iter().max(),
+        "prompts must be ragged: {lens:?}"
+    );
     let batched = greedy(&prompts, 48);
     for (i, case) in cases().iter().enumerate() {
         check_greedy(i, case, &batched[i]);
@@ -125,15 +158,29 @@ fn greedy_decoding_batched_ragged_equals_one_by_one() {
 fn teacher_forced_logprobs_match_one_by_one_and_batched() {
     let reqs: Vec<ScoreRequest> = cases()
         .iter()
-        .map(|c| ScoreRequest { prompt: ids(&c["prompt_ids"]), completion: ids(&c["greedy_completion_ids"]) })
+        .map(|c| ScoreRequest {
+            prompt: ids(&c["prompt_ids"]),
+            completion: ids(&c["greedy_completion_ids"]),
+        })
         .collect();
     let batched = engine().score(&reqs, 1.0).unwrap();
     for (i, case) in cases().iter().enumerate() {
         let want = floats(&case["completion_logprobs"]);
-        let alone = engine().score(std::slice::from_ref(&reqs[i]), 1.0).unwrap().remove(0);
+        let alone = engine()
+            .score(std::slice::from_ref(&reqs[i]), 1.0)
+            .unwrap()
+            .remove(0);
         for (t, w) in want.iter().enumerate() {
-            assert!((alone[t] as f64 - w).abs() <= tol(), "case {i} token {t}: {} vs {w}", alone[t]);
-            assert!((batched[i][t] as f64 - w).abs() <= tol(), "case {i} token {t} batched: {} vs {w}", batched[i][t]);
+            assert!(
+                (alone[t] as f64 - w).abs() <= tol(),
+                "case {i} token {t}: {} vs {w}",
+                alone[t]
+            );
+            assert!(
+                (batched[i][t] as f64 - w).abs() <= tol(),
+                "case {i} token {t} batched: {} vs {w}",
+                batched[i][t]
+            );
         }
     }
 }
@@ -141,11 +188,17 @@ fn teacher_forced_logprobs_match_one_by_one_and_batched() {
 #[test]
 fn first_step_top5() {
     for (i, case) in cases().iter().enumerate() {
-        let lp = engine().next_token_logprobs(&ids(&case["prompt_ids"])).unwrap();
+        let lp = engine()
+            .next_token_logprobs(&ids(&case["prompt_ids"]))
+            .unwrap();
         let want_ids = ids(&case["first_step_top5"]["ids"]);
         let want_lp = floats(&case["first_step_top5"]["logprobs"]);
         for (id, w) in want_ids.iter().zip(&want_lp) {
-            assert!((lp[*id as usize] as f64 - w).abs() <= tol(), "case {i} id {id}: {} vs {w}", lp[*id as usize]);
+            assert!(
+                (lp[*id as usize] as f64 - w).abs() <= tol(),
+                "case {i} id {id}: {} vs {w}",
+                lp[*id as usize]
+            );
         }
         let mut order: Vec<usize> = (0..lp.len()).collect();
         order.sort_by(|&a, &b| lp[b].total_cmp(&lp[a]));

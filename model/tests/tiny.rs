@@ -49,12 +49,24 @@ fn scoring_matches_policy_and_reference_logprobs() {
     let mut engine = tiny();
     let base = engine.score(&reqs, 1.0).unwrap();
     for (i, lp) in base.iter().enumerate() {
-        assert_close(lp, &floats(&g["ref_logp"][i]), 1e-5, &format!("ref_logp seq {i}"));
+        assert_close(
+            lp,
+            &floats(&g["ref_logp"][i]),
+            1e-5,
+            &format!("ref_logp seq {i}"),
+        );
     }
-    engine.load_adapter(&golden_dir().join("tiny_adapter")).unwrap();
+    engine
+        .load_adapter(&golden_dir().join("tiny_adapter"))
+        .unwrap();
     let policy = engine.score(&reqs, 1.0).unwrap();
     for (i, lp) in policy.iter().enumerate() {
-        assert_close(lp, &floats(&g["policy_logp"][i]), 1e-5, &format!("policy_logp seq {i}"));
+        assert_close(
+            lp,
+            &floats(&g["policy_logp"][i]),
+            1e-5,
+            &format!("policy_logp seq {i}"),
+        );
     }
     // Unloading the adapter returns exactly to the base model.
     engine.set_adapter(None).unwrap();
@@ -70,7 +82,12 @@ fn scoring_in_a_batch_equals_one_by_one() {
     for (i, r) in reqs.iter().enumerate() {
         let alone = engine.score(std::slice::from_ref(r), 1.0).unwrap();
         let want: Vec<f64> = alone[0].iter().map(|&x| x as f64).collect();
-        assert_close(&together[i], &want, 1e-5, &format!("seq {i} batched vs alone"));
+        assert_close(
+            &together[i],
+            &want,
+            1e-5,
+            &format!("seq {i} batched vs alone"),
+        );
     }
 }
 
@@ -84,13 +101,25 @@ fn adapter_save_and_reload_is_bit_identical() {
     let again = LoraAdapter::load(dir.path(), engine.config(), &Device::Cpu).unwrap();
     assert_eq!(adapter.config, again.config);
     assert_eq!(adapter.pairs.len(), 14);
-    let original = candle_core::safetensors::load(src.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
-    let saved = candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let original =
+        candle_core::safetensors::load(src.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let saved =
+        candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
     assert_eq!(original.len(), saved.len());
     for (key, t) in &original {
-        let s = saved.get(key).unwrap_or_else(|| panic!("saved adapter lacks {key}"));
+        let s = saved
+            .get(key)
+            .unwrap_or_else(|| panic!("saved adapter lacks {key}"));
         let bits = |t: &Tensor| -> Vec<u32> {
-            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
         };
         assert_eq!(bits(t), bits(s), "{key} changed in the round trip");
     }
@@ -103,8 +132,16 @@ fn grpo_loss(g: &serde_json::Value, logp: &Tensor, offsets: &[usize]) -> Tensor 
     let adv = floats(&g["advantages"]);
     let mut per_seq = Vec::new();
     for (i, a) in adv.iter().enumerate() {
-        let lp = logp.narrow(0, offsets[i], offsets[i + 1] - offsets[i]).unwrap();
-        let f32s = |v: Vec<f64>| Tensor::new(v.iter().map(|&x| x as f32).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+        let lp = logp
+            .narrow(0, offsets[i], offsets[i + 1] - offsets[i])
+            .unwrap();
+        let f32s = |v: Vec<f64>| {
+            Tensor::new(
+                v.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+                &Device::Cpu,
+            )
+            .unwrap()
+        };
         let old = f32s(floats(&g["old_logp"][i]));
         let refp = f32s(floats(&g["ref_logp"][i]));
         let ratio = (&lp - &old).unwrap().exp().unwrap();
@@ -127,9 +164,21 @@ fn as_vars(adapter: &LoraAdapter) -> (LoraAdapter, Vec<(String, Var)>) {
         let b = Var::from_tensor(&p.b).unwrap();
         named.push((model::lora::peft_key(layer, proj, 'A'), a.clone()));
         named.push((model::lora::peft_key(layer, proj, 'B'), b.clone()));
-        pairs.insert((layer, proj), LoraPair { a: a.as_tensor().clone(), b: b.as_tensor().clone() });
+        pairs.insert(
+            (layer, proj),
+            LoraPair {
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+            },
+        );
     }
-    (LoraAdapter { config: adapter.config.clone(), pairs }, named)
+    (
+        LoraAdapter {
+            config: adapter.config.clone(),
+            pairs,
+        },
+        named,
+    )
 }
 
 #[test]
@@ -137,33 +186,78 @@ fn lora_gradients_match_peft() {
     let g = step();
     let reqs = step_requests(&g);
     let engine = tiny();
-    let adapter = LoraAdapter::load(&golden_dir().join("tiny_adapter"), engine.config(), &Device::Cpu).unwrap();
+    let adapter = LoraAdapter::load(
+        &golden_dir().join("tiny_adapter"),
+        engine.config(),
+        &Device::Cpu,
+    )
+    .unwrap();
     let (vars, named) = as_vars(&adapter);
     let out = engine.train_logprobs(&reqs, &vars, 1.0).unwrap();
     // The differentiable forward gives the policy logprobs too.
     let flat = out.logprobs.to_vec1::<f32>().unwrap();
     for i in 0..reqs.len() {
-        assert_close(&flat[out.offsets[i]..out.offsets[i + 1]], &floats(&g["policy_logp"][i]), 1e-5, "train logp");
+        assert_close(
+            &flat[out.offsets[i]..out.offsets[i + 1]],
+            &floats(&g["policy_logp"][i]),
+            1e-5,
+            "train logp",
+        );
     }
     let loss = grpo_loss(&g, &out.logprobs, &out.offsets);
     let want_loss = g["loss"].as_f64().unwrap();
     let got_loss = loss.to_scalar::<f32>().unwrap() as f64;
-    assert!((got_loss - want_loss).abs() < 1e-5, "loss {got_loss} vs {want_loss}");
+    assert!(
+        (got_loss - want_loss).abs() < 1e-5,
+        "loss {got_loss} vs {want_loss}"
+    );
     let grads = loss.backward().unwrap();
-    let reference: HashMap<String, Tensor> =
-        candle_core::safetensors::load(golden_dir().join("tiny_lora_grads.safetensors"), &Device::Cpu).unwrap();
+    let reference: HashMap<String, Tensor> = candle_core::safetensors::load(
+        golden_dir().join("tiny_lora_grads.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(reference.len(), named.len());
     for (key, var) in &named {
-        let want = reference.get(key).unwrap_or_else(|| panic!("reference lacks {key}"));
-        let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {key}"));
-        let diff = (got - want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-        let norm = want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        let want = reference
+            .get(key)
+            .unwrap_or_else(|| panic!("reference lacks {key}"));
+        let got = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {key}"));
+        let diff = (got - want)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
+        let norm = want
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
         assert!(norm > 0.0, "{key}: zero reference gradient");
-        assert!(diff / norm < 1e-3, "{key}: relative gradient error {}", diff / norm);
+        assert!(
+            diff / norm < 1e-3,
+            "{key}: relative gradient error {}",
+            diff / norm
+        );
     }
 }
 
-fn sample(engine: &Engine, prompts: &[Vec<u32>], temperature: f64, seed: u64, max_tokens: usize) -> Vec<model::Generation> {
+fn sample(
+    engine: &Engine,
+    prompts: &[Vec<u32>],
+    temperature: f64,
+    seed: u64,
+    max_tokens: usize,
+) -> Vec<model::Generation> {
     let reqs: Vec<GenerateRequest> = prompts
         .iter()
         .enumerate()
@@ -205,7 +299,10 @@ fn sampled_logprobs_are_teacher_forced_logprobs() {
         let reqs: Vec<ScoreRequest> = prompts
             .iter()
             .zip(&gens)
-            .map(|(p, g)| ScoreRequest { prompt: p.clone(), completion: g.tokens.clone() })
+            .map(|(p, g)| ScoreRequest {
+                prompt: p.clone(),
+                completion: g.tokens.clone(),
+            })
             .collect();
         let scored = engine.score(&reqs, temperature).unwrap();
         for (g, s) in gens.iter().zip(&scored) {
@@ -218,13 +315,23 @@ fn sampled_logprobs_are_teacher_forced_logprobs() {
 #[test]
 fn ragged_batch_equals_one_by_one() {
     let engine = tiny();
-    let prompts = vec![vec![1, 10, 11, 12, 13, 14, 15], vec![1, 20], vec![1, 30, 31, 32]];
+    let prompts = vec![
+        vec![1, 10, 11, 12, 13, 14, 15],
+        vec![1, 20],
+        vec![1, 30, 31, 32],
+    ];
     for temperature in [0.0, 1.0] {
         let together = sample(&engine, &prompts, temperature, 5, 30);
         for (i, p) in prompts.iter().enumerate() {
             let reqs = [GenerateRequest {
                 prompt: p.clone(),
-                params: SamplingParams { temperature, max_tokens: 30, seed: 5 + i as u64, stop_ids: vec![2], ..Default::default() },
+                params: SamplingParams {
+                    temperature,
+                    max_tokens: 30,
+                    seed: 5 + i as u64,
+                    stop_ids: vec![2],
+                    ..Default::default()
+                },
             }];
             let alone = engine.generate(&reqs).unwrap().remove(0);
             assert_eq!(alone.tokens, together[i].tokens, "row {i} t={temperature}");
@@ -244,7 +351,12 @@ fn finish_reasons() {
     let first = gens[0].tokens[0];
     let reqs = [GenerateRequest {
         prompt: vec![1, 10, 11],
-        params: SamplingParams { temperature: 0.0, max_tokens: 5, stop_ids: vec![first], ..Default::default() },
+        params: SamplingParams {
+            temperature: 0.0,
+            max_tokens: 5,
+            stop_ids: vec![first],
+            ..Default::default()
+        },
     }];
     let g = engine.generate(&reqs).unwrap().remove(0);
     assert_eq!(g.tokens, vec![first]);

@@ -1,0 +1,87 @@
+//! `ref-scorer`: the frozen reference model's per-token logprobs of given completions. This crate
+//! holds the offline scoring of a jsonl file (the engine's public face for checking numbers); the
+//! HTTP service `POST /v1/score` joins it in its own issue.
+//!
+//! It must never change the model it scores with (no adapter swaps mid-file, no training), never
+//! reorder or drop a sequence, and never leave a half-written output file that looks complete.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
+use model::{Engine, ScoreRequest};
+use rl_core::wire::{read_jsonl, ScoreSequence, SequenceLogprobs};
+
+/// Sequences scored per engine call (the engine batches them further by length).
+const CHUNK: usize = 64;
+
+/// Scores every line of `input` and writes one `{"logprobs":[...]}` line per input line, in the
+/// same order, to `output` (written to a temporary file in the same folder, then renamed).
+/// Returns the number of sequences scored.
+pub fn score_file(
+    engine: &Engine,
+    input: &Path,
+    output: &Path,
+    temperature: f64,
+) -> anyhow::Result<usize> {
+    let seqs: Vec<ScoreSequence> = read_jsonl(input)?;
+    let dir = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = output
+        .file_name()
+        .with_context(|| format!("--output {} is not a file path", output.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| -> anyhow::Result<()> {
+        let file = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut w = std::io::BufWriter::new(file);
+        for (c, chunk) in seqs.chunks(CHUNK).enumerate() {
+            let reqs: Vec<ScoreRequest> = chunk
+                .iter()
+                .map(|s| ScoreRequest {
+                    prompt: s.prompt_ids.clone(),
+                    completion: s.completion_ids.clone(),
+                })
+                .collect();
+            let scored = engine.score(&reqs, temperature).map_err(|e| {
+                // Name the input line: engine errors count sequences within the chunk.
+                anyhow::anyhow!(
+                    "{} (lines {}..={}): {e}",
+                    input.display(),
+                    c * CHUNK + 1,
+                    c * CHUNK + chunk.len()
+                )
+            })?;
+            for logprobs in scored {
+                serde_json::to_writer(&mut w, &SequenceLogprobs { logprobs })?;
+                w.write_all(b"\n")?;
+            }
+            tracing::info!(
+                "scored {} / {}",
+                (c * CHUNK + chunk.len()).min(seqs.len()),
+                seqs.len()
+            );
+        }
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            std::fs::rename(&tmp, output).with_context(|| {
+                format!("cannot move {} to {}", tmp.display(), output.display())
+            })?;
+            Ok(seqs.len())
+        }
+        Err(e) => {
+            std::fs::remove_file(&tmp).ok();
+            Err(e)
+        }
+    }
+}
