@@ -90,6 +90,23 @@ impl ModelConfig {
             None if num_heads > 0 => hidden_size / num_heads,
             None => 0,
         };
+        // Only plain RoPE is implemented: refuse scaled variants (llama3, yarn, linear, ...)
+        // whichever key carries them, instead of computing wrong positions.
+        for key in ["rope_scaling", "rope_parameters"] {
+            if let Some(kind) = v.get(key).filter(|s| !s.is_null()) {
+                let t = kind
+                    .get("rope_type")
+                    .or_else(|| kind.get("type"))
+                    .and_then(Value::as_str);
+                if !matches!(t, None | Some("default")) {
+                    return Err(Error::config(
+                        path,
+                        key,
+                        format!("RoPE type {t:?} is not supported yet (only plain RoPE)"),
+                    ));
+                }
+            }
+        }
         let rope_theta = v
             .get("rope_theta")
             .and_then(Value::as_f64)
@@ -99,13 +116,6 @@ impl ModelConfig {
                     .and_then(Value::as_f64)
             })
             .unwrap_or(10000.0);
-        if let Some(scaling) = v.get("rope_scaling").filter(|s| !s.is_null()) {
-            return Err(Error::config(
-                path,
-                "rope_scaling",
-                format!("rope scaling {scaling} is not supported yet (only plain RoPE)"),
-            ));
-        }
         let ids = |key: &str| -> Vec<u32> {
             match v.get(key) {
                 Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 use crate::chat::{ChatTemplate, Message};
 use crate::config::ModelConfig;
@@ -51,7 +52,8 @@ pub struct TrainLogprobs {
 pub struct Engine {
     model: Transformer,
     tokenizer: Option<Tokenizer>,
-    template: Option<ChatTemplate>,
+    /// The compiled chat template, or why there is none.
+    template: std::result::Result<ChatTemplate, String>,
     adapter: Option<LoraAdapter>,
     source: PathBuf,
     pad_id: u32,
@@ -85,19 +87,29 @@ impl Engine {
                 );
             }
         }
+        // A template that does not compile only matters to chat requests: token-id users
+        // (scorer, learner) still load the model, and chat requests get the error.
         let template = match &loaded.chat_template {
-            Some(src) => Some(ChatTemplate::new(
-                src,
-                &loaded.bos_token,
-                &loaded.eos_token,
-            )?),
-            None => None,
+            Some(src) => {
+                ChatTemplate::new(src, &loaded.bos_token, &loaded.eos_token).map_err(|e| {
+                    tracing::warn!("{}: {e}", loaded.source.display());
+                    e.to_string()
+                })
+            }
+            None => Err(format!(
+                "{} has no chat template; send a plain completion prompt instead",
+                loaded.source.display()
+            )),
         };
-        let pad_id = loaded
-            .config
-            .pad_token_id
-            .or(loaded.config.eos_token_ids.first().copied())
-            .unwrap_or(0);
+        let vocab = loaded.config.vocab_size as u32;
+        let pad_id = [
+            loaded.config.pad_token_id,
+            loaded.config.eos_token_ids.first().copied(),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|&id| id < vocab)
+        .unwrap_or(0);
         Ok(Self {
             model,
             tokenizer: loaded.tokenizer,
@@ -143,11 +155,8 @@ impl Engine {
     /// Renders messages with the model's chat template.
     pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         match &self.template {
-            Some(t) => t.render(messages, add_generation_prompt),
-            None => Err(Error::Template(format!(
-                "{} has no chat template; send a plain completion prompt instead",
-                self.source.display()
-            ))),
+            Ok(t) => t.render(messages, add_generation_prompt),
+            Err(why) => Err(Error::Template(why.clone())),
         }
     }
 
@@ -244,10 +253,22 @@ impl Engine {
                 .matmul(&self.model.lm_head().t()?)?
                 .to_dtype(DType::F32)?
                 .to_vec2::<f32>()?;
-            let mut next = vec![self.pad_id; rows.len()];
+            // Sample the live rows in parallel (each row has its own RNG, so the order is free).
+            let mut logits_of_req: Vec<Option<&[f32]>> = vec![None; n];
             for (k, &row) in live.iter().enumerate() {
+                if let Some(req) = rows[row] {
+                    logits_of_req[req] = Some(&logits[k]);
+                }
+            }
+            let picks: Vec<Option<(u32, f32)>> = samplers
+                .par_iter_mut()
+                .zip(logits_of_req.par_iter())
+                .map(|(s, lg)| lg.map(|lg| s.sample(lg)))
+                .collect();
+            let mut next = vec![self.pad_id; rows.len()];
+            for &row in &live {
                 let Some(req) = rows[row] else { continue };
-                let (id, lp) = samplers[req].sample(&logits[k]);
+                let Some((id, lp)) = picks[req] else { continue };
                 let g = &mut out[req];
                 g.tokens.push(id);
                 g.logprobs.push(lp);
@@ -259,6 +280,11 @@ impl Engine {
                     rows[row] = None;
                 } else {
                     next[row] = id;
+                }
+                if rows[row].is_none() {
+                    // Until compaction drops it, the finished row is fed padding at position 0
+                    // that attends only to itself (its positions must not outgrow the context).
+                    start[row] = offset;
                 }
             }
             let live: Vec<usize> = (0..rows.len()).filter(|&r| rows[r].is_some()).collect();
@@ -286,22 +312,33 @@ impl Engine {
         Ok(Tensor::from_vec(ids, rows.len(), self.device())?)
     }
 
-    fn check_score_requests(&self, seqs: &[ScoreRequest]) -> Result<()> {
+    /// Checks one sequence to score; `what` names it in the message (e.g. "sequence 3").
+    pub fn check_score_request(&self, what: &str, s: &ScoreRequest) -> Result<()> {
         let ctx = self.model.cfg.max_position_embeddings;
+        if s.prompt.is_empty() {
+            return Err(Error::InvalidRequest(format!(
+                "{what}: prompt_ids is empty (the first completion token needs a context)"
+            )));
+        }
+        self.check_ids(&format!("{what} prompt_ids"), &s.prompt)?;
+        self.check_ids(&format!("{what} completion_ids"), &s.completion)?;
+        if s.prompt.len() + s.completion.len() > ctx {
+            return Err(Error::InvalidRequest(format!(
+                "{what} has {} tokens, over the model's context of {ctx}",
+                s.prompt.len() + s.completion.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_score_requests(&self, seqs: &[ScoreRequest], temperature: f64) -> Result<()> {
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(Error::InvalidRequest(format!(
+                "temperature {temperature} must be > 0 for scoring"
+            )));
+        }
         for (i, s) in seqs.iter().enumerate() {
-            if s.prompt.is_empty() {
-                return Err(Error::InvalidRequest(format!(
-                    "sequence {i}: prompt_ids is empty (the first completion token needs a context)"
-                )));
-            }
-            self.check_ids(&format!("sequence {i} prompt_ids"), &s.prompt)?;
-            self.check_ids(&format!("sequence {i} completion_ids"), &s.completion)?;
-            if s.prompt.len() + s.completion.len() > ctx {
-                return Err(Error::InvalidRequest(format!(
-                    "sequence {i} has {} tokens, over the model's context of {ctx}",
-                    s.prompt.len() + s.completion.len()
-                )));
-            }
+            self.check_score_request(&format!("sequence {i}"), s)?;
         }
         Ok(())
     }
@@ -371,12 +408,7 @@ impl Engine {
     /// Per-token logprobs of each completion given its prompt (teacher forcing), under
     /// `softmax(logits / temperature)`, with the current adapter. Results are in input order.
     pub fn score(&self, seqs: &[ScoreRequest], temperature: f64) -> Result<Vec<Vec<f32>>> {
-        if !(temperature > 0.0 && temperature.is_finite()) {
-            return Err(Error::InvalidRequest(format!(
-                "temperature {temperature} must be > 0 for scoring"
-            )));
-        }
-        self.check_score_requests(seqs)?;
+        self.check_score_requests(seqs, temperature)?;
         let mut out: Vec<Vec<f32>> = vec![vec![]; seqs.len()];
         for batch in self.score_batches(seqs) {
             let (h, targets) = self.completion_hidden(seqs, &batch, Mode::Plain)?;
@@ -404,7 +436,7 @@ impl Engine {
             prompt: prompt.to_vec(),
             completion: vec![],
         }];
-        self.check_score_requests(&seq)?;
+        self.check_score_requests(&seq, 1.0)?;
         let t = prompt.len();
         let inputs = self.model.inputs(prompt.to_vec(), 1, t, &[0], 0)?;
         let hidden = self.model.hidden(&inputs, Mode::Plain)?;
@@ -428,7 +460,7 @@ impl Engine {
         adapter: &LoraAdapter,
         temperature: f64,
     ) -> Result<TrainLogprobs> {
-        self.check_score_requests(seqs)?;
+        self.check_score_requests(seqs, temperature)?;
         let idx: Vec<usize> = (0..seqs.len()).collect();
         let (h, targets) = self.completion_hidden(seqs, &idx, Mode::Train(adapter))?;
         let logprobs = grad::target_logprobs(

@@ -1,43 +1,47 @@
-//! Gradients where candle's autograd would waste work or memory.
+//! Hand-written backward passes for the training forward.
 //!
-//! candle's matmul backward always computes the gradient of both operands; for a frozen base
-//! weight that is a large matmul thrown away. And a log-softmax over the vocabulary kept in the
-//! graph costs batch x length x vocab floats several times over. [`attach`] computes a value
-//! outside the graph and attaches to it a hand-written backward: only the input gradient, computed
-//! from tensors that the closure captures (a frozen weight) or recomputes (logits, chunk by chunk).
+//! candle's autograd keeps every intermediate tensor of a composed op alive until the backward,
+//! and its matmul backward always computes the gradient of both operands, which for a frozen base
+//! weight is a large matmul thrown away. So the training forward computes each block piece (a
+//! LoRA projection, attention, RMSNorm, RoPE, the lm_head log-softmax) outside the graph with the
+//! fast inference kernels, and attaches to the result a backward written here: gradients only
+//! for what trains and for the activations in between, recomputing the large intermediates
+//! (attention probabilities, vocabulary logits) instead of keeping them.
+//!
+//! The mechanism: a custom op whose forward hands out the precomputed value and whose backward
+//! is a closure. Every formula is checked against PEFT's gradients (`tests/tiny.rs`) and finite
+//! differences.
 
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
+};
 
-type Backward = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+type Backward1 = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+type Backward3 = Box<dyn Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync>;
 
-struct Attach {
-    /// The precomputed output; taken (moved out) by the forward so the graph holds one copy.
-    value: Mutex<Option<Tensor>>,
-    /// `backward(input, grad_output) -> grad_input`.
-    backward: Backward,
-}
+/// The precomputed output, taken (moved out) by the forward so the graph holds one copy.
+struct Value(Mutex<Option<Tensor>>);
 
-impl Attach {
+impl Value {
+    fn new(t: Tensor) -> Result<Self> {
+        Ok(Self(Mutex::new(Some(dense(t)?))))
+    }
+
     fn take(&self) -> Result<Tensor> {
         let mut guard = self
-            .value
+            .0
             .lock()
             .map_err(|_| candle_core::Error::Msg("attach: poisoned lock".into()))?;
         guard
             .take()
             .ok_or_else(|| candle_core::Error::Msg("attach: forward ran twice".into()))
     }
-}
 
-impl CustomOp1 for Attach {
-    fn name(&self) -> &'static str {
-        "attach-grad"
-    }
-
-    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
         let value = self.take()?;
         let (storage, layout) = value.storage_and_layout();
         match &*storage {
@@ -46,7 +50,7 @@ impl CustomOp1 for Attach {
         }
     }
 
-    fn cuda_fwd(&self, _s: &CudaStorage, _l: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda(&self) -> Result<(CudaStorage, Shape)> {
         let value = self.take()?;
         let (storage, layout) = value.storage_and_layout();
         match &*storage {
@@ -54,15 +58,94 @@ impl CustomOp1 for Attach {
             _ => candle_core::bail!("attach: value is not on the CUDA device"),
         }
     }
+}
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some((self.backward)(arg, grad_res)?))
+/// The forward hands out the value's storage as is: it must be a dense buffer starting at 0.
+fn dense(t: Tensor) -> Result<Tensor> {
+    let ok = {
+        let (storage, layout) = t.storage_and_layout();
+        let len = match &*storage {
+            Storage::Cpu(CpuStorage::F32(v)) => v.len(),
+            Storage::Cpu(CpuStorage::F64(v)) => v.len(),
+            Storage::Cpu(CpuStorage::BF16(v)) => v.len(),
+            Storage::Cpu(CpuStorage::F16(v)) => v.len(),
+            Storage::Cpu(_) => 0,
+            _ => layout.shape().elem_count(),
+        };
+        layout.is_contiguous() && layout.start_offset() == 0 && len == layout.shape().elem_count()
+    };
+    if ok {
+        Ok(t)
+    } else {
+        t.force_contiguous()
     }
 }
 
-/// Returns `value` (computed from `input` outside the graph) as a tensor whose gradient flows back
-/// to `input` through `backward(input, grad_value)`. When `input` is not tracked, `value` is
-/// returned as is.
+struct Attach1 {
+    value: Value,
+    backward: Backward1,
+}
+
+impl CustomOp1 for Attach1 {
+    fn name(&self) -> &'static str {
+        "attach1"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.value.cpu()
+    }
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.value.cuda()
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.backward)(arg, grad)?))
+    }
+}
+
+struct Attach3 {
+    value: Value,
+    backward: Backward3,
+}
+
+impl CustomOp3 for Attach3 {
+    fn name(&self) -> &'static str {
+        "attach3"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.value.cpu()
+    }
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.value.cuda()
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Grads3> {
+        (self.backward)(a, b, c, grad)
+    }
+}
+
+/// `value` (computed from `input` outside the graph) as a tensor whose gradient flows back to
+/// `input` through `backward(input, grad_value)`. Returned as is when `input` is not tracked.
 pub fn attach(
     input: &Tensor,
     value: Tensor,
@@ -71,33 +154,37 @@ pub fn attach(
     if !input.track_op() {
         return Ok(value);
     }
-    // The forward hands out the value's storage as is: make sure it is a dense buffer from 0.
-    let value = fresh(value)?;
-    input.apply_op1(Attach {
-        value: Mutex::new(Some(value)),
+    input.apply_op1(Attach1 {
+        value: Value::new(value)?,
         backward: Box::new(backward),
     })
 }
 
-fn fresh(t: Tensor) -> Result<Tensor> {
-    let dense = {
-        let (storage, layout) = t.storage_and_layout();
-        let len = match &*storage {
-            Storage::Cpu(s) => match s {
-                CpuStorage::F32(v) => v.len(),
-                CpuStorage::F64(v) => v.len(),
-                CpuStorage::BF16(v) => v.len(),
-                CpuStorage::F16(v) => v.len(),
-                _ => 0,
-            },
-            _ => layout.shape().elem_count(),
-        };
-        layout.is_contiguous() && layout.start_offset() == 0 && len == layout.shape().elem_count()
-    };
-    if dense {
-        Ok(t)
+/// [`attach`] with three inputs; `backward(a, b, c, grad)` returns the gradient of each (None
+/// where an input is not tracked).
+pub fn attach3(
+    (a, b, c): (&Tensor, &Tensor, &Tensor),
+    value: Tensor,
+    backward: impl Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Grads3> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !(a.track_op() || b.track_op() || c.track_op()) {
+        return Ok(value);
+    }
+    a.apply_op3(
+        b,
+        c,
+        Attach3 {
+            value: Value::new(value)?,
+            backward: Box::new(backward),
+        },
+    )
+}
+
+fn when<T>(cond: bool, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
+    if cond {
+        f().map(Some)
     } else {
-        t.copy()
+        Ok(None)
     }
 }
 
@@ -109,9 +196,110 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     attach(x, y, move |_x, g| g.matmul(&w))
 }
 
+/// A LoRA projection `x @ w^T + scaling * (x @ a^T) @ b^T` with a frozen `w` `[out, in]`,
+/// a `[r, in]`, b `[out, r]`; x `[n, in]` -> `[n, out]`. Gradients for x, a and b.
+/// The adapter may be kept in another dtype than the model (f32 LoRA on a bf16 base): it is
+/// cast for the matmuls and its gradients are returned in its own dtype.
+pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let xd = x.detach();
+    let xa = (xd.matmul(&a.detach().to_dtype(dt)?.t()?)? * scaling)?; // [n, r]
+    let y = xd
+        .matmul(&w.t()?)?
+        .add(&xa.matmul(&b.detach().to_dtype(dt)?.t()?)?)?;
+    let w = w.clone();
+    attach3((x, a, b), y, move |x, a, b, g| {
+        let (a_dt, b_dt) = (a.dtype(), b.dtype());
+        let (a, b) = (a.to_dtype(dt)?, b.to_dtype(dt)?);
+        let gb = (g.matmul(&b)? * scaling)?; // [n, r]
+        let dx = when(x.track_op(), || g.matmul(&w)?.add(&gb.matmul(&a)?))?;
+        let da = when(a.track_op(), || gb.t()?.matmul(x)?.to_dtype(a_dt))?; // [r, in]
+        let db = when(b.track_op(), || {
+            let xa = (x.matmul(&a.t()?)? * scaling)?;
+            g.t()?.matmul(&xa)?.to_dtype(b_dt) // [out, r]
+        })?;
+        Ok((dx, da, db))
+    })
+}
+
+/// RMSNorm `x / sqrt(mean(x^2) + eps) * w` over the last dim, frozen `w`; gradient for x.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let y = candle_nn::ops::rms_norm(&x.detach(), w, eps as f32)?;
+    let w = w.clone();
+    attach(x, y, move |x, g| {
+        // r = 1/sqrt(mean(x^2)+eps); dx = r * (g w) - x r^3 mean(g w x)
+        let n = x.dim(D::Minus1)? as f64;
+        let r = ((x.sqr()?.sum_keepdim(D::Minus1)? / n)? + eps)?
+            .sqrt()?
+            .recip()?;
+        let gw = g.broadcast_mul(&w)?;
+        let dot = ((&gw * x)?.sum_keepdim(D::Minus1)? / n)?;
+        let r3 = r.powf(3.0)?;
+        gw.broadcast_mul(&r)?.sub(&x.broadcast_mul(&r3.mul(&dot)?)?)
+    })
+}
+
+/// Half-split RoPE (`x` `[b, h, t, hd]` contiguous, cos/sin `[b, t, hd/2]`); the backward is the
+/// inverse rotation (sin negated).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::rotary_emb::rope(&x.detach(), cos, sin)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let (cos, neg_sin) = (cos.clone(), sin.neg()?);
+    attach(x, y, move |_x, g| {
+        candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)
+    })
+}
+
+/// Masked softmax attention with grouped-query heads; the probabilities are recomputed in the
+/// backward rather than kept. q `[b, nh, t, hd]`, k/v `[b, nkv, s, hd]`, mask additive
+/// `[b, 1, 1, t, s]` -> `[b, nh, t, hd]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let probs = |q: &Tensor, k: &Tensor, mask: &Tensor| -> Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let (_, nkv, s, _) = k.dims4()?;
+        let rep = nh / nkv;
+        let q2 = q.reshape((b, nkv, rep * t, hd))?;
+        let scores = (q2.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?
+            .reshape((b, nkv, rep, t, s))?
+            .broadcast_add(mask)?;
+        candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, rep * t, s))
+    };
+    let (b, nh, t, hd) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let y = probs(&qd, &kd, mask)?
+        .matmul(&vd)?
+        .reshape((b, nh, t, hd))?;
+    let mask = mask.clone();
+    attach3((q, k, v), y, move |q, k, v, g| {
+        let scale = 1.0 / (hd as f64).sqrt();
+        let rep = nh / nkv;
+        let p = probs(q, k, &mask)?; // [b, nkv, rep*t, s]
+        let g2 = g.reshape((b, nkv, rep * t, hd))?;
+        let dv = when(v.track_op(), || p.t()?.matmul(&g2))?; // [b, nkv, s, hd]
+        if !(q.track_op() || k.track_op()) {
+            return Ok((None, None, dv));
+        }
+        let dp = g2.matmul(&v.t()?)?; // [b, nkv, rep*t, s]
+        let ds = ((&dp
+            - (&dp * &p)?
+                .sum_keepdim(D::Minus1)?
+                .broadcast_as(dp.shape())?)?
+            * &p)?;
+        let ds = (ds * scale)?;
+        let dq = when(q.track_op(), || ds.matmul(k)?.reshape((b, nh, t, hd)))?;
+        let dk = when(k.track_op(), || {
+            ds.t()?.matmul(&q.reshape((b, nkv, rep * t, hd))?)
+        })?;
+        Ok((dq, dk, dv))
+    })
+}
+
 /// Log-probability of `targets` under `softmax(h @ w^T / temperature)`, chunked over rows so
 /// that at most `chunk x vocab` logits exist at once, in the forward and in the backward.
-/// h: `[n, d]`, w: `[vocab, d]`, targets: `n` ids -> `[n]`.
+/// h: `[n, d]`, w: `[vocab, d]`, targets: `n` ids -> `[n]` f32.
 pub fn target_logprobs(
     h: &Tensor,
     w: &Tensor,
@@ -119,28 +307,29 @@ pub fn target_logprobs(
     temperature: f64,
     chunk: usize,
 ) -> Result<Tensor> {
+    let chunk = chunk.max(1);
     let lp = logprobs_detached(&h.detach(), w, targets, temperature, chunk)?;
     let w = w.clone();
     let targets = targets.to_vec();
     attach(h, lp, move |h, g| {
         // d lp_i / d logits_i = onehot(target_i) - softmax_i, scaled by 1/temperature.
         let (n, _) = h.dims2()?;
-        let g = g.to_dtype(candle_core::DType::F32)?;
+        let g = g.to_dtype(DType::F32)?;
         let mut parts = Vec::new();
         for start in (0..n).step_by(chunk) {
             let len = chunk.min(n - start);
-            let logits = (h.narrow(0, start, len)?.matmul(&w.t()?)? / temperature)?
-                .to_dtype(candle_core::DType::F32)?;
-            let p = candle_nn::ops::softmax_last_dim(&logits)?;
-            let ids = Tensor::new(&targets[start..start + len], h.device())?;
-            let onehot = ids
-                .unsqueeze(1)?
-                .broadcast_as(p.shape())?
-                .eq(&Tensor::arange(0u32, p.dim(1)? as u32, h.device())?.broadcast_as(p.shape())?)?
-                .to_dtype(candle_core::DType::F32)?;
-            let gl = ((onehot - p)?.broadcast_mul(&g.narrow(0, start, len)?.unsqueeze(1)?)?
+            let logits = (h
+                .narrow(0, start, len)?
+                .matmul(&w.t()?)?
+                .to_dtype(DType::F32)?
                 / temperature)?;
-            parts.push(gl.to_dtype(h.dtype())?.matmul(&w)?);
+            let p = candle_nn::ops::softmax_last_dim(&logits)?;
+            let ids = Tensor::new(&targets[start..start + len], h.device())?.unsqueeze(1)?;
+            let gi = g.narrow(0, start, len)?.unsqueeze(1)?; // [len, 1]
+                                                             // -(g_i / T) * p, plus g_i / T at the target column.
+            let dlogits = (p.broadcast_mul(&gi)? * (-1.0 / temperature))?;
+            let dlogits = dlogits.scatter_add(&ids, &(gi / temperature)?, 1)?;
+            parts.push(dlogits.to_dtype(h.dtype())?.matmul(&w)?);
         }
         Tensor::cat(&parts, 0)
     })
@@ -155,23 +344,26 @@ pub fn logprobs_detached(
     chunk: usize,
 ) -> Result<Tensor> {
     let (n, _) = h.dims2()?;
+    let chunk = chunk.max(1);
     let mut parts = Vec::new();
-    for start in (0..n).step_by(chunk.max(1)) {
+    for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
-        let logits = h.narrow(0, start, len)?.matmul(&w.t()?)?;
+        let logits = h
+            .narrow(0, start, len)?
+            .matmul(&w.t()?)?
+            .to_dtype(DType::F32)?;
         let logits = if temperature == 1.0 {
             logits
         } else {
             (logits / temperature)?
         };
-        let logits = logits.to_dtype(candle_core::DType::F32)?;
         let lse = logits.log_sum_exp(1)?;
         let ids = Tensor::new(&targets[start..start + len], h.device())?;
         let picked = logits.gather(&ids.unsqueeze(1)?, 1)?.squeeze(1)?;
         parts.push((picked - lse)?);
     }
     if parts.is_empty() {
-        return Tensor::zeros(0, candle_core::DType::F32, h.device());
+        return Tensor::zeros(0, DType::F32, h.device());
     }
     Tensor::cat(&parts, 0)
 }

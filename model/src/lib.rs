@@ -15,6 +15,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod grad;
+pub mod hub;
 pub mod loader;
 pub mod lora;
 pub mod sampler;

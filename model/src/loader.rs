@@ -207,9 +207,9 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
             .map_err(|e| Error::bad_file(path, "tensor data", format!("tensor '{name}': {e}")))?;
         if architecture == Architecture::Llama {
             if hf.ends_with("q_proj.weight") {
-                t = unpermute_qk(&t, config.num_heads, config.head_dim)?;
+                t = unpermute_qk(path, name, &t, config.num_heads, config.head_dim)?;
             } else if hf.ends_with("k_proj.weight") {
-                t = unpermute_qk(&t, config.num_kv_heads, config.head_dim)?;
+                t = unpermute_qk(path, name, &t, config.num_kv_heads, config.head_dim)?;
             }
         }
         weights.insert(hf, t.to_dtype(dtype)?);
@@ -227,8 +227,22 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
 
 /// llama.cpp stores Q and K rows permuted for its interleaved RoPE:
 /// `w.reshape(heads, 2, hd/2, in).swapaxes(1, 2)`. This undoes it so the half-split RoPE applies.
-fn unpermute_qk(w: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
+fn unpermute_qk(
+    path: &Path,
+    name: &str,
+    w: &Tensor,
+    heads: usize,
+    head_dim: usize,
+) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
+    if out != heads * head_dim {
+        return Err(Error::ShapeMismatch {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            expected: vec![heads * head_dim, inp],
+            found: vec![out, inp],
+        });
+    }
     Ok(w.reshape((heads, head_dim / 2, 2, inp))?
         .transpose(1, 2)?
         .contiguous()?

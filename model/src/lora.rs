@@ -297,6 +297,8 @@ impl LoraAdapter {
         let st_path = dir.join("adapter_model.safetensors");
         let tensors = crate::loader::read_safetensors(&st_path, device, DType::F32)?;
         let mut halves: BTreeMap<(usize, Proj), (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+        // Sorted, so that the first problem reported is always the same one.
+        let tensors: BTreeMap<String, Tensor> = tensors.into_iter().collect();
         for (key, t) in tensors {
             let (layer, proj, ab) = parse_peft_key(&key).ok_or_else(|| {
                 bad(format!(

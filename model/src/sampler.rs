@@ -61,6 +61,9 @@ impl SamplingParams {
     }
 }
 
+/// Temperatures below this are treated as greedy.
+pub const GREEDY_BELOW: f64 = 1e-5;
+
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -99,7 +102,8 @@ impl RowSampler {
     /// Picks a token from `logits` (one row, length vocab); returns (id, logprob).
     pub fn sample(&mut self, logits: &[f32]) -> (u32, f32) {
         let t = self.params.temperature;
-        if t == 0.0 {
+        // Temperatures this small overflow 1/T in f32: they are greedy (as vLLM treats them).
+        if t < GREEDY_BELOW {
             let (mut best, mut best_v) = (0usize, f32::NEG_INFINITY);
             for (i, &v) in logits.iter().enumerate() {
                 if v > best_v {
@@ -107,62 +111,78 @@ impl RowSampler {
                     best_v = v;
                 }
             }
-            let lp = log_softmax(logits);
-            return (best as u32, lp[best]);
+            return (best as u32, best_v - log_sum_exp(logits, 1.0));
         }
-        let scaled: Vec<f32> = if t == 1.0 {
-            logits.to_vec()
-        } else {
-            logits.iter().map(|&v| (v as f64 / t) as f32).collect()
-        };
-        let lp = log_softmax(&scaled);
+        let inv_t = (1.0 / t) as f32;
         let truncate = self.params.top_k > 0 || self.params.top_p < 1.0;
-        let id = if !truncate {
-            let u: f64 = self.rng.random();
+        if !truncate {
+            // One pass for the normaliser, one partial pass for the inverse-CDF draw.
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) * inv_t;
+            let mut probs: Vec<f32> = logits.iter().map(|&v| (v * inv_t - max).exp()).collect();
+            let total: f64 = probs.iter().map(|&p| p as f64).sum();
+            let u = self.rng.random::<f64>() * total;
             let mut acc = 0.0f64;
-            let mut chosen = lp.len() - 1;
-            for (i, &l) in lp.iter().enumerate() {
-                acc += (l as f64).exp();
+            let mut chosen = probs.len() - 1;
+            for (i, &p) in probs.iter().enumerate() {
+                acc += p as f64;
                 if u < acc {
                     chosen = i;
                     break;
                 }
             }
-            chosen
+            probs.clear();
+            let lp = (logits[chosen] * inv_t - max) as f64 - total.ln();
+            return (chosen as u32, lp as f32);
+        }
+        let lse = log_sum_exp(logits, inv_t);
+        let lp = |i: usize| logits[i] * inv_t - lse;
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        let keep_k = if self.params.top_k > 0 {
+            self.params.top_k.min(order.len())
         } else {
-            let mut order: Vec<usize> = (0..lp.len()).collect();
-            order.sort_unstable_by(|&a, &b| lp[b].total_cmp(&lp[a]).then(a.cmp(&b)));
-            let mut keep = if self.params.top_k > 0 {
-                self.params.top_k.min(order.len())
-            } else {
-                order.len()
-            };
-            if self.params.top_p < 1.0 {
-                let mut acc = 0.0f64;
-                for (n, &i) in order.iter().take(keep).enumerate() {
-                    acc += (lp[i] as f64).exp();
-                    if acc >= self.params.top_p {
-                        keep = n + 1;
-                        break;
-                    }
-                }
-            }
-            let kept = &order[..keep.max(1)];
-            let total: f64 = kept.iter().map(|&i| (lp[i] as f64).exp()).sum();
-            let u: f64 = self.rng.random::<f64>() * total;
+            order.len()
+        };
+        if keep_k < order.len() {
+            order.select_nth_unstable_by(keep_k - 1, |&a, &b| {
+                logits[b].total_cmp(&logits[a]).then(a.cmp(&b))
+            });
+            order.truncate(keep_k);
+        }
+        order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        let mut keep = order.len();
+        if self.params.top_p < 1.0 {
+            // The nucleus is taken over the top-k survivors, renormalised (as HF and vLLM do).
+            let mass: f64 = order.iter().map(|&i| (lp(i) as f64).exp()).sum();
             let mut acc = 0.0f64;
-            let mut chosen = kept[kept.len() - 1];
-            for &i in kept {
-                acc += (lp[i] as f64).exp();
-                if u < acc {
-                    chosen = i;
+            for (n, &i) in order.iter().enumerate() {
+                acc += (lp(i) as f64).exp();
+                if acc >= self.params.top_p * mass {
+                    keep = n + 1;
                     break;
                 }
             }
-            chosen
-        };
-        (id as u32, lp[id])
+        }
+        let kept = &order[..keep.max(1)];
+        let total: f64 = kept.iter().map(|&i| (lp(i) as f64).exp()).sum();
+        let u: f64 = self.rng.random::<f64>() * total;
+        let mut acc = 0.0f64;
+        let mut chosen = kept[kept.len() - 1];
+        for &i in kept {
+            acc += (lp(i) as f64).exp();
+            if u < acc {
+                chosen = i;
+                break;
+            }
+        }
+        (chosen as u32, lp(chosen))
     }
+}
+
+/// `log(sum(exp(x * scale)))`, stable.
+fn log_sum_exp(x: &[f32], scale: f32) -> f32 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) * scale;
+    let sum: f64 = x.iter().map(|&v| ((v * scale - max) as f64).exp()).sum();
+    (max as f64 + sum.ln()) as f32
 }
 
 #[cfg(test)]

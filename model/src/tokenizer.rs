@@ -46,8 +46,9 @@ impl Tokenizer {
     }
 
     /// Rebuilds a byte-level BPE tokenizer from GGUF metadata (`tokenizer.ggml.*`).
-    /// `pre` is `tokenizer.ggml.pre`; digits are split individually for the pre-tokenizers that
-    /// do so (smollm, llama3-style and qwen2 split digits; plain gpt2 does not).
+    /// `pre` is `tokenizer.ggml.pre`: `smollm` (every digit split, then GPT-2's regex) and plain
+    /// `gpt2`/`default` are rebuilt; other pre-tokenizers (llama-bpe, qwen2, ...) use regexes of
+    /// their own and are refused rather than silently tokenized differently.
     pub fn from_gguf_bpe(
         path: &Path,
         tokens: &[String],
@@ -79,7 +80,17 @@ impl Tokenizer {
         let byte_level = ByteLevel::new(false, true, true);
         let pre_tok: PreTokenizerWrapper = match pre {
             "gpt2" | "default" => byte_level.into(),
-            _ => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+            "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+            other => {
+                return Err(Error::BadConfig {
+                    path: path.to_path_buf(),
+                    key: "tokenizer.ggml.pre".into(),
+                    reason: format!(
+                        "pre-tokenizer '{other}' cannot be rebuilt from GGUF yet (supported: smollm, gpt2); \
+                         use the model's Hugging Face folder, which has tokenizer.json"
+                    ),
+                })
+            }
         };
         inner.with_pre_tokenizer(Some(pre_tok));
         inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));

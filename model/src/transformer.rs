@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -39,15 +39,11 @@ impl Linear {
         }
     }
 
-    /// x: `[n, in]` -> `[n, out]`.
+    /// x: `[n, in]` -> `[n, out]`. `train`: the adapter pair applied unmerged, with its scaling.
     fn forward(&self, x: &Tensor, train: Option<(&crate::lora::LoraPair, f64)>) -> Result<Tensor> {
         let y = match train {
             None => x.matmul(&self.active.t()?)?,
-            Some((pair, scaling)) => {
-                let base = grad::frozen_linear(x, &self.base)?;
-                let low = x.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)?;
-                (base + (low * scaling)?)?
-            }
+            Some((pair, scaling)) => grad::lora_linear(x, &self.base, &pair.a, &pair.b, scaling)?,
         };
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(b)?),
@@ -55,7 +51,8 @@ impl Linear {
         }
     }
 
-    fn forward_train_frozen(&self, x: &Tensor) -> Result<Tensor> {
+    /// The frozen base weight only, with a backward for `x` alone.
+    fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
         let y = grad::frozen_linear(x, &self.base)?;
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(b)?),
@@ -352,16 +349,11 @@ impl Transformer {
         for (l, block) in self.layers.iter().enumerate() {
             x = self.block(l, block, &x, inp, &mut mode)?;
         }
-        self.rms_norm(&x, &self.norm, matches!(mode, Mode::Train(_)))
+        self.rms_norm(&x, &self.norm)
     }
 
-    fn rms_norm(&self, x: &Tensor, w: &Tensor, train: bool) -> Result<Tensor> {
-        let eps = self.cfg.rms_norm_eps as f32;
-        Ok(if train {
-            candle_nn::ops::rms_norm_slow(x, w, eps)?
-        } else {
-            candle_nn::ops::rms_norm(x, w, eps)?
-        })
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        Ok(grad::rms_norm(x, w, self.cfg.rms_norm_eps)?)
     }
 
     fn proj(
@@ -376,7 +368,7 @@ impl Transformer {
         match mode {
             Mode::Train(adapter) => match adapter.pairs.get(&(l, proj)) {
                 Some(pair) => lin.forward(x, Some((pair, adapter.config.scaling()))),
-                None => lin.forward_train_frozen(x),
+                None => lin.forward_frozen(x),
             },
             _ => lin.forward(x, None),
         }
@@ -390,16 +382,12 @@ impl Transformer {
         inp: &Inputs,
         mode: &mut Mode<'_>,
     ) -> Result<Tensor> {
-        let train = matches!(mode, Mode::Train(_));
         let (b, t, h) = x.dims3()?;
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let rep = nh / nkv;
 
         // Attention.
-        let xn = self
-            .rms_norm(x, &block.input_norm, train)?
-            .reshape((b * t, h))?;
+        let xn = self.rms_norm(x, &block.input_norm)?.reshape((b * t, h))?;
         let q = self.proj(l, block, Proj::Q, &xn, mode)?;
         let k = self.proj(l, block, Proj::K, &xn, mode)?;
         let v = self.proj(l, block, Proj::V, &xn, mode)?;
@@ -407,17 +395,8 @@ impl Transformer {
         let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let (q, k) = if train {
-            (
-                rope_train(&q, &inp.cos, &inp.sin)?,
-                rope_train(&k, &inp.cos, &inp.sin)?,
-            )
-        } else {
-            (
-                candle_nn::rotary_emb::rope(&q, &inp.cos, &inp.sin)?,
-                candle_nn::rotary_emb::rope(&k, &inp.cos, &inp.sin)?,
-            )
-        };
+        let q = grad::rope(&q, &inp.cos, &inp.sin)?;
+        let k = grad::rope(&k, &inp.cos, &inp.sin)?;
         // Keys and values seen by the queries: [b, nkv, total, hd].
         let (k, v) = match mode {
             Mode::Cached(cache) => {
@@ -437,21 +416,7 @@ impl Transformer {
             }
             _ => (k, v),
         };
-        let total = k.dim(2)?;
-        // Fold the `rep` query heads of each KV head into rows: [b, nkv, rep*t, hd].
-        let q = q.reshape((b, nkv, rep * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?
-            .reshape((b, nkv, rep, t, total))?
-            .broadcast_add(&inp.mask)?;
-        let probs = if train {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
-        let attn = probs.reshape((b, nkv, rep * t, total))?.matmul(&v)?; // [b, nkv, rep*t, hd]
-        let attn = attn
-            .reshape((b, nh, t, hd))?
+        let attn = grad::attention(&q, &k, &v, &inp.mask)? // [b, nh, t, hd]
             .transpose(1, 2)?
             .reshape((b * t, nh * hd))?;
         let o = self
@@ -460,25 +425,12 @@ impl Transformer {
         let x = (x + o)?;
 
         // Feed-forward.
-        let xn = self
-            .rms_norm(&x, &block.post_norm, train)?
-            .reshape((b * t, h))?;
+        let xn = self.rms_norm(&x, &block.post_norm)?.reshape((b * t, h))?;
         let gate = self.proj(l, block, Proj::Gate, &xn, mode)?;
         let up = self.proj(l, block, Proj::Up, &xn, mode)?;
         let ff = self.proj(l, block, Proj::Down, &(gate.silu()? * up)?, mode)?;
         Ok((x + ff.reshape((b, t, h))?)?)
     }
-}
-
-/// RoPE with ops that have a backward. x: `[b, heads, t, hd]`, cos/sin: `[b, t, hd/2]`.
-fn rope_train(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let hd = x.dim(3)?;
-    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?; // [b, 1, t, hd]
-    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
-    let x1 = x.narrow(3, 0, hd / 2)?;
-    let x2 = x.narrow(3, hd / 2, hd / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
-    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
 }
 
 /// cos/sin of `position * theta^(-2i/hd)` for every position up to the context length.

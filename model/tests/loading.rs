@@ -224,7 +224,7 @@ fn adapter_for_another_base_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("lora_A.weight") && e.contains("expected [4, 64]"),
+        e.contains("layers.0.mlp.down_proj.lora_B.weight") && e.contains("expected [64, 4]"),
         "{e}"
     );
     let tmp = tempfile::tempdir().unwrap();

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use model::{Engine, ScoreRequest};
-use rl_core::wire::{read_jsonl, ScoreSequence, SequenceLogprobs};
+use rl_core::wire::{read_jsonl_numbered, ScoreSequence, SequenceLogprobs};
 
 /// Sequences scored per engine call (the engine batches them further by length).
 const CHUNK: usize = 64;
@@ -24,7 +24,20 @@ pub fn score_file(
     output: &Path,
     temperature: f64,
 ) -> anyhow::Result<usize> {
-    let seqs: Vec<ScoreSequence> = read_jsonl(input)?;
+    let lines: Vec<(usize, ScoreSequence)> = read_jsonl_numbered(input)?;
+    // Every line is checked before any work, so that an error names its line.
+    let seqs: Vec<ScoreRequest> = lines
+        .into_iter()
+        .map(|(line, s)| {
+            let req = ScoreRequest {
+                prompt: s.prompt_ids,
+                completion: s.completion_ids,
+            };
+            engine
+                .check_score_request(&format!("{} line {line}", input.display()), &req)
+                .map(|()| req)
+        })
+        .collect::<Result<_, _>>()?;
     let dir = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
@@ -42,22 +55,7 @@ pub fn score_file(
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         let mut w = std::io::BufWriter::new(file);
         for (c, chunk) in seqs.chunks(CHUNK).enumerate() {
-            let reqs: Vec<ScoreRequest> = chunk
-                .iter()
-                .map(|s| ScoreRequest {
-                    prompt: s.prompt_ids.clone(),
-                    completion: s.completion_ids.clone(),
-                })
-                .collect();
-            let scored = engine.score(&reqs, temperature).map_err(|e| {
-                // Name the input line: engine errors count sequences within the chunk.
-                anyhow::anyhow!(
-                    "{} (lines {}..={}): {e}",
-                    input.display(),
-                    c * CHUNK + 1,
-                    c * CHUNK + chunk.len()
-                )
-            })?;
+            let scored = engine.score(chunk, temperature)?;
             for logprobs in scored {
                 serde_json::to_writer(&mut w, &SequenceLogprobs { logprobs })?;
                 w.write_all(b"\n")?;

@@ -22,9 +22,9 @@ enum Command {
     /// Score a jsonl file: each input line {"prompt_ids":[...],"completion_ids":[...]}, each output
     /// line {"logprobs":[...]} in the same order.
     Score {
-        /// A .gguf file or a Hugging Face model folder.
+        /// A .gguf file or a Hugging Face model folder (a hub id `org/name` in `hub` builds).
         #[arg(long)]
-        model: PathBuf,
+        model: String,
         /// A PEFT LoRA adapter folder to apply (default: the base model).
         #[arg(long)]
         adapter: Option<PathBuf>,
@@ -61,8 +61,9 @@ fn main() -> anyhow::Result<()> {
         } => {
             let device = model::device(&device)?;
             let dtype = model::dtype(&dtype)?;
-            let mut engine = model::Engine::load(&model, &device, dtype)
-                .with_context(|| format!("loading --model {}", model.display()))?;
+            let path = model::hub::resolve(&model)?;
+            let mut engine = model::Engine::load(&path, &device, dtype)
+                .with_context(|| format!("loading --model {model}"))?;
             if let Some(dir) = adapter {
                 engine
                     .load_adapter(&dir)

@@ -41,6 +41,16 @@ pub enum JsonlError {
 pub fn read_jsonl<T: for<'de> Deserialize<'de>>(
     path: &std::path::Path,
 ) -> Result<Vec<T>, JsonlError> {
+    Ok(read_jsonl_numbered(path)?
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect())
+}
+
+/// [`read_jsonl`] with the 1-based line number of each item, for messages about an item.
+pub fn read_jsonl_numbered<T: for<'de> Deserialize<'de>>(
+    path: &std::path::Path,
+) -> Result<Vec<(usize, T)>, JsonlError> {
     let shown = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|source| JsonlError::Io {
         path: shown.clone(),
@@ -60,7 +70,7 @@ pub fn read_jsonl<T: for<'de> Deserialize<'de>>(
             line: i + 1,
             reason: e.to_string(),
         })?;
-        out.push(item);
+        out.push((i + 1, item));
     }
     Ok(out)
 }

@@ -1,0 +1,304 @@
+//! Engine benchmark on the SmolLM2 shape, the numbers of DESIGN.md section 9 and the engine issue:
+//! matmul peak, sampler tokens/s at batch 1/8/32 (150-token prompts, 128 new tokens),
+//! teacher-forced logprobs for 16 x 300 tokens, a LoRA r8 forward + backward + AdamW step on
+//! 16 x 300 in micro-batches, the peak RSS of each, and model FLOP utilisation against the
+//! measured matmul peak. `scripts/bench` runs it beside the PyTorch reference and prints ratios.
+//!
+//! cargo bench -p model --bench engine -- [--model PATH] [--dtype f32] [--repeats N] [--quick]
+//!     [--only matmul,sample,score,train] [--json FILE]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use model::{
+    Engine, GenerateRequest, LoraAdapter, LoraConfig, LoraPair, Proj, SamplingParams, ScoreRequest,
+};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+struct Args {
+    model: std::path::PathBuf,
+    dtype: DType,
+    repeats: usize,
+    quick: bool,
+    only: Vec<String>,
+    json: Option<std::path::PathBuf>,
+}
+
+fn args() -> Args {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut a = Args {
+        model: root.join("assets/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        dtype: DType::F32,
+        repeats: 3,
+        quick: false,
+        only: vec![],
+        json: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--model" => a.model = it.next().expect("--model PATH").into(),
+            "--dtype" => a.dtype = model::dtype(&it.next().expect("--dtype NAME")).expect("dtype"),
+            "--repeats" => a.repeats = it.next().expect("--repeats N").parse().expect("a number"),
+            "--quick" => a.quick = true,
+            "--only" => {
+                a.only = it
+                    .next()
+                    .expect("--only LIST")
+                    .split(',')
+                    .map(str::to_string)
+                    .collect()
+            }
+            "--json" => a.json = Some(it.next().expect("--json FILE").into()),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+/// Peak resident set (VmHWM) in bytes since the last reset.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Resets VmHWM to the current RSS (Linux: `echo 5 > /proc/self/clear_refs`).
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// One warm-up, then the median of `repeats` timings (seconds).
+fn time(repeats: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    median(
+        (0..repeats.max(1))
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+/// Forward FLOPs per token at context length `ctx`: 2 x (non-embedding matmul weights + lm_head)
+/// + attention (QK^T and PV: 4 x layers x heads x head_dim x ctx).
+fn forward_flops_per_token(e: &Engine, ctx: f64) -> f64 {
+    let c = e.config();
+    let per_layer: usize = Proj::ALL
+        .iter()
+        .map(|p| {
+            let (o, i) = p.shape(c);
+            o * i
+        })
+        .sum();
+    let weights = (per_layer * c.num_layers + c.vocab_size * c.hidden_size) as f64;
+    2.0 * weights + 4.0 * (c.num_layers * c.num_heads * c.head_dim) as f64 * ctx
+}
+
+fn random_ids(rng: &mut rand::rngs::StdRng, n: usize, vocab: usize) -> Vec<u32> {
+    // Skip the low ids where the special tokens are.
+    (0..n)
+        .map(|_| rng.random_range(100..vocab as u32))
+        .collect()
+}
+
+fn main() {
+    let a = args();
+    let device = Device::Cpu;
+    let want = |m: &str| a.only.is_empty() || a.only.iter().any(|o| o == m);
+    let mut out = serde_json::Map::new();
+    out.insert("impl".into(), json!("candle-engine"));
+    out.insert(
+        "dtype".into(),
+        json!(format!("{:?}", a.dtype).to_lowercase()),
+    );
+    out.insert(
+        "threads".into(),
+        json!(candle_core::utils::get_num_threads()),
+    );
+
+    // Matmul peak.
+    let n = if a.quick { 1024 } else { 2048 };
+    let x = Tensor::randn(0f32, 1.0, (n, n), &device)
+        .unwrap()
+        .to_dtype(a.dtype)
+        .unwrap();
+    let y = Tensor::randn(0f32, 1.0, (n, n), &device)
+        .unwrap()
+        .to_dtype(a.dtype)
+        .unwrap();
+    let s = time(a.repeats, || {
+        x.matmul(&y).unwrap();
+    });
+    let peak = 2.0 * (n as f64).powi(3) / s;
+    out.insert(
+        "matmul".into(),
+        json!({"n": n, "seconds": s, "gflops": peak / 1e9}),
+    );
+    eprintln!("matmul {n}^3: {:.1} GFLOP/s", peak / 1e9);
+    drop((x, y));
+
+    let t0 = Instant::now();
+    let engine = Engine::load(&a.model, &device, a.dtype).expect("load model");
+    eprintln!(
+        "loaded {} in {:.1}s",
+        a.model.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    let vocab = engine.config().vocab_size;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+
+    if want("sample") {
+        let (plen, new) = if a.quick { (32, 16) } else { (150, 128) };
+        let mut rows = vec![];
+        for &batch in &[1usize, 8, 32] {
+            let reqs: Vec<GenerateRequest> = (0..batch)
+                .map(|i| GenerateRequest {
+                    prompt: random_ids(&mut rng, plen, vocab),
+                    params: SamplingParams {
+                        temperature: 1.0,
+                        max_tokens: new,
+                        seed: i as u64,
+                        stop_ids: vec![],
+                        ..Default::default()
+                    },
+                })
+                .collect();
+            reset_peak();
+            let reps = if batch == 32 { 1 } else { a.repeats };
+            let s = time(reps, || {
+                let g = engine.generate(&reqs).unwrap();
+                assert!(g.iter().all(|g| g.tokens.len() == new));
+            });
+            let tps = (batch * new) as f64 / s;
+            let flops = batch as f64
+                * (plen as f64 * forward_flops_per_token(&engine, plen as f64 / 2.0)
+                    + new as f64
+                        * forward_flops_per_token(&engine, plen as f64 + new as f64 / 2.0));
+            rows.push(json!({"batch": batch, "prompt": plen, "new": new, "seconds": s, "new_tokens_per_s": tps,
+                "mfu": flops / s / peak, "peak_rss_bytes": peak_rss()}));
+            eprintln!("sample batch {batch}: {tps:.1} new tok/s ({s:.2}s)");
+        }
+        out.insert("sample".into(), json!(rows));
+    }
+
+    let (seqs, len) = if a.quick { (4, 64) } else { (16, 300) };
+    let batch: Vec<ScoreRequest> = (0..seqs)
+        .map(|_| {
+            let ids = random_ids(&mut rng, len, vocab);
+            ScoreRequest {
+                prompt: ids[..1].to_vec(),
+                completion: ids[1..].to_vec(),
+            }
+        })
+        .collect();
+    if want("score") {
+        reset_peak();
+        let s = time(a.repeats, || {
+            engine.score(&batch, 1.0).unwrap();
+        });
+        let tps = (seqs * len) as f64 / s;
+        let flops = (seqs * len) as f64 * forward_flops_per_token(&engine, len as f64 / 2.0);
+        out.insert(
+            "score".into(),
+            json!({"seqs": seqs, "len": len, "seconds": s, "tokens_per_s": tps,
+            "mfu": flops / s / peak, "peak_rss_bytes": peak_rss()}),
+        );
+        eprintln!("score {seqs}x{len}: {tps:.1} tok/s ({s:.2}s)");
+    }
+
+    if want("train") {
+        let micro = if a.quick { 2 } else { 4 };
+        let cfg = LoraConfig::new(8, 16.0, Proj::ALL.to_vec());
+        let init = LoraAdapter::init(cfg, engine.config(), 0, &device).unwrap();
+        let mut vars = vec![];
+        let mut pairs = std::collections::BTreeMap::new();
+        for (k, p) in &init.pairs {
+            let va = Var::from_tensor(&p.a.to_dtype(DType::F32).unwrap()).unwrap();
+            let vb = Var::from_tensor(&p.b).unwrap();
+            pairs.insert(
+                *k,
+                LoraPair {
+                    a: va.as_tensor().clone(),
+                    b: vb.as_tensor().clone(),
+                },
+            );
+            vars.push(va);
+            vars.push(vb);
+        }
+        let adapter = LoraAdapter {
+            config: init.config.clone(),
+            pairs,
+        };
+        let mut opt = AdamW::new(
+            vars.clone(),
+            ParamsAdamW {
+                lr: 1e-5,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let adv: Vec<f32> = (0..seqs)
+            .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        reset_peak();
+        let s = time(a.repeats, || {
+            let mut total: Option<candle_core::backprop::GradStore> = None;
+            for (m, chunk) in batch.chunks(seqs / micro).enumerate() {
+                let out = engine.train_logprobs(chunk, &adapter, 1.0).unwrap();
+                let mut w = vec![];
+                for (i, _) in chunk.iter().enumerate() {
+                    let n = out.offsets[i + 1] - out.offsets[i];
+                    w.extend(std::iter::repeat_n(
+                        -adv[m * (seqs / micro) + i] / (n * seqs) as f32,
+                        n,
+                    ));
+                }
+                let w = Tensor::new(w, &device).unwrap();
+                let loss = (&out.logprobs * &w).unwrap().sum_all().unwrap();
+                let g = loss.backward().unwrap();
+                total = Some(match total {
+                    None => g,
+                    Some(mut acc) => {
+                        for v in &vars {
+                            let add = g.get(v.as_tensor()).unwrap();
+                            let sum = (acc.get(v.as_tensor()).unwrap() + add).unwrap();
+                            acc.insert(v.as_tensor(), sum);
+                        }
+                        acc
+                    }
+                });
+            }
+            opt.step(&total.unwrap()).unwrap();
+        });
+        let flops = 3.0 * (seqs * len) as f64 * forward_flops_per_token(&engine, len as f64 / 2.0);
+        out.insert(
+            "train".into(),
+            json!({"seqs": seqs, "len": len, "micro_batches": micro, "seconds": s,
+            "mfu": flops / s / peak, "peak_rss_bytes": peak_rss()}),
+        );
+        eprintln!("LoRA step {seqs}x{len} ({micro} micro-batches): {s:.2}s");
+    }
+    let text = serde_json::to_string_pretty(&serde_json::Value::Object(out)).unwrap();
+    println!("{text}");
+    if let Some(path) = a.json {
+        std::fs::write(path, text).unwrap();
+    }
+}
