@@ -419,6 +419,7 @@ impl Engine {
                 temperature,
                 self.logits_chunk,
             )?
+            .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;
             let mut at = 0;
             for &i in &batch {

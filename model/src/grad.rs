@@ -224,7 +224,12 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64)
 
 /// RMSNorm `x / sqrt(mean(x^2) + eps) * w` over the last dim, frozen `w`; gradient for x.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let y = candle_nn::ops::rms_norm(&x.detach(), w, eps as f32)?;
+    // The fused kernel has no f64 variant; f64 (used to check gradients) takes the composed path.
+    let y = if x.dtype() == DType::F64 {
+        candle_nn::ops::rms_norm_slow(&x.detach(), w, eps as f32)?
+    } else {
+        candle_nn::ops::rms_norm(&x.detach(), w, eps as f32)?
+    };
     let w = w.clone();
     attach(x, y, move |x, g| {
         // r = 1/sqrt(mean(x^2)+eps); dx = r * (g w) - x r^3 mean(g w x)
@@ -299,7 +304,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
 
 /// Log-probability of `targets` under `softmax(h @ w^T / temperature)`, chunked over rows so
 /// that at most `chunk x vocab` logits exist at once, in the forward and in the backward.
-/// h: `[n, d]`, w: `[vocab, d]`, targets: `n` ids -> `[n]` f32.
+/// h: `[n, d]`, w: `[vocab, d]`, targets: `n` ids -> `[n]` in [`wide`] of h's dtype.
 pub fn target_logprobs(
     h: &Tensor,
     w: &Tensor,
@@ -314,19 +319,19 @@ pub fn target_logprobs(
     attach(h, lp, move |h, g| {
         // d lp_i / d logits_i = onehot(target_i) - softmax_i, scaled by 1/temperature.
         let (n, _) = h.dims2()?;
-        let g = g.to_dtype(DType::F32)?;
+        let g = g.to_dtype(wide(h.dtype()))?;
         let mut parts = Vec::new();
         for start in (0..n).step_by(chunk) {
             let len = chunk.min(n - start);
             let logits = (h
                 .narrow(0, start, len)?
                 .matmul(&w.t()?)?
-                .to_dtype(DType::F32)?
+                .to_dtype(wide(h.dtype()))?
                 / temperature)?;
             let p = candle_nn::ops::softmax_last_dim(&logits)?;
             let ids = Tensor::new(&targets[start..start + len], h.device())?.unsqueeze(1)?;
+            // -(g_i / T) * p, plus g_i / T at the target column.
             let gi = g.narrow(0, start, len)?.unsqueeze(1)?; // [len, 1]
-                                                             // -(g_i / T) * p, plus g_i / T at the target column.
             let dlogits = (p.broadcast_mul(&gi)? * (-1.0 / temperature))?;
             let dlogits = dlogits.scatter_add(&ids, &(gi / temperature)?, 1)?;
             parts.push(dlogits.to_dtype(h.dtype())?.matmul(&w)?);
@@ -335,7 +340,7 @@ pub fn target_logprobs(
     })
 }
 
-/// The forward of [`target_logprobs`] without a graph. Returns f32 `[n]`.
+/// The forward of [`target_logprobs`] without a graph. Returns `[n]` in [`wide`] of h's dtype.
 pub fn logprobs_detached(
     h: &Tensor,
     w: &Tensor,
@@ -351,7 +356,7 @@ pub fn logprobs_detached(
         let logits = h
             .narrow(0, start, len)?
             .matmul(&w.t()?)?
-            .to_dtype(DType::F32)?;
+            .to_dtype(wide(h.dtype()))?;
         let logits = if temperature == 1.0 {
             logits
         } else {
@@ -363,7 +368,16 @@ pub fn logprobs_detached(
         parts.push((picked - lse)?);
     }
     if parts.is_empty() {
-        return Tensor::zeros(0, DType::F32, h.device());
+        return Tensor::zeros(0, wide(h.dtype()), h.device());
     }
     Tensor::cat(&parts, 0)
+}
+
+/// The dtype log-softmax runs in: f64 stays f64, everything else is computed in f32.
+pub fn wide(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
 }

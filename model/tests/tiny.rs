@@ -362,3 +362,97 @@ fn finish_reasons() {
     assert_eq!(g.tokens, vec![first]);
     assert_eq!(g.finish_reason, model::FinishReason::Stop);
 }
+
+/// Central finite differences in f64 of `sum_t w_t * logp_t` against the hand-written backward,
+/// for entries of A and B in every kind of projection and both layers.
+#[test]
+fn lora_gradients_match_finite_differences_in_f64() {
+    let g = step();
+    let reqs = step_requests(&g);
+    let engine = Engine::load(&golden_dir().join("tiny_llama"), &Device::Cpu, DType::F64).unwrap();
+    let adapter = LoraAdapter::load(
+        &golden_dir().join("tiny_adapter"),
+        engine.config(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let to64 = |a: &LoraAdapter| LoraAdapter {
+        config: a.config.clone(),
+        pairs: a
+            .pairs
+            .iter()
+            .map(|(k, p)| {
+                (
+                    *k,
+                    LoraPair {
+                        a: p.a.to_dtype(DType::F64).unwrap(),
+                        b: p.b.to_dtype(DType::F64).unwrap(),
+                    },
+                )
+            })
+            .collect(),
+    };
+    let base = to64(&adapter);
+    let n: usize = reqs.iter().map(|r| r.completion.len()).sum();
+    // Weights of both signs, like advantages.
+    let w: Vec<f64> = (0..n)
+        .map(|i| ((i * 7 % 5) as f64 - 2.0) * 0.3 + 0.1)
+        .collect();
+    let w = Tensor::new(w, &Device::Cpu).unwrap();
+    let objective = |a: &LoraAdapter| -> f64 {
+        let out = engine.train_logprobs(&reqs, a, 1.0).unwrap();
+        (&out.logprobs * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let (vars, named) = as_vars(&base);
+    let out = engine.train_logprobs(&reqs, &vars, 1.0).unwrap();
+    let grads = (&out.logprobs * &w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let eps = 1e-6;
+    let mut checked = 0;
+    for (key, var) in &named {
+        let analytic = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let shape = var.as_tensor().dims().to_vec();
+        for &idx in &[0usize, analytic.len() / 2, analytic.len() - 1] {
+            let perturbed = |delta: f64| {
+                let mut a = base.clone();
+                let (layer, proj, ab) = a
+                    .pairs
+                    .keys()
+                    .map(|&(l, p)| (l, p))
+                    .flat_map(|(l, p)| ['A', 'B'].map(move |ab| (l, p, ab)))
+                    .find(|&(l, p, ab)| model::lora::peft_key(l, p, ab) == *key)
+                    .unwrap();
+                let pair = a.pairs.get_mut(&(layer, proj)).unwrap();
+                let t = if ab == 'A' { &mut pair.a } else { &mut pair.b };
+                let mut v = t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                v[idx] += delta;
+                *t = Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap();
+                objective(&a)
+            };
+            let numeric = (perturbed(eps) - perturbed(-eps)) / (2.0 * eps);
+            let err = (numeric - analytic[idx]).abs();
+            assert!(
+                err <= 1e-6 + 1e-5 * numeric.abs(),
+                "{key}[{idx}]: finite difference {numeric:e} vs backward {:e}",
+                analytic[idx]
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 28 * 3);
+}
