@@ -250,7 +250,7 @@ impl Engine {
                 last = last.index_select(&self.row_index(&live)?, 0)?;
             }
             let logits = last
-                .matmul(&self.model.lm_head().t()?)?
+                .matmul(self.model.lm_head_t())?
                 .to_dtype(DType::F32)?
                 .to_vec2::<f32>()?;
             // Sample the live rows in parallel (each row has its own RNG, so the order is free).
@@ -414,7 +414,7 @@ impl Engine {
             let (h, targets) = self.completion_hidden(seqs, &batch, Mode::Plain)?;
             let lp = grad::logprobs_detached(
                 &h,
-                self.model.lm_head(),
+                self.model.lm_head_t(),
                 &targets,
                 temperature,
                 self.logits_chunk,
@@ -445,7 +445,7 @@ impl Engine {
             .narrow(1, t - 1, 1)?
             .reshape((1, self.model.cfg.hidden_size))?;
         let logits = last
-            .matmul(&self.model.lm_head().t()?)?
+            .matmul(self.model.lm_head_t())?
             .to_dtype(DType::F32)?
             .squeeze(0)?
             .to_vec1::<f32>()?;
@@ -466,7 +466,7 @@ impl Engine {
         let (h, targets) = self.completion_hidden(seqs, &idx, Mode::Train(adapter))?;
         let logprobs = grad::target_logprobs(
             &h,
-            self.model.lm_head(),
+            self.model.lm_head_t(),
             &targets,
             temperature,
             self.logits_chunk,

@@ -188,31 +188,37 @@ fn when<T>(cond: bool, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
     }
 }
 
-/// `x @ w^T` for a frozen weight `w` `[out, in]`: the gradient goes to `x` only.
-/// x: `[n, in]` -> `[n, out]`.
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let y = x.detach().matmul(&w.t()?)?;
-    let w = w.clone();
-    attach(x, y, move |_x, g| g.matmul(&w))
+/// `x @ wt` for a frozen weight given transposed, `wt` `[in, out]`: the gradient goes to `x`
+/// only. x: `[n, in]` -> `[n, out]`.
+pub fn frozen_linear(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
+    let y = x.detach().matmul(wt)?;
+    let wt = wt.clone();
+    attach(x, y, move |_x, g| g.matmul(&wt.t()?))
 }
 
-/// A LoRA projection `x @ w^T + scaling * (x @ a^T) @ b^T` with a frozen `w` `[out, in]`,
+/// A LoRA projection `x @ wt + scaling * (x @ a^T) @ b^T` with a frozen `wt` `[in, out]`,
 /// a `[r, in]`, b `[out, r]`; x `[n, in]` -> `[n, out]`. Gradients for x, a and b.
 /// The adapter may be kept in another dtype than the model (f32 LoRA on a bf16 base): it is
 /// cast for the matmuls and its gradients are returned in its own dtype.
-pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64) -> Result<Tensor> {
+pub fn lora_linear(
+    x: &Tensor,
+    wt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+) -> Result<Tensor> {
     let dt = x.dtype();
     let xd = x.detach();
     let xa = (xd.matmul(&a.detach().to_dtype(dt)?.t()?)? * scaling)?; // [n, r]
     let y = xd
-        .matmul(&w.t()?)?
+        .matmul(wt)?
         .add(&xa.matmul(&b.detach().to_dtype(dt)?.t()?)?)?;
-    let w = w.clone();
+    let wt = wt.clone();
     attach3((x, a, b), y, move |x, a, b, g| {
         let (a_dt, b_dt) = (a.dtype(), b.dtype());
         let (a, b) = (a.to_dtype(dt)?, b.to_dtype(dt)?);
         let gb = (g.matmul(&b)? * scaling)?; // [n, r]
-        let dx = when(x.track_op(), || g.matmul(&w)?.add(&gb.matmul(&a)?))?;
+        let dx = when(x.track_op(), || g.matmul(&wt.t()?)?.add(&gb.matmul(&a)?))?;
         let da = when(a.track_op(), || gb.t()?.matmul(x)?.to_dtype(a_dt))?; // [r, in]
         let db = when(b.track_op(), || {
             let xa = (x.matmul(&a.t()?)? * scaling)?;
@@ -302,19 +308,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
     })
 }
 
-/// Log-probability of `targets` under `softmax(h @ w^T / temperature)`, chunked over rows so
+/// Log-probability of `targets` under `softmax(h @ wt / temperature)`, chunked over rows so
 /// that at most `chunk x vocab` logits exist at once, in the forward and in the backward.
-/// h: `[n, d]`, w: `[vocab, d]`, targets: `n` ids -> `[n]` in [`wide`] of h's dtype.
+/// h: `[n, d]`, wt: `[d, vocab]` (the output projection transposed), targets: `n` ids -> `[n]` in [`wide`] of h's dtype.
 pub fn target_logprobs(
     h: &Tensor,
-    w: &Tensor,
+    wt: &Tensor,
     targets: &[u32],
     temperature: f64,
     chunk: usize,
 ) -> Result<Tensor> {
     let chunk = chunk.max(1);
-    let lp = logprobs_detached(&h.detach(), w, targets, temperature, chunk)?;
-    let w = w.clone();
+    let lp = logprobs_detached(&h.detach(), wt, targets, temperature, chunk)?;
+    let wt = wt.clone();
     let targets = targets.to_vec();
     attach(h, lp, move |h, g| {
         // d lp_i / d logits_i = onehot(target_i) - softmax_i, scaled by 1/temperature.
@@ -325,7 +331,7 @@ pub fn target_logprobs(
             let len = chunk.min(n - start);
             let logits = (h
                 .narrow(0, start, len)?
-                .matmul(&w.t()?)?
+                .matmul(&wt)?
                 .to_dtype(wide(h.dtype()))?
                 / temperature)?;
             let p = candle_nn::ops::softmax_last_dim(&logits)?;
@@ -334,7 +340,7 @@ pub fn target_logprobs(
             let gi = g.narrow(0, start, len)?.unsqueeze(1)?; // [len, 1]
             let dlogits = (p.broadcast_mul(&gi)? * (-1.0 / temperature))?;
             let dlogits = dlogits.scatter_add(&ids, &(gi / temperature)?, 1)?;
-            parts.push(dlogits.to_dtype(h.dtype())?.matmul(&w)?);
+            parts.push(dlogits.to_dtype(h.dtype())?.matmul(&wt.t()?)?);
         }
         Tensor::cat(&parts, 0)
     })
@@ -343,7 +349,7 @@ pub fn target_logprobs(
 /// The forward of [`target_logprobs`] without a graph. Returns `[n]` in [`wide`] of h's dtype.
 pub fn logprobs_detached(
     h: &Tensor,
-    w: &Tensor,
+    wt: &Tensor,
     targets: &[u32],
     temperature: f64,
     chunk: usize,
@@ -355,7 +361,7 @@ pub fn logprobs_detached(
         let len = chunk.min(n - start);
         let logits = h
             .narrow(0, start, len)?
-            .matmul(&w.t()?)?
+            .matmul(wt)?
             .to_dtype(wide(h.dtype()))?;
         let logits = if temperature == 1.0 {
             logits

@@ -24,26 +24,30 @@ use crate::lora::{LoraAdapter, Proj};
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[out, in]`
-    base: Tensor,
-    /// `[out, in]`: `base`, or `base + scaling * B @ A` when an adapter is merged.
-    active: Tensor,
+    base_t: Tensor,
+    /// `[in, out]`: `base_t`, or `(base + scaling * B @ A)^T` when an adapter is merged.
+    active_t: Tensor,
     bias: Option<Tensor>,
 }
 
 impl Linear {
-    fn new(base: Tensor, bias: Option<Tensor>) -> Self {
-        Self {
-            active: base.clone(),
-            base,
+    /// `weight` is `[out, in]` as stored on disk; it is kept transposed (`[in, out]`, contiguous) so
+    /// that the matmul reads it in the order gemm's kernels consume without repacking it on every
+    /// call (what makes small-batch decoding fast).
+    fn new(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let base_t = weight.t()?.contiguous()?;
+        Ok(Self {
+            active_t: base_t.clone(),
+            base_t,
             bias,
-        }
+        })
     }
 
     /// x: `[n, in]` -> `[n, out]`. `train`: the adapter pair applied unmerged, with its scaling.
     fn forward(&self, x: &Tensor, train: Option<(&crate::lora::LoraPair, f64)>) -> Result<Tensor> {
         let y = match train {
-            None => x.matmul(&self.active.t()?)?,
-            Some((pair, scaling)) => grad::lora_linear(x, &self.base, &pair.a, &pair.b, scaling)?,
+            None => x.matmul(&self.active_t)?,
+            Some((pair, scaling)) => grad::lora_linear(x, &self.base_t, &pair.a, &pair.b, scaling)?,
         };
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(b)?),
@@ -53,7 +57,7 @@ impl Linear {
 
     /// The frozen base weight only, with a backward for `x` alone.
     fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
-        let y = grad::frozen_linear(x, &self.base)?;
+        let y = grad::frozen_linear(x, &self.base_t)?;
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(b)?),
             None => Ok(y),
@@ -175,8 +179,9 @@ pub struct Transformer {
     embed: Tensor,
     layers: Vec<Block>,
     norm: Tensor,
-    /// `[vocab, hidden]`: `embed` when tied.
-    lm_head: Tensor,
+    /// `[hidden, vocab]`, contiguous: the output projection transposed (a copy of `embed`'s
+    /// transpose when tied), for the same reason as [`Linear`]'s weights.
+    lm_head_t: Tensor,
     /// `[max_positions, head_dim/2]`
     cos: Tensor,
     sin: Tensor,
@@ -222,7 +227,7 @@ impl Transformer {
                 } else {
                     None
                 };
-                Ok(Linear::new(weight, bias))
+                Linear::new(&weight, bias)
             };
             let qkv_bias = cfg.qkv_bias();
             let attn = Attention {
@@ -244,10 +249,12 @@ impl Transformer {
             });
         }
         let norm = take("model.norm.weight", &[h])?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed.clone()
+        let lm_head_t = if cfg.tie_word_embeddings {
+            embed.t()?.contiguous()?
         } else {
             take("lm_head.weight", &[cfg.vocab_size, h])?
+                .t()?
+                .contiguous()?
         };
         let (cos, sin) = rope_tables(cfg, device)?;
         Ok(Self {
@@ -255,7 +262,7 @@ impl Transformer {
             embed,
             layers,
             norm,
-            lm_head,
+            lm_head_t,
             cos: cos.to_dtype(dtype)?,
             sin: sin.to_dtype(dtype)?,
             device: device.clone(),
@@ -271,9 +278,9 @@ impl Transformer {
         self.dtype
     }
 
-    /// `[vocab, hidden]` output projection.
-    pub fn lm_head(&self) -> &Tensor {
-        &self.lm_head
+    /// `[hidden, vocab]` output projection (transposed).
+    pub fn lm_head_t(&self) -> &Tensor {
+        &self.lm_head_t
     }
 
     /// Merges `adapter` into the inference weights (replacing any merged before); `None` returns
@@ -286,9 +293,9 @@ impl Transformer {
                     Some(a) => a.delta(l, proj)?,
                     None => None,
                 };
-                lin.active = match delta {
-                    Some(d) => (&lin.base + d.to_dtype(lin.base.dtype())?)?,
-                    None => lin.base.clone(),
+                lin.active_t = match delta {
+                    Some(d) => (&lin.base_t + d.to_dtype(lin.base_t.dtype())?.t()?)?,
+                    None => lin.base_t.clone(),
                 };
             }
         }
