@@ -97,7 +97,9 @@ impl CustomOp1 for Attach1 {
         self.value.cuda()
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some((self.backward)(arg, grad)?))
+        // Detached: a gradient computed from forward tensors would otherwise keep the whole
+        // forward graph alive for as long as the gradient lives (e.g. across micro-batches).
+        Ok(Some((self.backward)(arg, grad)?.detach()))
     }
 }
 
@@ -140,7 +142,12 @@ impl CustomOp3 for Attach3 {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<Grads3> {
-        (self.backward)(a, b, c, grad)
+        let (ga, gb, gc) = (self.backward)(a, b, c, grad)?;
+        Ok((
+            ga.map(|t| t.detach()),
+            gb.map(|t| t.detach()),
+            gc.map(|t| t.detach()),
+        ))
     }
 }
 
