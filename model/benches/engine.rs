@@ -119,6 +119,7 @@ fn random_ids(rng: &mut rand::rngs::StdRng, n: usize, vocab: usize) -> Vec<u32> 
 }
 
 fn main() {
+    model::alloc::tune();
     let a = args();
     let device = Device::Cpu;
     let want = |m: &str| a.only.is_empty() || a.only.iter().any(|o| o == m);

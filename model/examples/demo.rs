@@ -13,6 +13,7 @@ use candle_core::{DType, Device};
 use model::{Engine, GenerateRequest, Message, SamplingParams};
 
 fn main() -> anyhow::Result<()> {
+    model::alloc::tune();
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut model_path = root.join("assets/SmolLM2-135M-Instruct.Q4_1.gguf");
     let mut data = root.join("assets/gsm8k/test.jsonl");

@@ -57,11 +57,17 @@ pub struct Engine {
     adapter: Option<LoraAdapter>,
     source: PathBuf,
     pad_id: u32,
-    /// Rows of logits materialised at once when scoring.
+    /// Rows of logits materialised at once when scoring (default: about 24 MB of logits).
     pub logits_chunk: usize,
     /// Tokens (rows x padded length) per scoring forward.
     pub score_tokens: usize,
+    /// Bytes of attention scores (rows x heads x length^2) per scoring forward.
+    pub score_attention_bytes: usize,
 }
+
+/// Buffers are kept under glibc's largest mmap threshold (32 MB, see [`crate::alloc`]) so that
+/// they are reused from the heap rather than mapped and zeroed afresh.
+const BUFFER_BYTES: usize = 24 << 20;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -117,8 +123,9 @@ impl Engine {
             adapter: None,
             source: loaded.source,
             pad_id,
-            logits_chunk: 256,
+            logits_chunk: (BUFFER_BYTES / (4 * vocab as usize)).clamp(16, 256),
             score_tokens: 4096,
+            score_attention_bytes: BUFFER_BYTES,
         })
     }
 
@@ -249,10 +256,7 @@ impl Engine {
             if live.len() < rows.len() {
                 last = last.index_select(&self.row_index(&live)?, 0)?;
             }
-            let logits = last
-                .matmul(self.model.lm_head_t())?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
+            let logits = self.model.decode_logits(&last)?.to_vec2::<f32>()?;
             // Sample the live rows in parallel (each row has its own RNG, so the order is free).
             let mut logits_of_req: Vec<Option<&[f32]>> = vec![None; n];
             for (k, &row) in live.iter().enumerate() {
@@ -354,7 +358,11 @@ impl Engine {
         let mut width = 0;
         for i in order {
             let w = width.max(len(i));
-            if !current.is_empty() && w * (current.len() + 1) > self.score_tokens {
+            let rows = current.len() + 1;
+            let attention = rows * self.model.cfg.num_heads * w * w * 4;
+            if !current.is_empty()
+                && (w * rows > self.score_tokens || attention > self.score_attention_bytes)
+            {
                 batches.push(std::mem::take(&mut current));
                 width = 0;
             }
@@ -414,7 +422,7 @@ impl Engine {
             let (h, targets) = self.completion_hidden(seqs, &batch, Mode::Plain)?;
             let lp = grad::logprobs_detached(
                 &h,
-                self.model.lm_head_t(),
+                self.model.lm_head(),
                 &targets,
                 temperature,
                 self.logits_chunk,
@@ -444,9 +452,9 @@ impl Engine {
         let last = hidden
             .narrow(1, t - 1, 1)?
             .reshape((1, self.model.cfg.hidden_size))?;
-        let logits = last
-            .matmul(self.model.lm_head_t())?
-            .to_dtype(DType::F32)?
+        let logits = self
+            .model
+            .decode_logits(&last)?
             .squeeze(0)?
             .to_vec1::<f32>()?;
         Ok(crate::sampler::log_softmax(&logits))
@@ -466,7 +474,7 @@ impl Engine {
         let (h, targets) = self.completion_hidden(seqs, &idx, Mode::Train(adapter))?;
         let logprobs = grad::target_logprobs(
             &h,
-            self.model.lm_head_t(),
+            self.model.lm_head(),
             &targets,
             temperature,
             self.logits_chunk,

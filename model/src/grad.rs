@@ -315,19 +315,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
     })
 }
 
-/// Log-probability of `targets` under `softmax(h @ wt / temperature)`, chunked over rows so
+/// Log-probability of `targets` under `softmax(h @ w^T / temperature)`, chunked over rows so
 /// that at most `chunk x vocab` logits exist at once, in the forward and in the backward.
-/// h: `[n, d]`, wt: `[d, vocab]` (the output projection transposed), targets: `n` ids -> `[n]` in [`wide`] of h's dtype.
+/// h: `[n, d]`, w: `[vocab, d]`, targets: `n` ids -> `[n]` in [`wide`] of h's dtype.
 pub fn target_logprobs(
     h: &Tensor,
-    wt: &Tensor,
+    w: &Tensor,
     targets: &[u32],
     temperature: f64,
     chunk: usize,
 ) -> Result<Tensor> {
     let chunk = chunk.max(1);
-    let lp = logprobs_detached(&h.detach(), wt, targets, temperature, chunk)?;
-    let wt = wt.clone();
+    let lp = logprobs_detached(&h.detach(), w, targets, temperature, chunk)?;
+    let w = w.clone();
     let targets = targets.to_vec();
     attach(h, lp, move |h, g| {
         // d lp_i / d logits_i = onehot(target_i) - softmax_i, scaled by 1/temperature.
@@ -338,7 +338,7 @@ pub fn target_logprobs(
             let len = chunk.min(n - start);
             let logits = (h
                 .narrow(0, start, len)?
-                .matmul(&wt)?
+                .matmul(&w.t()?)?
                 .to_dtype(wide(h.dtype()))?
                 / temperature)?;
             let p = candle_nn::ops::softmax_last_dim(&logits)?;
@@ -347,7 +347,7 @@ pub fn target_logprobs(
             let gi = g.narrow(0, start, len)?.unsqueeze(1)?; // [len, 1]
             let dlogits = (p.broadcast_mul(&gi)? * (-1.0 / temperature))?;
             let dlogits = dlogits.scatter_add(&ids, &(gi / temperature)?, 1)?;
-            parts.push(dlogits.to_dtype(h.dtype())?.matmul(&wt.t()?)?);
+            parts.push(dlogits.to_dtype(h.dtype())?.matmul(&w)?);
         }
         Tensor::cat(&parts, 0)
     })
@@ -356,7 +356,7 @@ pub fn target_logprobs(
 /// The forward of [`target_logprobs`] without a graph. Returns `[n]` in [`wide`] of h's dtype.
 pub fn logprobs_detached(
     h: &Tensor,
-    wt: &Tensor,
+    w: &Tensor,
     targets: &[u32],
     temperature: f64,
     chunk: usize,
@@ -368,7 +368,7 @@ pub fn logprobs_detached(
         let len = chunk.min(n - start);
         let logits = h
             .narrow(0, start, len)?
-            .matmul(wt)?
+            .matmul(&w.t()?)?
             .to_dtype(wide(h.dtype()))?;
         let logits = if temperature == 1.0 {
             logits

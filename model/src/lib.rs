@@ -10,6 +10,7 @@
 //! file or request (every bad input is an [`Error`] naming it), and never know about GRPO, HTTP
 //! or the rollout database: those live in the crates above it.
 
+pub mod alloc;
 pub mod chat;
 pub mod config;
 pub mod engine;

@@ -180,8 +180,9 @@ pub struct Transformer {
     layers: Vec<Block>,
     norm: Tensor,
     /// `[hidden, vocab]`, contiguous: the output projection transposed (a copy of `embed`'s
-    /// transpose when tied), for the same reason as [`Linear`]'s weights.
-    lm_head_t: Tensor,
+    /// `[vocab, hidden]`: `embed` when tied. Unlike the block weights it is kept as stored:
+    /// gemm runs `h @ lm_head^T` and the decode-time `lm_head @ h^T` fastest in this layout.
+    lm_head: Tensor,
     /// `[max_positions, head_dim/2]`
     cos: Tensor,
     sin: Tensor,
@@ -249,12 +250,10 @@ impl Transformer {
             });
         }
         let norm = take("model.norm.weight", &[h])?;
-        let lm_head_t = if cfg.tie_word_embeddings {
-            embed.t()?.contiguous()?
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
         } else {
             take("lm_head.weight", &[cfg.vocab_size, h])?
-                .t()?
-                .contiguous()?
         };
         let (cos, sin) = rope_tables(cfg, device)?;
         Ok(Self {
@@ -262,7 +261,7 @@ impl Transformer {
             embed,
             layers,
             norm,
-            lm_head_t,
+            lm_head,
             cos: cos.to_dtype(dtype)?,
             sin: sin.to_dtype(dtype)?,
             device: device.clone(),
@@ -278,9 +277,20 @@ impl Transformer {
         self.dtype
     }
 
-    /// `[hidden, vocab]` output projection (transposed).
-    pub fn lm_head_t(&self) -> &Tensor {
-        &self.lm_head_t
+    /// `[vocab, hidden]` output projection.
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// Logits of a few rows (decoding): `h` `[n, hidden]` -> `[n, vocab]` f32, computed as
+    /// `(lm_head @ h^T)^T`, the fast orientation for small `n`.
+    pub fn decode_logits(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .lm_head
+            .matmul(&h.t()?)?
+            .t()?
+            .to_dtype(DType::F32)?
+            .contiguous()?)
     }
 
     /// Merges `adapter` into the inference weights (replacing any merged before); `None` returns

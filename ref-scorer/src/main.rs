@@ -43,6 +43,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    model::alloc::tune();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
