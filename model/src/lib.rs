@@ -64,3 +64,23 @@ pub fn dtype(name: &str) -> Result<candle_core::DType> {
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn device_and_dtype_names() {
+        assert!(matches!(super::device("cpu"), Ok(candle_core::Device::Cpu)));
+        let e = super::device("tpu").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown device 'tpu'") && e.contains("cpu, cuda or cuda:N"),
+            "{e}"
+        );
+        if !candle_core::utils::cuda_is_available() {
+            let e = super::device("cuda:0").unwrap_err().to_string();
+            assert!(e.contains("`cuda` feature"), "{e}");
+        }
+        assert_eq!(super::dtype("bf16").unwrap(), candle_core::DType::BF16);
+        let e = super::dtype("f8").unwrap_err().to_string();
+        assert!(e.contains("unknown dtype 'f8'"), "{e}");
+    }
+}
