@@ -336,12 +336,8 @@ pub fn target_logprobs(
         let mut parts = Vec::new();
         for start in (0..n).step_by(chunk) {
             let len = chunk.min(n - start);
-            let logits = (h
-                .narrow(0, start, len)?
-                .matmul(&w.t()?)?
-                .to_dtype(wide(h.dtype()))?
-                / temperature)?;
-            let p = candle_nn::ops::softmax_last_dim(&logits)?;
+            let p =
+                candle_nn::ops::softmax_last_dim(&chunk_logits(h, &w, start, len, temperature)?)?;
             let ids = Tensor::new(&targets[start..start + len], h.device())?.unsqueeze(1)?;
             // -(g_i / T) * p, plus g_i / T at the target column.
             let gi = g.narrow(0, start, len)?.unsqueeze(1)?; // [len, 1]
@@ -366,15 +362,7 @@ pub fn logprobs_detached(
     let mut parts = Vec::new();
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
-        let logits = h
-            .narrow(0, start, len)?
-            .matmul(&w.t()?)?
-            .to_dtype(wide(h.dtype()))?;
-        let logits = if temperature == 1.0 {
-            logits
-        } else {
-            (logits / temperature)?
-        };
+        let logits = chunk_logits(h, w, start, len, temperature)?;
         let lse = logits.log_sum_exp(1)?;
         let ids = Tensor::new(&targets[start..start + len], h.device())?;
         let picked = logits.gather(&ids.unsqueeze(1)?, 1)?.squeeze(1)?;
@@ -384,6 +372,25 @@ pub fn logprobs_detached(
         return Tensor::zeros(0, wide(h.dtype()), h.device());
     }
     Tensor::cat(&parts, 0)
+}
+
+/// `h[start..start+len] @ w^T / temperature` in [`wide`] of h's dtype: `[len, vocab]`.
+fn chunk_logits(
+    h: &Tensor,
+    w: &Tensor,
+    start: usize,
+    len: usize,
+    temperature: f64,
+) -> Result<Tensor> {
+    let logits = h
+        .narrow(0, start, len)?
+        .matmul(&w.t()?)?
+        .to_dtype(wide(h.dtype()))?;
+    if temperature == 1.0 {
+        Ok(logits)
+    } else {
+        logits / temperature
+    }
 }
 
 /// The dtype log-softmax runs in: f64 stays f64, everything else is computed in f32.

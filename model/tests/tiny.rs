@@ -181,6 +181,16 @@ fn as_vars(adapter: &LoraAdapter) -> (LoraAdapter, Vec<(String, Var)>) {
     )
 }
 
+fn l2(t: &Tensor) -> f32 {
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt()
+}
+
 #[test]
 fn lora_gradients_match_peft() {
     let g = step();
@@ -225,23 +235,8 @@ fn lora_gradients_match_peft() {
         let got = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {key}"));
-        let diff = (got - want)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt();
-        let norm = want
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt();
+        let diff = l2(&(got - want).unwrap());
+        let norm = l2(want);
         assert!(norm > 0.0, "{key}: zero reference gradient");
         assert!(
             diff / norm < 1e-3,

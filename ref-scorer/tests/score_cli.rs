@@ -75,34 +75,28 @@ fn scores_reference_and_adapter_like_the_oracle() {
     let tmp = tempfile::tempdir().unwrap();
     let input = write_input(tmp.path());
     let model = golden().join("tiny_llama");
-    let out = tmp.path().join("ref.jsonl");
-    let o = run(&[
-        "score",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_matches(&read_output(&out), &fixture()["ref_logp"]);
-
-    let out = tmp.path().join("policy.jsonl");
     let adapter = golden().join("tiny_adapter");
-    let o = run(&[
-        "score",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_matches(&read_output(&out), &fixture()["policy_logp"]);
+    for (name, extra, want) in [
+        ("ref.jsonl", vec![], "ref_logp"),
+        (
+            "policy.jsonl",
+            vec!["--adapter", adapter.to_str().unwrap()],
+            "policy_logp",
+        ),
+    ] {
+        let out = tmp.path().join(name);
+        let mut args = vec!["score", "--model", model.to_str().unwrap()];
+        args.extend(extra);
+        args.extend([
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        let o = run(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_matches(&read_output(&out), &fixture()[want]);
+    }
 }
 
 #[test]
@@ -112,15 +106,18 @@ fn bad_inputs_are_named_and_leave_no_output() {
     let input = tmp.path().join("bad.jsonl");
     std::fs::write(&input, "{\"prompt_ids\":[1,2],\"completion_ids\":[3]}\n{\"prompt_ids\":[1,2],\"completion_ids\":[300]}\n").unwrap();
     let out = tmp.path().join("out.jsonl");
-    let o = run(&[
-        "score",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let score = |model: &str| {
+        run(&[
+            "score",
+            "--model",
+            model,
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ])
+    };
+    let o = score(model.to_str().unwrap());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
@@ -139,30 +136,14 @@ fn bad_inputs_are_named_and_leave_no_output() {
         "{\"prompt_ids\":[1,2],\"completion_ids\":[3]}\nnot json\n",
     )
     .unwrap();
-    let o = run(&[
-        "score",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = score(model.to_str().unwrap());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("bad.jsonl line 2"),
         "{err}"
     );
 
-    let o = run(&[
-        "score",
-        "--model",
-        "/no/such/model",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = score("/no/such/model");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("/no/such/model") && err.contains("not found"),
