@@ -1,8 +1,12 @@
-//! `rl-core`: the domain types every service shares. For now the wire formats of scoring (the
-//! offline jsonl of `ref-scorer score` and, later, `POST /v1/score`); the run config, GSM8K tasks
-//! and rewards, the rollout store and the typed HTTP client come with their issues.
+//! `rl-core`: the domain every service shares: GSM8K tasks ([`tasks`]), prompt styles
+//! ([`prompts`]), rewards ([`rewards`]), the run config ([`config`]), the rollout store on SQLite
+//! ([`store`]) and the wire formats ([`wire`]).
 //!
 //! It must never depend on the model engine (services depend on both; the arrow points one way)
-//! and never silently drop or reorder a record: every malformed line is an error naming it.
+//! and never silently drop or reorder a record: every malformed line, key or row is an error
+//! naming it.
 
+pub mod prompts;
+pub mod rewards;
+pub mod tasks;
 pub mod wire;

@@ -1,0 +1,395 @@
+//! GSM8K problems: loading the jsonl files that `scripts/fetch-assets` provides, parsing the gold
+//! answer after `####`, reading numbers the way graders do, and choosing which problems an
+//! iteration trains on (deterministic from the run seed and the iteration, so a resumed run picks
+//! the same ones).
+//!
+//! A malformed line is an error naming the file and the line; nothing is skipped.
+
+use std::path::Path;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::wire::{read_jsonl_numbered, JsonlError};
+
+/// The gold answer of a problem: its canonical text (`1,000` -> `1000`, `$18.00` -> `18`) and value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gold {
+    pub text: String,
+    pub value: f64,
+}
+
+/// One GSM8K problem. `index` is its 0-based row in the file (what the store records); `id` is the
+/// dataset's own `idx` field when present.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Problem {
+    pub index: usize,
+    pub id: Option<i64>,
+    pub question: String,
+    pub solution: String,
+    pub gold: Gold,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error(transparent)]
+    Jsonl(#[from] JsonlError),
+    #[error("{path} line {line}: {reason}")]
+    Line {
+        path: String,
+        line: usize,
+        reason: String,
+    },
+    #[error("{path}: no problems in the file (expected GSM8K jsonl with `question` and `answer`; run scripts/fetch-assets)")]
+    Empty { path: String },
+}
+
+#[derive(Deserialize)]
+struct RawRow {
+    question: String,
+    answer: String,
+    #[serde(default)]
+    idx: Option<i64>,
+}
+
+/// Loads a GSM8K jsonl file (`question`, `answer` ending in `#### N`, optional `idx`).
+pub fn load_gsm8k(path: &Path) -> Result<Vec<Problem>, TaskError> {
+    let shown = path.display().to_string();
+    let rows: Vec<(usize, RawRow)> = read_jsonl_numbered(path)?;
+    if rows.is_empty() {
+        return Err(TaskError::Empty { path: shown });
+    }
+    rows.into_iter()
+        .enumerate()
+        .map(|(index, (line, row))| {
+            let fail = |reason: String| TaskError::Line {
+                path: shown.clone(),
+                line,
+                reason,
+            };
+            if row.question.trim().is_empty() {
+                return Err(fail("empty `question`".into()));
+            }
+            let gold = parse_gold(&row.answer).map_err(fail)?;
+            Ok(Problem {
+                index,
+                id: row.idx,
+                question: row.question,
+                solution: row.answer,
+                gold,
+            })
+        })
+        .collect()
+}
+
+/// The gold answer of a GSM8K solution: the text after the last `####`, read as a number
+/// (commas, `$`, a leading `-`, decimals and a trailing `.0` are accepted).
+pub fn parse_gold(answer: &str) -> Result<Gold, String> {
+    let Some((_, after)) = answer.rsplit_once("####") else {
+        return Err("`answer` has no `#### N` final answer".into());
+    };
+    let raw = after.trim();
+    let value = parse_number(raw)
+        .ok_or_else(|| format!("the final answer `#### {raw}` is not a number"))?;
+    Ok(Gold {
+        text: canonical_number(value),
+        value,
+    })
+}
+
+/// The shortest text of a number: integers without a fraction (`18.00` -> `18`), others as Rust's
+/// shortest round-trip form.
+pub fn canonical_number(value: f64) -> String {
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        format!("{}", value as i64)
+    } else {
+        format!("{value}")
+    }
+}
+
+/// Reads a number as written in a math answer: surrounding `$`/`\$`, thousands commas, `%`, a
+/// unit in `\text{..}` or after a space (`18 dollars`), `\frac{a}{b}` and `a/b`, a leading `x =`,
+/// unicode minus, trailing `.`. Returns `None` when what is left is not a number.
+pub fn parse_number(text: &str) -> Option<f64> {
+    let mut s = text.trim().to_string();
+    // `x = 5` or `\text{total} = 5`: the value is what follows the last `=`.
+    if let Some((_, rhs)) = s.rsplit_once('=') {
+        s = rhs.trim().to_string();
+    }
+    s = strip_text_commands(&s);
+    for pat in ["\\$", "$", "\\%", "%", "\\!", "\\,", "\\;", "{,}", "\\left", "\\right"] {
+        s = s.replace(pat, "");
+    }
+    s = s.replace('\u{2212}', "-");
+    let s = s.trim().trim_end_matches('.').trim();
+    // Drop a trailing unit word: `18 dollars`, `5 apples`.
+    let s = match s.split_once(char::is_whitespace) {
+        Some((head, tail)) if tail.chars().all(|c| c.is_alphabetic() || c.is_whitespace()) => {
+            head
+        }
+        _ => s,
+    };
+    if let Some(v) = parse_fraction(s) {
+        return Some(v);
+    }
+    parse_plain(s)
+}
+
+/// `-1,234.50` -> -1234.5; commas only as thousands separators (`1,2` is not a number).
+fn parse_plain(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (neg, digits) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest.trim_start()),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let (int, frac) = match digits.split_once('.') {
+        Some((i, f)) => (i, Some(f)),
+        None => (digits, None),
+    };
+    if int.contains(',') {
+        let groups: Vec<&str> = int.split(',').collect();
+        let ok = !groups[0].is_empty()
+            && groups[0].len() <= 3
+            && groups[1..].iter().all(|g| g.len() == 3);
+        if !ok {
+            return None;
+        }
+    }
+    let int: String = int.chars().filter(|c| *c != ',').collect();
+    let body_ok = int.chars().all(|c| c.is_ascii_digit())
+        && frac.is_none_or(|f| f.chars().all(|c| c.is_ascii_digit()))
+        && (!int.is_empty() || frac.is_some_and(|f| !f.is_empty()));
+    if !body_ok {
+        return None;
+    }
+    let joined = match frac {
+        Some(f) if !f.is_empty() => format!("{}.{f}", if int.is_empty() { "0" } else { &int }),
+        _ => int,
+    };
+    let v: f64 = joined.parse().ok()?;
+    Some(if neg { -v } else { v })
+}
+
+/// `\frac{3}{4}`, `\dfrac{3}{4}`, `-\frac{3}{4}`, `3/4`.
+fn parse_fraction(s: &str) -> Option<f64> {
+    let (neg, body) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest.trim_start()),
+        None => (false, s),
+    };
+    let (num, den) = if let Some(rest) = body
+        .strip_prefix("\\frac")
+        .or_else(|| body.strip_prefix("\\dfrac"))
+        .or_else(|| body.strip_prefix("\\tfrac"))
+    {
+        let rest = rest.trim_start().strip_prefix('{')?;
+        let (num, rest) = rest.split_once('}')?;
+        let rest = rest.trim_start().strip_prefix('{')?;
+        let (den, tail) = rest.split_once('}')?;
+        if !tail.trim().is_empty() {
+            return None;
+        }
+        (num, den)
+    } else {
+        body.split_once('/')?
+    };
+    let (n, d) = (parse_plain(num)?, parse_plain(den)?);
+    if d == 0.0 {
+        return None;
+    }
+    let v = n / d;
+    Some(if neg { -v } else { v })
+}
+
+/// Removes `\text{..}`, `\mathrm{..}`, `\textbf{..}` (and their content, a unit) and unwraps
+/// `\mathbf{5}`/`{5}` around a bare number.
+fn strip_text_commands(s: &str) -> String {
+    let mut out = s.to_string();
+    for cmd in ["\\text", "\\mathrm", "\\textbf", "\\mbox"] {
+        while let Some(start) = out.find(&format!("{cmd}{{")) {
+            let open = start + cmd.len();
+            let Some(close) = matching_brace(&out, open) else {
+                break;
+            };
+            let inner = out[open + 1..close].to_string();
+            // A number inside `\text{}` is kept (`\text{18}`); a unit is dropped.
+            let keep = if parse_plain(inner.trim()).is_some() {
+                inner
+            } else {
+                String::new()
+            };
+            out.replace_range(start..=close, &keep);
+        }
+    }
+    if let Some(inner) = out.trim().strip_prefix("\\mathbf{").and_then(|r| r.strip_suffix('}')) {
+        out = inner.to_string();
+    }
+    let t = out.trim();
+    if t.starts_with('{') && matching_brace(t, 0) == Some(t.len() - 1) {
+        out = t[1..t.len() - 1].to_string();
+    }
+    out
+}
+
+/// Byte index of the `}` that closes the `{` at byte `open`.
+pub(crate) fn matching_brace(s: &str, open: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    for (i, c) in s[open..].char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(open + i);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Whether an answer value equals the gold one (relative 1e-6, absolute for values below 1).
+pub fn same_number(answer: f64, gold: f64) -> bool {
+    (answer - gold).abs() <= 1e-6 * gold.abs().max(1.0)
+}
+
+/// SplitMix64: a tiny, portable mixer for deriving seeds (the same on every platform and version).
+pub fn mix_seed(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The seed a group is sampled with: derived from the run seed, the iteration and the problem, so
+/// a resumed run samples a missing group exactly as the uninterrupted run would have.
+pub fn group_seed(run_seed: u64, iteration: u32, problem_index: usize) -> u64 {
+    mix_seed(mix_seed(mix_seed(run_seed) ^ u64::from(iteration)) ^ problem_index as u64)
+}
+
+/// The problems (row indices) of an iteration: the dataset is shuffled once per epoch with a seed
+/// derived from the run seed, and iterations take consecutive slices, so no problem repeats
+/// within an epoch and the choice never depends on what happened before a crash.
+pub fn problems_for_iteration(
+    run_seed: u64,
+    iteration: u32,
+    per_iteration: usize,
+    dataset_len: usize,
+) -> Vec<usize> {
+    if dataset_len == 0 || per_iteration == 0 {
+        return Vec::new();
+    }
+    let start = iteration as usize * per_iteration;
+    (start..start + per_iteration)
+        .map(|k| {
+            let epoch = k / dataset_len;
+            let perm = epoch_permutation(run_seed, epoch as u64, dataset_len);
+            perm[k % dataset_len]
+        })
+        .collect()
+}
+
+fn epoch_permutation(run_seed: u64, epoch: u64, n: usize) -> Vec<usize> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(mix_seed(run_seed ^ mix_seed(epoch)));
+    let mut perm: Vec<usize> = (0..n).collect();
+    perm.shuffle(&mut rng);
+    perm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gold_answers() {
+        for (answer, text, value) in [
+            ("so 48+24=72\n#### 72", "72", 72.0),
+            ("#### 1,000", "1000", 1000.0),
+            ("#### $18.00", "18", 18.0),
+            ("#### -5", "-5", -5.0),
+            ("#### 3.5", "3.5", 3.5),
+            ("#### 12.0", "12", 12.0),
+            ("#### 1,575,000", "1575000", 1_575_000.0),
+            ("a #### 1 then #### 7", "7", 7.0),
+        ] {
+            let gold = parse_gold(answer).expect(answer);
+            assert_eq!((gold.text.as_str(), gold.value), (text, value), "{answer}");
+        }
+        assert!(parse_gold("no final answer").unwrap_err().contains("no `#### N`"));
+        assert!(parse_gold("#### seven").unwrap_err().contains("`#### seven` is not a number"));
+    }
+
+    #[test]
+    fn numbers() {
+        for (s, v) in [
+            ("1,000", Some(1000.0)),
+            ("$18.00", Some(18.0)),
+            ("\\$18.00", Some(18.0)),
+            ("-3", Some(-3.0)),
+            ("\u{2212}3", Some(-3.0)),
+            ("0.5", Some(0.5)),
+            (".5", Some(0.5)),
+            ("5.", Some(5.0)),
+            ("50%", Some(50.0)),
+            ("\\frac{3}{4}", Some(0.75)),
+            ("-\\dfrac{1}{2}", Some(-0.5)),
+            ("3/4", Some(0.75)),
+            ("18 \\text{ dollars}", Some(18.0)),
+            ("18 dollars", Some(18.0)),
+            ("x = 5", Some(5.0)),
+            ("{42}", Some(42.0)),
+            ("\\text{42}", Some(42.0)),
+            ("1,2", None),
+            ("12,34,567", None),
+            ("five", None),
+            ("", None),
+            ("3/0", None),
+            ("1.2.3", None),
+            ("5 + 3", None),
+        ] {
+            assert_eq!(parse_number(s), v, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn iteration_problems_are_deterministic_and_cover_an_epoch() {
+        let a = problems_for_iteration(7, 3, 8, 50);
+        assert_eq!(a, problems_for_iteration(7, 3, 8, 50));
+        assert_ne!(a, problems_for_iteration(8, 3, 8, 50));
+        // 50 problems, 10 per iteration: iterations 0..5 are one epoch, each problem once.
+        let mut epoch: Vec<usize> = (0..5).flat_map(|i| problems_for_iteration(1, i, 10, 50)).collect();
+        epoch.sort_unstable();
+        assert_eq!(epoch, (0..50).collect::<Vec<_>>());
+        // Across the epoch boundary (45..55) the slice is still full and in range.
+        let cross = problems_for_iteration(1, 9, 5, 50);
+        assert_eq!(cross.len(), 5);
+        assert!(cross.iter().all(|&p| p < 50));
+        assert_ne!(group_seed(1, 0, 5), group_seed(1, 1, 5));
+        assert_ne!(group_seed(1, 0, 5), group_seed(1, 0, 6));
+    }
+
+    #[test]
+    fn loading_names_the_bad_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("train.jsonl");
+        std::fs::write(
+            &path,
+            "{\"question\":\"q1\",\"answer\":\"#### 1,000\",\"idx\":0}\n{\"question\":\"q2\",\"answer\":\"no answer\"}\n",
+        )
+        .expect("write");
+        let err = load_gsm8k(&path).expect_err("line 2 has no ####").to_string();
+        assert!(err.contains("train.jsonl line 2") && err.contains("no `#### N`"), "{err}");
+        std::fs::write(&path, "{\"question\":\"q1\",\"answer\":\"#### 1,000\",\"idx\":0}\n{\"question\": 3}\n").expect("write");
+        let err = load_gsm8k(&path).expect_err("line 2 is malformed").to_string();
+        assert!(err.contains("train.jsonl line 2"), "{err}");
+        std::fs::write(&path, "\n").expect("write");
+        assert!(load_gsm8k(&path).expect_err("empty").to_string().contains("no problems"));
+        std::fs::write(&path, "{\"question\":\"q1\",\"answer\":\"#### 1,000\",\"idx\":4}\n").expect("write");
+        let p = load_gsm8k(&path).expect("valid");
+        assert_eq!((p[0].index, p[0].id, p[0].gold.value), (0, Some(4), 1000.0));
+    }
+}
