@@ -6,7 +6,9 @@
 //! and never silently drop or reorder a record: every malformed line, key or row is an error
 //! naming it.
 
+pub mod config;
 pub mod prompts;
 pub mod rewards;
 pub mod tasks;
 pub mod wire;
+pub mod yaml;

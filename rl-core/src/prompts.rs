@@ -44,7 +44,8 @@ pub struct Tags {
     pub answer_close: &'static str,
 }
 
-const BOXED_INSTRUCTION: &str = "Please reason step by step, and put your final answer within \\boxed{}.";
+const BOXED_INSTRUCTION: &str =
+    "Please reason step by step, and put your final answer within \\boxed{}.";
 
 impl PromptStyle {
     pub const ALL: [PromptStyle; 4] = [
@@ -67,7 +68,9 @@ impl PromptStyle {
     pub fn tags(self) -> Option<Tags> {
         let (think_open, think_close, answer_open, answer_close) = match self {
             PromptStyle::Boxed => return None,
-            PromptStyle::ReasoningAnswer => ("<reasoning>", "</reasoning>", "<answer>", "</answer>"),
+            PromptStyle::ReasoningAnswer => {
+                ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
+            }
             PromptStyle::ThinkingAnswer => ("<thinking>", "</thinking>", "<answer>", "</answer>"),
             PromptStyle::WorkingOut => (
                 "<start_working_out>",
@@ -144,18 +147,29 @@ mod tests {
 
     #[test]
     fn tag_styles_have_system_prompts_naming_their_tags() {
-        for style in PromptStyle::ALL.into_iter().filter(|s| *s != PromptStyle::Boxed) {
+        for style in PromptStyle::ALL
+            .into_iter()
+            .filter(|s| *s != PromptStyle::Boxed)
+        {
             let m = style.messages("Q", None);
             let tags = style.tags().expect("tag style");
             assert_eq!(m.len(), 2);
             assert_eq!(m[0].role, "system");
-            for tag in [tags.think_open, tags.think_close, tags.answer_open, tags.answer_close] {
+            for tag in [
+                tags.think_open,
+                tags.think_close,
+                tags.answer_open,
+                tags.answer_close,
+            ] {
                 assert!(m[0].content.contains(tag), "{} lacks {tag}", style.name());
             }
             assert_eq!(m[1], ChatMessage::new("user", "Q"));
             // An explicit empty system prompt removes the system message.
             assert_eq!(style.messages("Q", Some("")).len(), 1);
-            assert_eq!(style.messages("Q", Some("Be brief."))[0].content, "Be brief.");
+            assert_eq!(
+                style.messages("Q", Some("Be brief."))[0].content,
+                "Be brief."
+            );
         }
     }
 }

@@ -216,7 +216,13 @@ fn tag_regexes(style: PromptStyle) -> Option<&'static TagRegexes> {
                 );
                 let strict = Regex::new(&format!("(?s)\\A{to}\n.+?\n{tc}\n{ao}\n.+?\n{ac}\n?\\z"));
                 let soft = Regex::new(&format!("(?s)\\A\\s*{to}.*?{tc}\\s*{ao}.*?{ac}"));
-                Some((s.name(), TagRegexes { strict: strict.ok()?, soft: soft.ok()? }))
+                Some((
+                    s.name(),
+                    TagRegexes {
+                        strict: strict.ok()?,
+                        soft: soft.ok()?,
+                    },
+                ))
             })
             .collect()
     });
@@ -255,7 +261,10 @@ pub fn xml_count(style: PromptStyle, text: &str) -> f64 {
     }
     if once(&format!("\n{}\n", t.answer_open)) {
         count += 0.125;
-        let tail = text.rsplit(&format!("\n{}\n", t.answer_close)).next().unwrap_or("");
+        let tail = text
+            .rsplit(&format!("\n{}\n", t.answer_close))
+            .next()
+            .unwrap_or("");
         count -= chars(tail) * 0.001;
     }
     let close = format!("\n{}", t.answer_close);
@@ -306,7 +315,9 @@ static NUMBER: LazyLock<Option<Regex>> =
 
 /// 1.5 when the first number in the answer section equals the gold answer, else 0.
 pub fn number_match(answer: Option<&str>, gold: &Gold) -> f64 {
-    let first = answer.and_then(|a| NUMBER.as_ref()?.find(a)).map(|m| m.as_str());
+    let first = answer
+        .and_then(|a| NUMBER.as_ref()?.find(a))
+        .map(|m| m.as_str());
     let value = first.and_then(|s| s.replace(',', "").parse::<f64>().ok());
     match value {
         Some(v) if same_number(v, gold.value) => 1.5,
@@ -317,7 +328,10 @@ pub fn number_match(answer: Option<&str>, gold: &Gold) -> f64 {
 static EQUATION_SPAN: LazyLock<Option<Regex>> = LazyLock::new(|| Regex::new(r"@@@@(.*?)@@@@").ok());
 static EQUATION: LazyLock<Option<Regex>> = LazyLock::new(|| {
     let num = r"(-?\d[\d,]*(?:\.\d+)?)";
-    Regex::new(&format!(r"\A\s*{num}\s*([-+*/x×÷])\s*{num}\s*=\s*{num}\s*\z")).ok()
+    Regex::new(&format!(
+        r"\A\s*{num}\s*([-+*/x×÷])\s*{num}\s*=\s*{num}\s*\z"
+    ))
+    .ok()
 });
 
 /// The fraction of `@@@@ a op b = c @@@@` steps whose arithmetic is right (a malformed step counts
@@ -331,7 +345,10 @@ pub fn equations(text: &str) -> f64 {
     for inner in span.captures_iter(text).filter_map(|c| c.get(1)) {
         total += 1;
         let ok = eq.captures(inner.as_str()).is_some_and(|c| {
-            let num = |i: usize| c.get(i).and_then(|m| m.as_str().replace(',', "").parse::<f64>().ok());
+            let num = |i: usize| {
+                c.get(i)
+                    .and_then(|m| m.as_str().replace(',', "").parse::<f64>().ok())
+            };
             let (Some(a), Some(b), Some(result)) = (num(1), num(3), num(4)) else {
                 return false;
             };
@@ -356,7 +373,13 @@ pub fn equations(text: &str) -> f64 {
 }
 
 /// The value of one reward kind for a completion.
-pub fn component(kind: RewardKind, style: PromptStyle, text: &str, v: &Verdict, gold: &Gold) -> f64 {
+pub fn component(
+    kind: RewardKind,
+    style: PromptStyle,
+    text: &str,
+    v: &Verdict,
+    gold: &Gold,
+) -> f64 {
     match kind {
         RewardKind::Tapeagents => tapeagents(v),
         RewardKind::StrictFormat => strict_format(style, text),

@@ -118,16 +118,16 @@ pub fn parse_number(text: &str) -> Option<f64> {
         s = rhs.trim().to_string();
     }
     s = strip_text_commands(&s);
-    for pat in ["\\$", "$", "\\%", "%", "\\!", "\\,", "\\;", "{,}", "\\left", "\\right"] {
+    for pat in [
+        "\\$", "$", "\\%", "%", "\\!", "\\,", "\\;", "{,}", "\\left", "\\right",
+    ] {
         s = s.replace(pat, "");
     }
     s = s.replace('\u{2212}', "-");
     let s = s.trim().trim_end_matches('.').trim();
     // Drop a trailing unit word: `18 dollars`, `5 apples`.
     let s = match s.split_once(char::is_whitespace) {
-        Some((head, tail)) if tail.chars().all(|c| c.is_alphabetic() || c.is_whitespace()) => {
-            head
-        }
+        Some((head, tail)) if tail.chars().all(|c| c.is_alphabetic() || c.is_whitespace()) => head,
         _ => s,
     };
     if let Some(v) = parse_fraction(s) {
@@ -224,7 +224,11 @@ fn strip_text_commands(s: &str) -> String {
             out.replace_range(start..=close, &keep);
         }
     }
-    if let Some(inner) = out.trim().strip_prefix("\\mathbf{").and_then(|r| r.strip_suffix('}')) {
+    if let Some(inner) = out
+        .trim()
+        .strip_prefix("\\mathbf{")
+        .and_then(|r| r.strip_suffix('}'))
+    {
         out = inner.to_string();
     }
     let t = out.trim();
@@ -319,8 +323,12 @@ mod tests {
             let gold = parse_gold(answer).expect(answer);
             assert_eq!((gold.text.as_str(), gold.value), (text, value), "{answer}");
         }
-        assert!(parse_gold("no final answer").unwrap_err().contains("no `#### N`"));
-        assert!(parse_gold("#### seven").unwrap_err().contains("`#### seven` is not a number"));
+        assert!(parse_gold("no final answer")
+            .unwrap_err()
+            .contains("no `#### N`"));
+        assert!(parse_gold("#### seven")
+            .unwrap_err()
+            .contains("`#### seven` is not a number"));
     }
 
     #[test]
@@ -361,7 +369,9 @@ mod tests {
         assert_eq!(a, problems_for_iteration(7, 3, 8, 50));
         assert_ne!(a, problems_for_iteration(8, 3, 8, 50));
         // 50 problems, 10 per iteration: iterations 0..5 are one epoch, each problem once.
-        let mut epoch: Vec<usize> = (0..5).flat_map(|i| problems_for_iteration(1, i, 10, 50)).collect();
+        let mut epoch: Vec<usize> = (0..5)
+            .flat_map(|i| problems_for_iteration(1, i, 10, 50))
+            .collect();
         epoch.sort_unstable();
         assert_eq!(epoch, (0..50).collect::<Vec<_>>());
         // Across the epoch boundary (45..55) the slice is still full and in range.
@@ -381,14 +391,32 @@ mod tests {
             "{\"question\":\"q1\",\"answer\":\"#### 1,000\",\"idx\":0}\n{\"question\":\"q2\",\"answer\":\"no answer\"}\n",
         )
         .expect("write");
-        let err = load_gsm8k(&path).expect_err("line 2 has no ####").to_string();
-        assert!(err.contains("train.jsonl line 2") && err.contains("no `#### N`"), "{err}");
-        std::fs::write(&path, "{\"question\":\"q1\",\"answer\":\"#### 1,000\",\"idx\":0}\n{\"question\": 3}\n").expect("write");
-        let err = load_gsm8k(&path).expect_err("line 2 is malformed").to_string();
+        let err = load_gsm8k(&path)
+            .expect_err("line 2 has no ####")
+            .to_string();
+        assert!(
+            err.contains("train.jsonl line 2") && err.contains("no `#### N`"),
+            "{err}"
+        );
+        std::fs::write(
+            &path,
+            "{\"question\":\"q1\",\"answer\":\"#### 1,000\",\"idx\":0}\n{\"question\": 3}\n",
+        )
+        .expect("write");
+        let err = load_gsm8k(&path)
+            .expect_err("line 2 is malformed")
+            .to_string();
         assert!(err.contains("train.jsonl line 2"), "{err}");
         std::fs::write(&path, "\n").expect("write");
-        assert!(load_gsm8k(&path).expect_err("empty").to_string().contains("no problems"));
-        std::fs::write(&path, "{\"question\":\"q1\",\"answer\":\"#### 1,000\",\"idx\":4}\n").expect("write");
+        assert!(load_gsm8k(&path)
+            .expect_err("empty")
+            .to_string()
+            .contains("no problems"));
+        std::fs::write(
+            &path,
+            "{\"question\":\"q1\",\"answer\":\"#### 1,000\",\"idx\":4}\n",
+        )
+        .expect("write");
         let p = load_gsm8k(&path).expect("valid");
         assert_eq!((p[0].index, p[0].id, p[0].gold.value), (0, Some(4), 1000.0));
     }
