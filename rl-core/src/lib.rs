@@ -9,6 +9,7 @@
 pub mod config;
 pub mod prompts;
 pub mod rewards;
+pub mod store;
 pub mod tasks;
 pub mod wire;
 pub mod yaml;

@@ -19,6 +19,23 @@ pub struct SequenceLogprobs {
     pub logprobs: Vec<f32>,
 }
 
+/// Why a completion ended: a stop token (or stop string), or the `max_tokens` limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
 /// A jsonl file that could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum JsonlError {
