@@ -24,7 +24,8 @@ impl Message {
     }
 }
 
-/// A compiled chat template.
+/// A compiled chat template (cheap to clone: the compiled template is shared).
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,

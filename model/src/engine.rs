@@ -29,6 +29,8 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     /// Logprob of each token under the distribution it was sampled from.
     pub logprobs: Vec<f32>,
+    /// At each step, the `top_logprobs` most likely tokens (empty when not asked for).
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
     pub finish_reason: FinishReason,
 }
 
@@ -159,6 +161,13 @@ impl Engine {
         self.adapter.as_ref()
     }
 
+    /// The model's chat template, or why there is none.
+    pub fn chat_template(&self) -> Result<&ChatTemplate> {
+        self.template
+            .as_ref()
+            .map_err(|why| Error::Template(why.clone()))
+    }
+
     /// Renders messages with the model's chat template.
     pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         match &self.template {
@@ -245,6 +254,7 @@ impl Engine {
             .map(|_| Generation {
                 tokens: vec![],
                 logprobs: vec![],
+                top_logprobs: vec![],
                 finish_reason: FinishReason::Length,
             })
             .collect();
@@ -264,20 +274,33 @@ impl Engine {
                     logits_of_req[req] = Some(&logits[k]);
                 }
             }
-            let picks: Vec<Option<(u32, f32)>> = samplers
+            type Pick = (u32, f32, Vec<(u32, f32)>);
+            let mut picks: Vec<Option<Pick>> = samplers
                 .par_iter_mut()
                 .zip(logits_of_req.par_iter())
-                .map(|(s, lg)| lg.map(|lg| s.sample(lg)))
+                .map(|(s, lg)| {
+                    lg.map(|lg| {
+                        let (id, lp) = s.sample(lg);
+                        (id, lp, s.top(lg, s.params().top_logprobs))
+                    })
+                })
                 .collect();
             let mut next = vec![self.pad_id; rows.len()];
             for &row in &live {
                 let Some(req) = rows[row] else { continue };
-                let Some((id, lp)) = picks[req] else { continue };
+                let Some((id, lp, top)) = picks[req].take() else {
+                    continue;
+                };
                 let g = &mut out[req];
                 g.tokens.push(id);
                 g.logprobs.push(lp);
                 let params = samplers[req].params();
-                if params.stop_ids.contains(&id) {
+                if params.top_logprobs > 0 {
+                    g.top_logprobs.push(top);
+                }
+                if params.stop_ids.contains(&id)
+                    || params.stop_sequences.iter().any(|s| g.tokens.ends_with(s))
+                {
                     g.finish_reason = FinishReason::Stop;
                     rows[row] = None;
                 } else if g.tokens.len() >= params.max_tokens {

@@ -21,6 +21,11 @@ pub struct SamplingParams {
     pub max_tokens: usize,
     /// Generation stops after any of these ids (the id is kept in the output).
     pub stop_ids: Vec<u32>,
+    /// Generation stops once the tokens end with any of these sequences (kept in the output).
+    pub stop_sequences: Vec<Vec<u32>>,
+    /// Also report this many most likely tokens at each step (under the same distribution as
+    /// the logprobs); 0 for none.
+    pub top_logprobs: usize,
     pub seed: u64,
 }
 
@@ -32,6 +37,8 @@ impl Default for SamplingParams {
             top_k: 0,
             max_tokens: 128,
             stop_ids: vec![],
+            stop_sequences: vec![],
+            top_logprobs: 0,
             seed: 0,
         }
     }
@@ -57,9 +64,18 @@ impl SamplingParams {
                 "max_tokens must be at least 1".into(),
             ));
         }
+        if self.stop_sequences.iter().any(|s| s.is_empty()) {
+            return Err(Error::InvalidRequest(
+                "a stop sequence is empty; remove it".into(),
+            ));
+        }
         Ok(())
     }
 }
+
+/// Most alternatives per step an HTTP client may ask for (OpenAI's limit; the engine itself
+/// accepts up to the vocabulary).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// Temperatures below this are treated as greedy.
 pub const GREEDY_BELOW: f64 = 1e-5;
@@ -175,6 +191,44 @@ impl RowSampler {
             }
         }
         (chosen as u32, lp(chosen))
+    }
+}
+
+impl RowSampler {
+    /// The `n` most likely tokens of `logits` with their logprobs under the distribution
+    /// [`RowSampler::sample`] draws from (logits / temperature; raw logits when greedy), most
+    /// likely first, ties by id.
+    pub fn top(&self, logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+        let n = n.min(logits.len());
+        if n == 0 {
+            return vec![];
+        }
+        // The same arithmetic as `sample`'s branch for these parameters, so that the sampled
+        // token's entry carries exactly the logprob reported with it.
+        let t = self.params.temperature;
+        let truncate = self.params.top_k > 0 || self.params.top_p < 1.0;
+        let lp: Box<dyn Fn(usize) -> f32> = if t < GREEDY_BELOW {
+            let lse = log_sum_exp(logits, 1.0);
+            Box::new(move |i| logits[i] - lse)
+        } else if truncate {
+            let inv_t = (1.0 / t) as f32;
+            let lse = log_sum_exp(logits, inv_t);
+            Box::new(move |i| logits[i] * inv_t - lse)
+        } else {
+            let inv_t = (1.0 / t) as f32;
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) * inv_t;
+            let total: f64 = logits.iter().map(|&v| (v * inv_t - max).exp() as f64).sum();
+            let ln_total = total.ln();
+            Box::new(move |i| ((logits[i] * inv_t - max) as f64 - ln_total) as f32)
+        };
+        let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        if n < order.len() {
+            order.select_nth_unstable_by(n - 1, by_logit);
+            order.truncate(n);
+        }
+        order.sort_unstable_by(by_logit);
+        order.into_iter().map(|i| (i as u32, lp(i))).collect()
     }
 }
 

@@ -451,3 +451,80 @@ fn lora_gradients_match_finite_differences_in_f64() {
     }
     assert_eq!(checked, 28 * 3);
 }
+
+#[test]
+fn top_logprobs_and_stop_sequences() {
+    let engine = tiny();
+    let prompt = vec![1, 10, 11, 12, 13];
+    let run = |params: SamplingParams| {
+        engine
+            .generate(&[GenerateRequest {
+                prompt: prompt.clone(),
+                params,
+            }])
+            .unwrap()
+            .remove(0)
+    };
+    // Greedy with alternatives: the chosen token heads the list with its own logprob, the list is
+    // sorted, and the alternatives are the raw distribution's logprobs (they sum to <= 1).
+    let g = run(SamplingParams {
+        temperature: 0.0,
+        max_tokens: 12,
+        top_logprobs: 5,
+        ..Default::default()
+    });
+    assert_eq!(g.top_logprobs.len(), g.tokens.len());
+    for (k, top) in g.top_logprobs.iter().enumerate() {
+        assert_eq!(top.len(), 5);
+        assert_eq!(top[0], (g.tokens[k], g.logprobs[k]));
+        assert!(top.windows(2).all(|w| w[0].1 >= w[1].1));
+        let mass: f32 = top.iter().map(|(_, lp)| lp.exp()).sum();
+        assert!(mass <= 1.0 + 1e-5, "{mass}");
+    }
+    // Sampled at temperature 0.7: the sampled token's logprob is among the alternatives' scale
+    // (same distribution), and no alternatives are returned unless asked.
+    let s = run(SamplingParams {
+        temperature: 0.7,
+        max_tokens: 12,
+        top_logprobs: 96,
+        seed: 3,
+        ..Default::default()
+    });
+    for (k, top) in s.top_logprobs.iter().enumerate() {
+        let own = top.iter().find(|(id, _)| *id == s.tokens[k]).unwrap();
+        assert_eq!(own.1, s.logprobs[k]);
+        let mass: f64 = top.iter().map(|(_, lp)| f64::from(*lp).exp()).sum();
+        assert!(
+            (mass - 1.0).abs() < 1e-4,
+            "the full list is the whole distribution: {mass}"
+        );
+    }
+    assert!(run(SamplingParams {
+        max_tokens: 4,
+        ..Default::default()
+    })
+    .top_logprobs
+    .is_empty());
+    // A stop sequence taken from a greedy run ends the next greedy run right after it.
+    let stop = g.tokens[3..5].to_vec();
+    let cut = run(SamplingParams {
+        temperature: 0.0,
+        max_tokens: 12,
+        stop_sequences: vec![stop.clone()],
+        ..Default::default()
+    });
+    let first = (2..=g.tokens.len())
+        .find(|&k| g.tokens[..k].ends_with(&stop))
+        .unwrap();
+    assert_eq!(cut.tokens, g.tokens[..first]);
+    assert_eq!(cut.finish_reason, model::FinishReason::Stop);
+    let bad = SamplingParams {
+        stop_sequences: vec![vec![]],
+        ..Default::default()
+    };
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("stop sequence is empty"));
+}

@@ -1,9 +1,12 @@
-//! `ref-scorer`: the frozen reference model's per-token logprobs of given completions. This crate
-//! holds the offline scoring of a jsonl file (the engine's public face for checking numbers); the
-//! HTTP service `POST /v1/score` joins it in its own issue.
+//! `ref-scorer`: the frozen reference model's per-token logprobs of given completions, offline
+//! (`ref-scorer score`, a jsonl file in and out: the engine's public face for checking numbers)
+//! and as an HTTP service ([`service`]: `POST /v1/score`, `/health`, `/metrics`,
+//! `/openapi.json`).
 //!
 //! It must never change the model it scores with (no adapter swaps mid-file, no training), never
 //! reorder or drop a sequence, and never leave a half-written output file that looks complete.
+
+pub mod service;
 
 use std::io::Write;
 use std::path::Path;
@@ -13,7 +16,26 @@ use model::{Engine, ScoreRequest};
 use rl_core::wire::{read_jsonl_numbered, ScoreSequence, SequenceLogprobs};
 
 /// Sequences scored per engine call (the engine batches them further by length).
-const CHUNK: usize = 64;
+pub const CHUNK: usize = 64;
+
+/// Scores sequences in chunks of [`CHUNK`], in order. The offline command and `POST /v1/score`
+/// both go through here, so the same input gives the same numbers either way.
+pub fn score_all(
+    engine: &Engine,
+    seqs: &[ScoreRequest],
+    temperature: f64,
+) -> model::Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(seqs.len());
+    for (c, chunk) in seqs.chunks(CHUNK).enumerate() {
+        out.extend(engine.score(chunk, temperature)?);
+        tracing::debug!(
+            "scored {} / {}",
+            (c * CHUNK + chunk.len()).min(seqs.len()),
+            seqs.len()
+        );
+    }
+    Ok(out)
+}
 
 /// Scores every line of `input` and writes one `{"logprobs":[...]}` line per input line, in the
 /// same order, to `output` (written to a temporary file in the same folder, then renamed).
@@ -54,17 +76,9 @@ pub fn score_file(
         let file = std::fs::File::create(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         let mut w = std::io::BufWriter::new(file);
-        for (c, chunk) in seqs.chunks(CHUNK).enumerate() {
-            let scored = engine.score(chunk, temperature)?;
-            for logprobs in scored {
-                serde_json::to_writer(&mut w, &SequenceLogprobs { logprobs })?;
-                w.write_all(b"\n")?;
-            }
-            tracing::info!(
-                "scored {} / {}",
-                (c * CHUNK + chunk.len()).min(seqs.len()),
-                seqs.len()
-            );
+        for logprobs in score_all(engine, &seqs, temperature)? {
+            serde_json::to_writer(&mut w, &SequenceLogprobs { logprobs })?;
+            w.write_all(b"\n")?;
         }
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;

@@ -1,5 +1,6 @@
-//! `ref-scorer`: reference-model logprobs. `ref-scorer score` scores a jsonl file offline; the
-//! HTTP service arrives with its own issue.
+//! `ref-scorer --model PATH [--host H] [--port N] [--api-key KEY]`: the reference model's logprobs
+//! over HTTP (`POST /v1/score`). `ref-scorer score --model PATH --input IN.jsonl --output OUT.jsonl`:
+//! the same numbers offline.
 
 use std::path::PathBuf;
 
@@ -12,9 +13,41 @@ use clap::{Parser, Subcommand};
     version,
     about = "Per-token logprobs of completions under a frozen model"
 )]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// Serve `POST /v1/score` (when no subcommand is given).
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// A .gguf file or a Hugging Face model folder (a hub id `org/name` in `hub` builds).
+    #[arg(long)]
+    model: Option<String>,
+    /// A PEFT adapter folder to score with (default: the base model, the usual reference).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 picks a free port (printed on stdout as `listening on http://HOST:PORT`).
+    #[arg(long, default_value_t = 8001)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY`.
+    #[arg(long, env = "REF_SCORER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Requests admitted at once at most; beyond, 503 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    max_body_bytes: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 #[derive(Subcommand)]
@@ -50,7 +83,11 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let Some(command) = cli.command else {
+        return serve(cli.serve);
+    };
+    match command {
         Command::Score {
             model,
             adapter,
@@ -60,19 +97,70 @@ fn main() -> anyhow::Result<()> {
             device,
             dtype,
         } => {
-            let device = model::device(&device)?;
-            let dtype = model::dtype(&dtype)?;
-            let path = model::hub::resolve(&model)?;
-            let mut engine = model::Engine::load(&path, &device, dtype)
-                .with_context(|| format!("loading --model {model}"))?;
-            if let Some(dir) = adapter {
-                engine
-                    .load_adapter(&dir)
-                    .with_context(|| format!("loading --adapter {}", dir.display()))?;
-            }
+            let (engine, _) = load(&model, adapter.as_ref(), &device, &dtype)?;
             let n = ref_scorer::score_file(&engine, &input, &output, temperature)?;
             tracing::info!("wrote {n} lines to {}", output.display());
             Ok(())
         }
     }
+}
+
+fn load(
+    model: &str,
+    adapter: Option<&PathBuf>,
+    device: &str,
+    dtype: &str,
+) -> anyhow::Result<(model::Engine, PathBuf)> {
+    let device = model::device(device)?;
+    let dtype = model::dtype(dtype)?;
+    let path = model::hub::resolve(model)?;
+    let mut engine = model::Engine::load(&path, &device, dtype)
+        .with_context(|| format!("loading --model {model}"))?;
+    if let Some(dir) = adapter {
+        engine
+            .load_adapter(dir)
+            .with_context(|| format!("loading --adapter {}", dir.display()))?;
+    }
+    Ok((engine, path))
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let Some(model) = &args.model else {
+        anyhow::bail!("--model is required: `ref-scorer --model PATH` serves POST /v1/score; `ref-scorer score --help` scores a file offline");
+    };
+    let (engine, path) = load(model, args.adapter.as_ref(), &args.device, &args.dtype)?;
+    let name = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    };
+    let opts = ref_scorer::service::Options {
+        model_name: name.map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned()),
+        api_key: args.api_key.clone(),
+        max_queue: args.max_queue,
+        max_body_bytes: args.max_body_bytes,
+    };
+    let (router, _state) = ref_scorer::service::app(engine, &opts);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| {
+                format!(
+                    "binding {}:{} (is the port in use? pick another with --port)",
+                    args.host, args.port
+                )
+            })?;
+        let addr = listener.local_addr()?;
+        println!("listening on http://{addr}");
+        tracing::info!("scoring with {} on http://{addr}", opts.model_name);
+        axum::serve(listener, router)
+            .with_graceful_shutdown(rl_core::service::shutdown_signal())
+            .await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
 }

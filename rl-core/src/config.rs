@@ -690,13 +690,14 @@ impl Config {
             ));
         }
         let url_ok = |u: &str| {
-            (u.starts_with("http://") || u.starts_with("https://")) && u.len() > "https://".len()
+            u.strip_prefix("http://")
+                .is_some_and(|rest| !rest.is_empty())
         };
         for (i, e) in s.rollout.endpoints.iter().enumerate() {
             if !url_ok(e) {
                 return Err((
                     format!("services.rollout.endpoints[{i}]"),
-                    format!("`{e}` is not a URL like http://127.0.0.1:8000"),
+                    format!("`{e}` is not a URL like http://127.0.0.1:8000 (plain HTTP: the services are meant for a trusted network)"),
                 ));
             }
         }
@@ -704,7 +705,7 @@ impl Config {
             if !url_ok(e) {
                 return Err((
                     "services.ref_scorer.endpoint".into(),
-                    format!("`{e}` is not a URL like http://127.0.0.1:8001"),
+                    format!("`{e}` is not a URL like http://127.0.0.1:8001 (plain HTTP: the services are meant for a trusted network)"),
                 ));
             }
         }

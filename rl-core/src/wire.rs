@@ -1,4 +1,7 @@
-//! Wire formats: what crosses a process boundary as JSON.
+//! Wire formats: what crosses a process boundary as JSON. The native HTTP routes of the services
+//! (`/v1/generate`, `/v1/tokenize`, `/v1/score`, `/v1/adapters`, `/health`) and the jsonl of the
+//! offline scorer. Requests refuse unknown fields, so a misspelt parameter is an error rather than
+//! a silently ignored one.
 
 use std::io::BufRead;
 
@@ -17,6 +20,138 @@ pub struct ScoreSequence {
 #[serde(deny_unknown_fields)]
 pub struct SequenceLogprobs {
     pub logprobs: Vec<f32>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn one_f64() -> f64 {
+    1.0
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /v1/generate`: sample `n` continuations of one prompt given as token ids.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateRequest {
+    pub prompt_ids: Vec<u32>,
+    #[serde(default = "one")]
+    pub n: u32,
+    pub max_tokens: u32,
+    #[serde(default = "one_f64")]
+    pub temperature: f64,
+    #[serde(default = "one_f64")]
+    pub top_p: f64,
+    /// 0: no top-k truncation.
+    #[serde(default)]
+    pub top_k: u32,
+    /// Token ids that end a completion (kept in `token_ids`); `null`: the model's end-of-sequence
+    /// ids.
+    #[serde(default)]
+    pub stop_token_ids: Option<Vec<u32>>,
+    /// Choice `i` is sampled with seed `seed + i`; `null`: a random seed (reported back).
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+/// One sampled continuation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GeneratedChoice {
+    pub index: u32,
+    pub token_ids: Vec<u32>,
+    /// Logprob of each token under the distribution it was sampled from (TRL's convention:
+    /// log-softmax of logits / temperature, before top-p/top-k).
+    pub logprobs: Vec<f32>,
+    /// The decoded text (special tokens skipped); `null` for a model without a tokenizer.
+    pub text: Option<String>,
+    pub finish_reason: FinishReason,
+    /// The seed this choice was sampled with.
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateResponse {
+    pub model: String,
+    /// The adapter the choices were sampled with (`null`: the base model).
+    pub adapter: Option<String>,
+    pub choices: Vec<GeneratedChoice>,
+}
+
+/// `POST /v1/tokenize`: chat messages (rendered with the model's template) or a plain prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeRequest {
+    #[serde(default)]
+    pub messages: Option<Vec<crate::prompts::ChatMessage>>,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// With `messages`: end with the assistant's turn opening (what generation continues).
+    #[serde(default = "yes")]
+    pub add_generation_prompt: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenizeResponse {
+    pub tokens: Vec<u32>,
+    /// The text that was tokenized (the rendered chat for `messages`).
+    pub text: String,
+}
+
+/// `POST /v1/score`: per-token logprobs of completions under teacher forcing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreRequest {
+    pub sequences: Vec<ScoreSequence>,
+    /// Logits are divided by this before the log-softmax (the sampling temperature).
+    #[serde(default = "one_f64")]
+    pub temperature: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreResponse {
+    pub model: String,
+    /// One entry per sequence, in request order.
+    pub results: Vec<SequenceLogprobs>,
+}
+
+/// `POST /v1/adapters`: load a PEFT adapter folder (inside the server's checkpoints directory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterRequest {
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterResponse {
+    /// The adapter now served (`null`: the base model).
+    pub adapter: Option<String>,
+    /// How long the swap took inside the engine.
+    pub swap_ms: f64,
+}
+
+/// `GET /health`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub model: String,
+    pub adapter: Option<String>,
+}
+
+/// The JSON body of every error: `{"error": {"message", "type"}}` (OpenAI's shape).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
 }
 
 /// Why a completion ended: a stop token (or stop string), or the `max_tokens` limit.

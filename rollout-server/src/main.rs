@@ -1,8 +1,120 @@
-//! `rollout-server`: the HTTP sampling service (policy = base model + LoRA adapter). Not built yet: this binary only says so, so that the
-//! workspace has its final layout; its issue replaces this file.
+//! `rollout-server --model PATH [--adapter DIR] [--checkpoints-dir DIR] [--host H] [--port N]
+//! [--api-key KEY] [--max-batch N] [--max-queue N]`.
 
-fn main() {
-    eprintln!("rollout-server: the HTTP sampling service (policy = base model + LoRA adapter) — not implemented yet (see the project's open issues).");
-    eprintln!("Today the engine is usable through `ref-scorer score` and the `model` library.");
-    std::process::exit(2);
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "rollout-server",
+    version,
+    about = "Serve a model (+ LoRA adapter) for sampling over HTTP"
+)]
+struct Args {
+    /// A .gguf file or a Hugging Face model folder (a hub id `org/name` in `hub` builds).
+    #[arg(long)]
+    model: String,
+    /// A PEFT adapter folder to serve from the start (default: the base model).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Adapters may be loaded at run time from inside this folder (POST /v1/adapters).
+    #[arg(long)]
+    checkpoints_dir: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 picks a free port (printed on stdout as `listening on http://HOST:PORT`).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY`.
+    #[arg(long, env = "ROLLOUT_SERVER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Rows (choices) decoded together at most.
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+    /// Requests accepted and not yet answered at most; beyond, 503 with Retry-After.
+    #[arg(long, default_value_t = 1024)]
+    max_queue: usize,
+    /// Most choices (`n`) per request.
+    #[arg(long, default_value_t = 128)]
+    max_n: u32,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 8 << 20)]
+    max_body_bytes: usize,
+    /// The name clients send as `model` (default: the model's file or folder name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    model::alloc::tune();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if args.max_batch == 0 || args.max_queue == 0 || args.max_n == 0 {
+        anyhow::bail!("--max-batch, --max-queue and --max-n must be at least 1");
+    }
+    let device = model::device(&args.device)?;
+    let dtype = model::dtype(&args.dtype)?;
+    let path = model::hub::resolve(&args.model)?;
+    let mut engine = model::Engine::load(&path, &device, dtype)
+        .with_context(|| format!("loading --model {}", args.model))?;
+    if let Some(dir) = &args.adapter {
+        engine
+            .load_adapter(dir)
+            .with_context(|| format!("loading --adapter {}", dir.display()))?;
+    }
+    let model_name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| default_name(&path));
+    let opts = rollout_server::Options {
+        model_name,
+        checkpoints_dir: args.checkpoints_dir.clone(),
+        api_key: args.api_key.clone(),
+        max_batch: args.max_batch,
+        max_queue: args.max_queue,
+        max_n: args.max_n,
+        max_body_bytes: args.max_body_bytes,
+    };
+    let (router, _state) = rollout_server::app(engine, &opts)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| {
+                format!(
+                    "binding {}:{} (is the port in use? pick another with --port)",
+                    args.host, args.port
+                )
+            })?;
+        let addr = listener.local_addr()?;
+        println!("listening on http://{addr}");
+        tracing::info!("serving {} on http://{addr}", opts.model_name);
+        rollout_server::serve(listener, router, rl_core::service::shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+fn default_name(path: &Path) -> String {
+    let name = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    };
+    name.map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
 }

@@ -1,0 +1,233 @@
+//! A typed HTTP client for the rollout server and the ref-scorer (reqwest). It waits and retries
+//! when a server answers 503 (honouring `Retry-After`) or cannot be reached (a server being
+//! restarted), up to a budget; any other error comes back with the server's own message.
+//! Requests are idempotent (sampling is seeded), so a retry never changes a result.
+
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::wire::{
+    AdapterRequest, AdapterResponse, ErrorBody, GenerateRequest, GenerateResponse, Health,
+    ScoreRequest, ScoreResponse, TokenizeRequest, TokenizeResponse,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{method} {url}: HTTP {status}: {message}")]
+    Status {
+        method: &'static str,
+        url: String,
+        status: u16,
+        message: String,
+    },
+    #[error("{method} {url}: {message}")]
+    Transport {
+        method: &'static str,
+        url: String,
+        message: String,
+    },
+    #[error("{method} {url}: gave up after {attempts} attempts in {waited_s:.1}s; last: {last}")]
+    GaveUp {
+        method: &'static str,
+        url: String,
+        attempts: u32,
+        waited_s: f64,
+        last: String,
+    },
+}
+
+impl ClientError {
+    /// The HTTP status, when the server answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// How long to keep trying a request that meets 503s or an unreachable server.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    /// Total time spent waiting between attempts.
+    pub max_wait: Duration,
+    /// Longest single wait (a larger `Retry-After` is capped to this).
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 100,
+            max_wait: Duration::from_secs(600),
+            max_delay: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A client for one service at `base` (e.g. `http://127.0.0.1:8000`).
+#[derive(Debug, Clone)]
+pub struct ServiceClient {
+    base: String,
+    http: reqwest::Client,
+    api_key: Option<String>,
+    retry: RetryPolicy,
+}
+
+impl ServiceClient {
+    /// `timeout` bounds one attempt (a long generation must fit in it).
+    pub fn new(
+        base: &str,
+        api_key: Option<String>,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| ClientError::Transport {
+                method: "-",
+                url: base.to_string(),
+                message: format!("cannot build an HTTP client: {e}"),
+            })?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+            api_key,
+            retry: RetryPolicy::default(),
+        })
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.call::<(), _>(reqwest::Method::GET, "/health", None)
+            .await
+    }
+
+    pub async fn generate(&self, req: &GenerateRequest) -> Result<GenerateResponse, ClientError> {
+        self.call(reqwest::Method::POST, "/v1/generate", Some(req))
+            .await
+    }
+
+    pub async fn tokenize(&self, req: &TokenizeRequest) -> Result<TokenizeResponse, ClientError> {
+        self.call(reqwest::Method::POST, "/v1/tokenize", Some(req))
+            .await
+    }
+
+    pub async fn score(&self, req: &ScoreRequest) -> Result<ScoreResponse, ClientError> {
+        self.call(reqwest::Method::POST, "/v1/score", Some(req))
+            .await
+    }
+
+    pub async fn load_adapter(&self, path: &str) -> Result<AdapterResponse, ClientError> {
+        let req = AdapterRequest {
+            path: path.to_string(),
+        };
+        self.call(reqwest::Method::POST, "/v1/adapters", Some(&req))
+            .await
+    }
+
+    pub async fn unload_adapter(&self) -> Result<AdapterResponse, ClientError> {
+        self.call::<(), _>(reqwest::Method::DELETE, "/v1/adapters", None)
+            .await
+    }
+
+    /// Sends a request, retrying 503s and connection failures within the retry budget.
+    pub async fn call<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<R, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let name: &'static str = match method {
+            reqwest::Method::GET => "GET",
+            reqwest::Method::DELETE => "DELETE",
+            _ => "POST",
+        };
+        let started = Instant::now();
+        let mut waited = Duration::ZERO;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let mut rb = self.http.request(method.clone(), &url);
+            if let Some(k) = &self.api_key {
+                rb = rb.bearer_auth(k);
+            }
+            if let Some(b) = body {
+                rb = rb.json(b);
+            }
+            let (delay, last) = match rb.send().await {
+                Ok(resp) if resp.status().is_success() => {
+                    let bytes = resp.bytes().await.map_err(|e| ClientError::Transport {
+                        method: name,
+                        url: url.clone(),
+                        message: format!("reading the response: {e}"),
+                    })?;
+                    return serde_json::from_slice(&bytes).map_err(|e| ClientError::Transport {
+                        method: name,
+                        url: url.clone(),
+                        message: format!("the response is not the expected JSON: {e}"),
+                    });
+                }
+                Ok(resp) => {
+                    let status = resp.status();
+                    let retry_after = resp
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok());
+                    let text = resp.text().await.unwrap_or_default();
+                    let message = serde_json::from_str::<ErrorBody>(&text)
+                        .map(|b| b.error.message)
+                        .unwrap_or(text);
+                    if status != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                        return Err(ClientError::Status {
+                            method: name,
+                            url,
+                            status: status.as_u16(),
+                            message,
+                        });
+                    }
+                    let delay = Duration::from_secs(retry_after.unwrap_or(1));
+                    (delay, format!("HTTP 503: {message}"))
+                }
+                Err(e) if e.is_timeout() => {
+                    return Err(ClientError::Transport {
+                        method: name,
+                        url,
+                        message: format!("no answer within the timeout: {e}"),
+                    })
+                }
+                Err(e) => {
+                    // Unreachable (not started yet, restarting) or the connection dropped.
+                    let backoff = Duration::from_millis(200 * u64::from(attempt.min(10)));
+                    (backoff, format!("connection failed: {e}"))
+                }
+            };
+            let delay = delay.min(self.retry.max_delay);
+            if attempt >= self.retry.max_attempts || waited + delay > self.retry.max_wait {
+                return Err(ClientError::GaveUp {
+                    method: name,
+                    url,
+                    attempts: attempt,
+                    waited_s: started.elapsed().as_secs_f64(),
+                    last,
+                });
+            }
+            tokio::time::sleep(delay).await;
+            waited += delay;
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! The engine actor: one thread owns the model and runs every generation and adapter swap, so the
+//! weights are never touched by two things at once. Handlers send it jobs over a channel and wait
+//! on a oneshot reply.
+//!
+//! Dynamic batching: the actor takes as many queued rows (a request with `n` choices is `n` rows)
+//! as fit in `max_batch` and decodes them together; requests that arrive while a batch decodes
+//! join the next batch. A request larger than `max_batch` is decoded over consecutive batches.
+//! Adapter swaps happen between batches and never in the middle of a request, so every choice of
+//! a response comes from the same weights (the response names the adapter).
+//!
+//! Admission: at most `max_queue` requests are accepted and not yet answered; beyond that a
+//! request is refused at once (the handler answers 503 with `Retry-After`). An accepted request
+//! is always answered, unless its client went away, in which case its rows are skipped.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use model::{Engine, GenerateRequest, Generation};
+use tokio::sync::{mpsc, oneshot};
+
+/// Counters the actor keeps for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub batches: AtomicU64,
+    pub batch_rows: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub rejected_full: AtomicU64,
+    pub max_pending: AtomicUsize,
+    pub adapter_swaps: AtomicU64,
+    pub last_swap_us: AtomicU64,
+    pub skipped_requests: AtomicU64,
+}
+
+/// The result of one request: its generations and the adapter they came from.
+#[derive(Debug)]
+pub struct Output {
+    pub generations: Vec<Generation>,
+    pub adapter: Option<String>,
+}
+
+/// Why a job was not done.
+#[derive(Debug)]
+pub enum JobError {
+    /// The queue is full: retry after this many seconds.
+    Full { retry_after_s: u64 },
+    /// The engine refused or failed.
+    Engine(model::Error),
+    /// The actor is gone (the server is shutting down).
+    Stopped,
+}
+
+/// Where a swap's result goes: the swap time in ms, or why it failed.
+type SwapReply = oneshot::Sender<Result<f64, model::Error>>;
+
+enum Job {
+    Generate {
+        rows: Vec<GenerateRequest>,
+        reply: oneshot::Sender<Result<Output, model::Error>>,
+    },
+    Adapter {
+        /// `None`: back to the base model.
+        dir: Option<PathBuf>,
+        reply: SwapReply,
+    },
+}
+
+/// The handlers' side of the actor. Cheap to clone.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::UnboundedSender<Job>,
+    pending: Arc<AtomicUsize>,
+    max_queue: usize,
+    max_batch: usize,
+    pub stats: Arc<Stats>,
+    adapter: Arc<Mutex<Option<String>>>,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Batcher(pending {}/{})", self.pending(), self.max_queue)
+    }
+}
+
+impl Batcher {
+    /// Starts the actor thread, which owns `engine` from now on.
+    pub fn start(engine: Engine, max_batch: usize, max_queue: usize) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(Stats::default());
+        let adapter = Arc::new(Mutex::new(None));
+        let actor = Actor {
+            engine,
+            rx,
+            pending: pending.clone(),
+            stats: stats.clone(),
+            adapter: adapter.clone(),
+            max_batch: max_batch.max(1),
+            jobs: VecDeque::new(),
+            swaps: VecDeque::new(),
+        };
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || actor.run())?;
+        Ok(Self {
+            tx,
+            pending,
+            max_queue: max_queue.max(1),
+            max_batch: max_batch.max(1),
+            stats,
+            adapter,
+        })
+    }
+
+    /// Requests accepted and not yet answered.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    pub fn max_queue(&self) -> usize {
+        self.max_queue
+    }
+
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// The adapter being served (its path), if any.
+    pub fn adapter(&self) -> Option<String> {
+        self.adapter.lock().map(|a| a.clone()).unwrap_or(None)
+    }
+
+    /// Queues the rows of one request and waits for all of them.
+    pub async fn generate(&self, rows: Vec<GenerateRequest>) -> Result<Output, JobError> {
+        let before = self.pending.fetch_add(1, Ordering::SeqCst);
+        if before >= self.max_queue {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            self.stats.rejected_full.fetch_add(1, Ordering::Relaxed);
+            // A rough wait: the batches ahead, at about a second each.
+            let retry_after_s = 1 + (before / self.max_batch) as u64;
+            return Err(JobError::Full { retry_after_s });
+        }
+        self.stats
+            .max_pending
+            .fetch_max(before + 1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Job::Generate { rows, reply }).is_err() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(JobError::Stopped);
+        }
+        match rx.await {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(e)) => Err(JobError::Engine(e)),
+            Err(_) => Err(JobError::Stopped),
+        }
+    }
+
+    /// Swaps the adapter (`None`: the base model) between batches; returns the swap time in ms.
+    pub async fn set_adapter(&self, dir: Option<PathBuf>) -> Result<f64, JobError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Adapter { dir, reply })
+            .map_err(|_| JobError::Stopped)?;
+        match rx.await {
+            Ok(Ok(ms)) => Ok(ms),
+            Ok(Err(e)) => Err(JobError::Engine(e)),
+            Err(_) => Err(JobError::Stopped),
+        }
+    }
+}
+
+/// A request in the actor's backlog.
+struct Pending {
+    rows: Vec<GenerateRequest>,
+    /// Rows handed to a batch so far.
+    started: usize,
+    done: Vec<Option<Generation>>,
+    adapter: Option<String>,
+    reply: oneshot::Sender<Result<Output, model::Error>>,
+}
+
+struct Actor {
+    engine: Engine,
+    rx: mpsc::UnboundedReceiver<Job>,
+    pending: Arc<AtomicUsize>,
+    stats: Arc<Stats>,
+    adapter: Arc<Mutex<Option<String>>>,
+    max_batch: usize,
+    jobs: VecDeque<Pending>,
+    swaps: VecDeque<(Option<PathBuf>, SwapReply)>,
+}
+
+impl Actor {
+    fn run(mut self) {
+        loop {
+            if self.jobs.is_empty() && self.swaps.is_empty() {
+                match self.rx.blocking_recv() {
+                    Some(job) => self.accept(job),
+                    None => return, // every handle dropped: the server stopped
+                }
+            }
+            while let Ok(job) = self.rx.try_recv() {
+                self.accept(job);
+            }
+            // Swaps wait until no request is half done.
+            if self.jobs.front().is_none_or(|j| j.started == 0) {
+                while let Some((dir, reply)) = self.swaps.pop_front() {
+                    let result = self.swap(dir);
+                    let _ = reply.send(result);
+                }
+            }
+            self.run_batch();
+        }
+    }
+
+    fn accept(&mut self, job: Job) {
+        match job {
+            Job::Generate { rows, reply } => {
+                let n = rows.len();
+                self.jobs.push_back(Pending {
+                    rows,
+                    started: 0,
+                    done: (0..n).map(|_| None).collect(),
+                    adapter: None,
+                    reply,
+                });
+            }
+            Job::Adapter { dir, reply } => self.swaps.push_back((dir, reply)),
+        }
+    }
+
+    fn swap(&mut self, dir: Option<PathBuf>) -> Result<f64, model::Error> {
+        let t = Instant::now();
+        match &dir {
+            Some(d) => self.engine.load_adapter(d)?,
+            None => self.engine.set_adapter(None)?,
+        }
+        let us = t.elapsed().as_micros() as u64;
+        self.stats.adapter_swaps.fetch_add(1, Ordering::Relaxed);
+        self.stats.last_swap_us.store(us, Ordering::Relaxed);
+        if let Ok(mut a) = self.adapter.lock() {
+            *a = dir.map(|d| d.display().to_string());
+        }
+        Ok(us as f64 / 1000.0)
+    }
+
+    fn current_adapter(&self) -> Option<String> {
+        self.adapter.lock().map(|a| a.clone()).unwrap_or(None)
+    }
+
+    /// Decodes up to `max_batch` rows from the front of the backlog and answers finished requests.
+    fn run_batch(&mut self) {
+        // Requests whose client went away before they started are dropped unanswered.
+        let before = self.jobs.len();
+        self.jobs.retain(|j| j.started > 0 || !j.reply.is_closed());
+        let gone = before - self.jobs.len();
+        if gone > 0 {
+            self.pending.fetch_sub(gone, Ordering::SeqCst);
+            self.stats
+                .skipped_requests
+                .fetch_add(gone as u64, Ordering::Relaxed);
+        }
+        let adapter = self.current_adapter();
+        let mut batch: Vec<GenerateRequest> = Vec::new();
+        let mut owners: Vec<(usize, usize)> = Vec::new(); // (job index, row index)
+        for (j, job) in self.jobs.iter_mut().enumerate() {
+            if batch.len() >= self.max_batch {
+                break;
+            }
+            if job.started == 0 {
+                job.adapter = adapter.clone();
+            }
+            let take = (job.rows.len() - job.started).min(self.max_batch - batch.len());
+            for r in job.started..job.started + take {
+                batch.push(job.rows[r].clone());
+                owners.push((j, r));
+            }
+            job.started += take;
+        }
+        if batch.is_empty() {
+            return;
+        }
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .batch_rows
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let prompt_tokens: usize = batch.iter().map(|r| r.prompt.len()).sum();
+        self.stats
+            .prompt_tokens
+            .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+        match self.engine.generate(&batch) {
+            Ok(generations) => {
+                let tokens: usize = generations.iter().map(|g| g.tokens.len()).sum();
+                self.stats
+                    .generated_tokens
+                    .fetch_add(tokens as u64, Ordering::Relaxed);
+                for ((j, r), g) in owners.into_iter().zip(generations) {
+                    if let Some(job) = self.jobs.get_mut(j) {
+                        job.done[r] = Some(g);
+                    }
+                }
+            }
+            Err(e) => {
+                // Rows are validated by the handlers, so this is the engine failing: every
+                // request in the batch gets the error.
+                let message = e.to_string();
+                let mut failed: Vec<usize> = owners.iter().map(|(j, _)| *j).collect();
+                failed.dedup();
+                for j in failed.into_iter().rev() {
+                    if let Some(job) = self.jobs.remove(j) {
+                        let _ = job.reply.send(Err(model::Error::InvalidRequest(format!(
+                            "generation failed: {message}"
+                        ))));
+                        self.pending.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                return;
+            }
+        }
+        // Answer the requests whose rows are all done (they are at the front).
+        while self
+            .jobs
+            .front()
+            .is_some_and(|j| j.done.iter().all(Option::is_some))
+        {
+            let Some(job) = self.jobs.pop_front() else {
+                break;
+            };
+            let generations = job.done.into_iter().flatten().collect();
+            let _ = job.reply.send(Ok(Output {
+                generations,
+                adapter: job.adapter,
+            }));
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
