@@ -5,7 +5,7 @@
 //! measured matmul peak. `scripts/bench` runs it beside the PyTorch reference and prints ratios.
 //!
 //! cargo bench -p model --bench engine -- [--model PATH] [--dtype f32] [--repeats N] [--quick]
-//!     [--only matmul,sample,score,train] [--json FILE]
+//!     [--only matmul,sample,score,swap,train] [--json FILE]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Instant;
@@ -156,7 +156,7 @@ fn main() {
     drop((x, y));
 
     let t0 = Instant::now();
-    let engine = Engine::load(&a.model, &device, a.dtype).expect("load model");
+    let mut engine = Engine::load(&a.model, &device, a.dtype).expect("load model");
     eprintln!(
         "loaded {} in {:.1}s",
         a.model.display(),
@@ -222,6 +222,43 @@ fn main() {
             "mfu": flops / s / peak, "peak_rss_bytes": peak_rss()}),
         );
         eprintln!("score {seqs}x{len}: {tps:.1} tok/s ({s:.2}s)");
+    }
+
+    if want("swap") {
+        // What `POST /v1/adapters` does in the rollout server: read a PEFT folder (r 8, every
+        // projection) and merge it into the inference weights; then unload back to the base.
+        let cfg = LoraConfig::new(8, 16.0, Proj::ALL.to_vec());
+        let adapter = LoraAdapter::init(cfg, engine.config(), 1, &device).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        adapter.save(dir.path()).unwrap();
+        let (mut loads, mut unloads, mut reads) = (vec![], vec![], vec![]);
+        for _ in 0..a.repeats.max(1) + 1 {
+            let t = Instant::now();
+            let read = LoraAdapter::load(dir.path(), engine.config(), &device).unwrap();
+            reads.push(t.elapsed().as_secs_f64());
+            drop(read);
+            let t = Instant::now();
+            engine.load_adapter(dir.path()).unwrap();
+            loads.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            engine.set_adapter(None).unwrap();
+            unloads.push(t.elapsed().as_secs_f64());
+        }
+        // The first round warms the allocator up.
+        let (load, unload) = (median(loads[1..].to_vec()), median(unloads[1..].to_vec()));
+        let read = median(reads[1..].to_vec());
+        out.insert(
+            "swap".into(),
+            json!({"r": 8, "targets": "all", "load_ms": load * 1e3, "read_ms": read * 1e3,
+                   "unload_ms": unload * 1e3}),
+        );
+        eprintln!(
+            "adapter swap (r8, all projections): load {:.1} ms (of which reading the files {:.1} ms, \
+             the rest merging), unload {:.1} ms",
+            load * 1e3,
+            read * 1e3,
+            unload * 1e3
+        );
     }
 
     if want("train") {

@@ -299,12 +299,12 @@ impl Transformer {
         for (l, block) in self.layers.iter_mut().enumerate() {
             for proj in Proj::ALL {
                 let lin = block.linear_mut(proj);
-                let delta = match adapter {
-                    Some(a) => a.delta(l, proj)?,
+                let delta_t = match adapter {
+                    Some(a) => a.delta_t(l, proj)?,
                     None => None,
                 };
-                lin.active_t = match delta {
-                    Some(d) => (&lin.base_t + d.to_dtype(lin.base_t.dtype())?.t()?)?,
+                lin.active_t = match delta_t {
+                    Some(d) => (&lin.base_t + d.to_dtype(lin.base_t.dtype())?)?,
                     None => lin.base_t.clone(),
                 };
             }
