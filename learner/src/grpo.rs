@@ -1,0 +1,152 @@
+//! The GRPO objective (TRL's GRPOTrainer, TapeAgents' rl loss; pinned by `golden/grpo_loss.json`
+//! and `golden/tiny_grpo_step.json`):
+//!
+//! - advantage `A_i = (r_i - mean_g) / (std_g + 1e-4)`, sample std (ddof 1); `r_i - mean_g` with
+//!   `scale_rewards: none`; the batch's std instead of the group's with `batch`;
+//! - ratio `exp(logp - old_logp)`, surrogate `min(ratio A, clip(ratio, 1-eps_low, 1+eps_high) A)`;
+//! - k3 KL to the reference `exp(ref - logp) - (ref - logp) - 1`;
+//! - per-token loss `-(surrogate - beta KL)`;
+//! - reductions: `grpo` (mean over sequences of each sequence's token mean), `dr_grpo` (sum over
+//!   tokens / (sequences x longest completion)), `dapo` (sum over tokens / tokens).
+//!
+//! Sequences are ragged and concatenated (no padding): each sequence's tokens share one weight,
+//! computed over the whole optimizer step ([`sequence_weights`]), so a step split into
+//! micro-batches sums to exactly the loss of the whole step. A masked sequence (truncated, with
+//! `mask_truncated`) has weight 0 and counts in no token total.
+
+use candle_core::{DType, Result, Tensor};
+use rl_core::config::{LossType, ScaleRewards};
+
+/// Added to the standard deviation before dividing (TRL's and TapeAgents' 1e-4).
+pub const STD_EPS: f64 = 1e-4;
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// Sample standard deviation (ddof 1); 0 for fewer than two values.
+pub fn std(v: &[f64]) -> f64 {
+    if v.len() < 2 {
+        return 0.0;
+    }
+    let m = mean(v);
+    (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
+}
+
+/// Advantages of consecutive groups of `group_size` rewards.
+pub fn advantages(rewards: &[f64], group_size: usize, scale: ScaleRewards) -> Vec<f64> {
+    let batch_std = std(rewards);
+    rewards
+        .chunks(group_size.max(1))
+        .flat_map(|g| {
+            let m = mean(g);
+            let s = match scale {
+                ScaleRewards::Group => Some(std(g)),
+                ScaleRewards::Batch => Some(batch_std),
+                ScaleRewards::None => None,
+            };
+            g.iter().map(move |r| match s {
+                Some(s) => (r - m) / (s + STD_EPS),
+                None => r - m,
+            })
+        })
+        .collect()
+}
+
+/// The loss weight of each sequence's tokens: `lens[i]` completion tokens, `masked[i]` left out.
+pub fn sequence_weights(lens: &[usize], masked: &[bool], loss_type: LossType) -> Vec<f64> {
+    let n = lens.len().max(1) as f64;
+    let live = |i: usize| !masked.get(i).copied().unwrap_or(false);
+    let tokens: usize = (0..lens.len()).filter(|&i| live(i)).map(|i| lens[i]).sum();
+    let longest = lens.iter().copied().max().unwrap_or(0).max(1) as f64;
+    (0..lens.len())
+        .map(|i| {
+            if !live(i) {
+                return 0.0;
+            }
+            match loss_type {
+                LossType::Grpo => 1.0 / (n * lens[i].max(1) as f64),
+                LossType::DrGrpo => 1.0 / (n * longest),
+                LossType::Dapo => 1.0 / tokens.max(1) as f64,
+            }
+        })
+        .collect()
+}
+
+/// The clipping and KL settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Objective {
+    pub beta: f64,
+    pub epsilon_low: f64,
+    pub epsilon_high: f64,
+}
+
+/// One micro-batch's contribution: `loss` (differentiable) and, for the metrics, the weighted sums
+/// of KL and of clipped tokens over its live tokens, and their count.
+#[derive(Debug)]
+pub struct Terms {
+    pub loss: Tensor,
+    /// The weighted-free per-token loss `-(surrogate - beta KL)`, detached (for inspection).
+    pub per_token: Tensor,
+    pub kl_sum: f64,
+    pub clipped: f64,
+    pub tokens: f64,
+}
+
+/// The per-token objective over concatenated sequences.
+///
+/// `logp` `[n]` is differentiable; `old`, `reference` `[n]` are the sampler's and the reference
+/// model's logprobs; `advantage` and `weight` give each token its sequence's advantage and loss
+/// weight (0 for masked sequences). Everything is computed in `logp`'s dtype.
+pub fn terms(
+    logp: &Tensor,
+    old: &[f64],
+    reference: &[f64],
+    advantage: &[f64],
+    weight: &[f64],
+    obj: Objective,
+) -> Result<Terms> {
+    let dtype = logp.dtype();
+    let dev = logp.device();
+    let t = |v: &[f64]| Tensor::new(v, dev)?.to_dtype(dtype);
+    let (old, reference, adv, w) = (t(old)?, t(reference)?, t(advantage)?, t(weight)?);
+    let ratio = (logp - &old)?.exp()?;
+    let unclipped = (&ratio * &adv)?;
+    let clipped_ratio = ratio.clamp(1.0 - obj.epsilon_low, 1.0 + obj.epsilon_high)?;
+    let surrogate = unclipped.minimum(&(&clipped_ratio * &adv)?)?;
+    let d = (&reference - logp)?;
+    let kl = ((d.exp()? - &d)? - 1.0)?;
+    let per_token = ((&kl * obj.beta)? - &surrogate)?;
+    let loss = (&per_token * &w)?.sum_all()?;
+    // Metrics: token means over live tokens (weight > 0), detached.
+    let r = ratio.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let k = kl.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let (mut kl_sum, mut clipped, mut tokens) = (0.0, 0.0, 0.0);
+    for i in 0..r.len() {
+        if weight[i] <= 0.0 {
+            continue;
+        }
+        tokens += 1.0;
+        kl_sum += k[i];
+        let a = advantage[i];
+        if (r[i] < 1.0 - obj.epsilon_low && a < 0.0) || (r[i] > 1.0 + obj.epsilon_high && a > 0.0) {
+            clipped += 1.0;
+        }
+    }
+    Ok(Terms {
+        loss,
+        per_token: per_token.detach(),
+        kl_sum,
+        clipped,
+        tokens,
+    })
+}
+
+/// Spreads per-sequence values over their tokens (`offsets` as from `Engine::train_logprobs`).
+pub fn per_token(values: &[f64], offsets: &[usize]) -> Vec<f64> {
+    values
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &v)| std::iter::repeat_n(v, offsets[i + 1] - offsets[i]))
+        .collect()
+}

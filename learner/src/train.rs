@@ -1,0 +1,365 @@
+//! The learner: a LoRA adapter being trained (its tensors are candle `Var`s), the frozen engine
+//! that differentiates through it, and AdamW. [`Learner::train_iteration`] runs the optimizer
+//! steps of one iteration's rollouts; [`Learner::save`] / [`Learner::resume`] carry the whole state
+//! (adapter, moments, step) across processes, so stopping between iterations changes nothing.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Tensor, Var};
+use model::{Engine, LoraAdapter, LoraPair, Proj, ScoreRequest};
+use rl_core::config::Config;
+use rl_core::store::{Store, TrainMetrics};
+use rl_core::wire::FinishReason;
+
+use crate::checkpoint::{self, TrainingState};
+use crate::grpo::{self, Objective};
+use crate::optim::{self, AdamW};
+
+/// One completion to learn from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sequence {
+    pub prompt: Vec<u32>,
+    pub completion: Vec<u32>,
+    /// The sampler's logprobs (the "old" policy).
+    pub old: Vec<f32>,
+    /// The reference model's logprobs.
+    pub reference: Vec<f32>,
+    pub reward: f64,
+    /// Cut by `max_tokens` rather than ended by a stop token.
+    pub truncated: bool,
+}
+
+/// An iteration's rollouts, group by group (each group is one problem's attempts).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Batch {
+    pub groups: Vec<Vec<Sequence>>,
+}
+
+/// Reads an iteration's rollouts from the store; every one must have its reference logprobs.
+pub async fn load_batch(store: &Store, iteration: u32) -> anyhow::Result<Batch> {
+    let rollouts = store.rollouts(iteration).await?;
+    if rollouts.is_empty() {
+        bail!(
+            "{}: iteration {iteration} has no rollouts; sample it first",
+            store.path().display()
+        );
+    }
+    let mut batch = Batch::default();
+    let mut current: Option<u32> = None;
+    for (g, r) in rollouts {
+        let Some(reference) = r.ref_logprobs else {
+            bail!(
+                "{}: iteration {iteration} group {g} attempt {} has no reference logprobs; run the ref scoring first",
+                store.path().display(),
+                r.attempt
+            );
+        };
+        if current != Some(g) {
+            batch.groups.push(Vec::new());
+            current = Some(g);
+        }
+        if let Some(group) = batch.groups.last_mut() {
+            group.push(Sequence {
+                prompt: r.prompt_ids,
+                completion: r.completion_ids,
+                old: r.logprobs,
+                reference,
+                reward: r.reward,
+                truncated: r.finish_reason == FinishReason::Length,
+            });
+        }
+    }
+    Ok(batch)
+}
+
+/// The learner's state.
+pub struct Learner {
+    engine: Engine,
+    adapter: LoraAdapter,
+    vars: Vec<(String, Var)>,
+    opt: AdamW,
+    config: Config,
+    base_model: String,
+    /// The last iteration trained (or restored), if any.
+    pub iteration: Option<u32>,
+}
+
+impl std::fmt::Debug for Learner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Learner(step {}, iteration {:?})",
+            self.opt.step, self.iteration
+        )
+    }
+}
+
+/// Turns an adapter's tensors into trainable `Var`s (f32), keyed by PEFT names.
+fn trainable(adapter: &LoraAdapter) -> anyhow::Result<(LoraAdapter, Vec<(String, Var)>)> {
+    let mut vars = Vec::new();
+    let mut pairs = std::collections::BTreeMap::new();
+    for (&(layer, proj), p) in &adapter.pairs {
+        let a = Var::from_tensor(&p.a.to_dtype(DType::F32)?)?;
+        let b = Var::from_tensor(&p.b.to_dtype(DType::F32)?)?;
+        vars.push((model::lora::peft_key(layer, proj, 'A'), a.clone()));
+        vars.push((model::lora::peft_key(layer, proj, 'B'), b.clone()));
+        pairs.insert(
+            (layer, proj),
+            LoraPair {
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+            },
+        );
+    }
+    Ok((
+        LoraAdapter {
+            config: adapter.config.clone(),
+            pairs,
+        },
+        vars,
+    ))
+}
+
+impl Learner {
+    /// A fresh adapter as PEFT initialises one (A random, B zero), seeded by the run seed.
+    pub fn new(engine: Engine, config: &Config, base_model: &str) -> anyhow::Result<Self> {
+        let l = &config.lora;
+        if l.dropout != 0.0 {
+            bail!("lora.dropout is {}: the learner does not implement LoRA dropout yet; set lora.dropout=0", l.dropout);
+        }
+        let targets = l
+            .targets
+            .iter()
+            .map(|t| {
+                Proj::from_name(t).with_context(|| format!("lora.targets: unknown module `{t}`"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let lora = model::LoraConfig::new(l.r as usize, l.alpha, targets);
+        let init = LoraAdapter::init(lora, engine.config(), config.seed, engine.device())?;
+        let (adapter, vars) = trainable(&init)?;
+        Ok(Self {
+            engine,
+            adapter,
+            vars,
+            opt: AdamW::default(),
+            config: config.clone(),
+            base_model: base_model.to_string(),
+            iteration: None,
+        })
+    }
+
+    /// Continues from a checkpoint written by [`Learner::save`].
+    pub fn resume(
+        engine: Engine,
+        dir: &Path,
+        config: &Config,
+        base_model: &str,
+    ) -> anyhow::Result<Self> {
+        let (adapter, opt, state) = checkpoint::load(dir, engine.config(), engine.device())?;
+        let (adapter, vars) = trainable(&adapter)?;
+        if state.global_step != opt.step {
+            bail!(
+                "{}: training state says step {} but the optimizer {}",
+                dir.display(),
+                state.global_step,
+                opt.step
+            );
+        }
+        Ok(Self {
+            engine,
+            adapter,
+            vars,
+            opt,
+            config: config.clone(),
+            base_model: base_model.to_string(),
+            iteration: Some(state.iteration),
+        })
+    }
+
+    /// The adapter being trained.
+    pub fn adapter(&self) -> &LoraAdapter {
+        &self.adapter
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn step(&self) -> u64 {
+        self.opt.step
+    }
+
+    /// Writes the checkpoint of `iteration` to `dir` atomically; returns its adapter's sha256.
+    pub fn save(&self, dir: &Path, iteration: u32) -> anyhow::Result<String> {
+        let state = TrainingState {
+            iteration,
+            global_step: self.opt.step,
+            base_model: self.base_model.clone(),
+        };
+        checkpoint::save(dir, &self.adapter, &self.opt, &state)
+    }
+
+    /// Runs the optimizer steps of one iteration; returns one report per step.
+    pub fn train_iteration(
+        &mut self,
+        iteration: u32,
+        batch: &Batch,
+    ) -> anyhow::Result<Vec<TrainMetrics>> {
+        let cfg = self.config.learner.clone();
+        let group_size = batch.groups.first().map_or(0, Vec::len);
+        if batch.groups.iter().any(|g| g.len() != group_size) || group_size == 0 {
+            bail!("iteration {iteration}: every group needs the same number of attempts");
+        }
+        let rewards: Vec<f64> = batch.groups.iter().flatten().map(|s| s.reward).collect();
+        let advantages = grpo::advantages(&rewards, group_size, cfg.scale_rewards);
+        let zero_std: Vec<bool> = batch
+            .groups
+            .iter()
+            .map(|g| g.iter().all(|s| s.reward == g[0].reward))
+            .collect();
+        let zero_std_fraction =
+            zero_std.iter().filter(|z| **z).count() as f64 / zero_std.len() as f64;
+        let reward_mean = rewards.iter().sum::<f64>() / rewards.len() as f64;
+        let reward_std = grpo::std(&rewards);
+        // The sequences that take part, with their advantages.
+        let mut kept: Vec<(&Sequence, f64)> = Vec::new();
+        for (g, group) in batch.groups.iter().enumerate() {
+            if cfg.filter_zero_variance && zero_std[g] {
+                continue;
+            }
+            for (k, s) in group.iter().enumerate() {
+                kept.push((s, advantages[g * group_size + k]));
+            }
+        }
+        let steps = (cfg.steps_per_iteration as usize).min(kept.len());
+        let total_steps =
+            u64::from(self.config.max_iterations) * u64::from(cfg.steps_per_iteration);
+        let obj = Objective {
+            beta: cfg.beta,
+            epsilon_low: cfg.epsilon_low,
+            epsilon_high: cfg.epsilon_high,
+        };
+        let temperature = f64::from(self.config.sampling.train.temperature);
+        let mut reports = Vec::new();
+        let mut start = 0;
+        for s in 0..steps {
+            // Contiguous, near-equal shares of the kept sequences.
+            let end = kept.len() * (s + 1) / steps;
+            let share = &kept[start..end];
+            start = end;
+            let t0 = Instant::now();
+            let lens: Vec<usize> = share.iter().map(|(q, _)| q.completion.len()).collect();
+            let masked: Vec<bool> = share
+                .iter()
+                .map(|(q, _)| cfg.mask_truncated && q.truncated)
+                .collect();
+            let weights = grpo::sequence_weights(&lens, &masked, cfg.loss_type);
+            let mut grads: Vec<Vec<f32>> = self
+                .vars
+                .iter()
+                .map(|(_, v)| vec![0f32; v.as_tensor().elem_count()])
+                .collect();
+            let (mut loss, mut kl, mut clipped, mut tokens) = (0.0, 0.0, 0.0, 0.0);
+            let micro = cfg.micro_batch.max(1) as usize;
+            for (m, chunk) in share.chunks(micro).enumerate() {
+                let reqs: Vec<ScoreRequest> = chunk
+                    .iter()
+                    .map(|(q, _)| ScoreRequest {
+                        prompt: q.prompt.clone(),
+                        completion: q.completion.clone(),
+                    })
+                    .collect();
+                let out = self
+                    .engine
+                    .train_logprobs(&reqs, &self.adapter, temperature)?;
+                let w: Vec<f64> = weights[m * micro..m * micro + chunk.len()].to_vec();
+                let adv: Vec<f64> = chunk.iter().map(|(_, a)| *a).collect();
+                let old: Vec<f64> = chunk
+                    .iter()
+                    .flat_map(|(q, _)| q.old.iter().map(|&x| f64::from(x)))
+                    .collect();
+                let reference: Vec<f64> = chunk
+                    .iter()
+                    .flat_map(|(q, _)| q.reference.iter().map(|&x| f64::from(x)))
+                    .collect();
+                let t = grpo::terms(
+                    &out.logprobs,
+                    &old,
+                    &reference,
+                    &grpo::per_token(&adv, &out.offsets),
+                    &grpo::per_token(&w, &out.offsets),
+                    obj,
+                )?;
+                loss += t.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                kl += t.kl_sum;
+                clipped += t.clipped;
+                tokens += t.tokens;
+                let g = t.loss.backward()?;
+                for ((name, var), acc) in self.vars.iter().zip(grads.iter_mut()) {
+                    // A tensor outside the graph (e.g. a projection no token reached) has no
+                    // gradient: it contributes zero.
+                    if let Some(grad) = g.get(var.as_tensor()) {
+                        let grad = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        if grad.len() != acc.len() {
+                            bail!(
+                                "gradient of {name} has {} values for {}",
+                                grad.len(),
+                                acc.len()
+                            );
+                        }
+                        for (a, x) in acc.iter_mut().zip(grad) {
+                            *a += x;
+                        }
+                    }
+                }
+            }
+            let views: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+            let (grad_norm, factor) = optim::clip_factor(&views, cfg.max_grad_norm);
+            self.opt.begin_step();
+            let lr = optim::learning_rate(
+                cfg.lr,
+                cfg.schedule,
+                u64::from(cfg.warmup_steps),
+                self.opt.step,
+                total_steps,
+            );
+            for ((name, var), grad) in self.vars.iter().zip(grads.iter_mut()) {
+                if factor != 1.0 {
+                    for x in grad.iter_mut() {
+                        *x = (f64::from(*x) * factor) as f32;
+                    }
+                }
+                let mut param = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                self.opt
+                    .update(name, &mut param, grad, lr, cfg.weight_decay);
+                var.set(&Tensor::from_vec(
+                    param,
+                    var.as_tensor().shape(),
+                    var.as_tensor().device(),
+                )?)?;
+            }
+            let seconds = t0.elapsed().as_secs_f64();
+            let step_tokens: usize = share
+                .iter()
+                .map(|(q, _)| q.prompt.len() + q.completion.len())
+                .sum();
+            reports.push(TrainMetrics {
+                step: self.opt.step,
+                loss,
+                mean_kl: if tokens > 0.0 { kl / tokens } else { 0.0 },
+                clip_fraction: if tokens > 0.0 { clipped / tokens } else { 0.0 },
+                grad_norm,
+                lr,
+                reward_mean,
+                reward_std,
+                zero_std_fraction,
+                completion_len: lens.iter().sum::<usize>() as f64 / lens.len().max(1) as f64,
+                tokens_per_s: step_tokens as f64 / seconds.max(1e-9),
+            });
+        }
+        self.iteration = Some(iteration);
+        Ok(reports)
+    }
+}

@@ -1,0 +1,160 @@
+//! `golden/grpo_loss.json`: advantages, the masked per-token loss, the three reductions, mean KL
+//! and clip fraction of every case, in f64 within 1e-9.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use learner::grpo::{self, Objective};
+use rl_core::config::{LossType, ScaleRewards};
+
+fn golden() -> serde_json::Value {
+    let dir = std::env::var_os("GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden"));
+    serde_json::from_str(&std::fs::read_to_string(dir.join("grpo_loss.json")).unwrap()).unwrap()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+const TOL: f64 = 1e-9;
+
+#[test]
+fn every_case_matches_the_oracle() {
+    let g = golden();
+    let group = g["group_size"].as_u64().unwrap() as usize;
+    let rewards = floats(&g["rewards"]);
+    let masks: Vec<Vec<f64>> = g["mask"].as_array().unwrap().iter().map(floats).collect();
+    let lens: Vec<usize> = masks
+        .iter()
+        .map(|m| m.iter().filter(|x| **x > 0.0).count())
+        .collect();
+    // The masks are prefixes: the ragged sequences are the first `len` tokens of each row.
+    for (m, &l) in masks.iter().zip(&lens) {
+        assert!(m[..l].iter().all(|x| *x == 1.0) && m[l..].iter().all(|x| *x == 0.0));
+    }
+    let ragged = |key: &str| -> Vec<f64> {
+        g[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(&lens)
+            .flat_map(|(row, &l)| floats(row)[..l].to_vec())
+            .collect()
+    };
+    let (logp, old, reference) = (ragged("logp"), ragged("old_logp"), ragged("ref_logp"));
+    let mut offsets = vec![0];
+    for l in &lens {
+        offsets.push(offsets.last().unwrap() + l);
+    }
+    let mut checked = 0;
+    for case in g["cases"].as_array().unwrap() {
+        let scale = match case["scale_rewards"].as_str().unwrap() {
+            "group" => ScaleRewards::Group,
+            "none" => ScaleRewards::None,
+            other => panic!("scale {other}"),
+        };
+        let adv = grpo::advantages(&rewards, group, scale);
+        for (a, b) in adv.iter().zip(floats(&case["advantages"])) {
+            assert!((a - b).abs() < TOL, "advantage {a} vs {b}");
+        }
+        let obj = Objective {
+            beta: case["beta"].as_f64().unwrap(),
+            epsilon_low: case["epsilon_low"].as_f64().unwrap(),
+            epsilon_high: case["epsilon_high"].as_f64().unwrap(),
+        };
+        for (name, lt) in [
+            ("grpo", LossType::Grpo),
+            ("dr_grpo", LossType::DrGrpo),
+            ("dapo", LossType::Dapo),
+        ] {
+            let weights = grpo::sequence_weights(&lens, &vec![false; lens.len()], lt);
+            let lp = Tensor::new(logp.as_slice(), &Device::Cpu).unwrap();
+            let t = grpo::terms(
+                &lp,
+                &old,
+                &reference,
+                &grpo::per_token(&adv, &offsets),
+                &grpo::per_token(&weights, &offsets),
+                obj,
+            )
+            .unwrap();
+            let loss = t.loss.to_scalar::<f64>().unwrap();
+            let want = case["loss"][name].as_f64().unwrap();
+            assert!((loss - want).abs() < TOL, "{name}: {loss} vs {want}");
+            let per_token = t.per_token.to_vec1::<f64>().unwrap();
+            for (s, row) in case["per_token_loss"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .enumerate()
+            {
+                let want = floats(row);
+                for k in 0..lens[s] {
+                    let got = per_token[offsets[s] + k];
+                    assert!(
+                        (got - want[k]).abs() < TOL,
+                        "per-token loss [{s}][{k}]: {got} vs {}",
+                        want[k]
+                    );
+                }
+            }
+            let mean_kl = t.kl_sum / t.tokens;
+            assert!(
+                (mean_kl - case["mean_kl"].as_f64().unwrap()).abs() < TOL,
+                "mean kl {mean_kl}"
+            );
+            let clip = t.clipped / t.tokens;
+            // The oracle's clip fraction went through float32 (`clipped.float()`).
+            assert!(
+                (clip - case["clip_fraction"].as_f64().unwrap()).abs() < 1e-7,
+                "clip fraction {clip}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 12);
+}
+
+#[test]
+fn micro_batches_sum_to_the_whole_step() {
+    // Splitting sequences between micro-batches changes nothing: weights are per step.
+    let lens = [3usize, 1, 4, 2];
+    let offsets = [0usize, 3, 4, 8, 10];
+    let logp: Vec<f64> = (0..10).map(|i| -0.1 * (i as f64 + 1.0)).collect();
+    let old: Vec<f64> = logp.iter().map(|x| x + 0.05).collect();
+    let reference: Vec<f64> = logp.iter().map(|x| x - 0.02).collect();
+    let adv = [1.0, -0.5, 0.25, -1.0];
+    let obj = Objective {
+        beta: 0.04,
+        epsilon_low: 0.2,
+        epsilon_high: 0.28,
+    };
+    for lt in [LossType::Grpo, LossType::DrGrpo, LossType::Dapo] {
+        let w = grpo::sequence_weights(&lens, &[false, false, true, false], lt);
+        let run = |from: usize, to: usize| {
+            let (a, b) = (offsets[from], offsets[to]);
+            let off: Vec<usize> = offsets[from..=to].iter().map(|o| o - a).collect();
+            let t = grpo::terms(
+                &Tensor::new(&logp[a..b], &Device::Cpu).unwrap(),
+                &old[a..b],
+                &reference[a..b],
+                &grpo::per_token(&adv[from..to], &off),
+                &grpo::per_token(&w[from..to], &off),
+                obj,
+            )
+            .unwrap();
+            t.loss.to_scalar::<f64>().unwrap()
+        };
+        let whole = run(0, 4);
+        let split = run(0, 1) + run(1, 3) + run(3, 4);
+        assert!((whole - split).abs() < 1e-15, "{lt:?}: {whole} vs {split}");
+        assert_eq!(w[2], 0.0, "a masked sequence weighs nothing");
+    }
+}
