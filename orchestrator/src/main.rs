@@ -1,8 +1,94 @@
-//! `orchestrate`: orchestrate, the actor loop from config to trained adapter. Not built yet: this binary only says so, so that the
-//! workspace has its final layout; its issue replaces this file.
+//! `orchestrate run CONFIG [key=value ...]`, `orchestrate resume RUN_DIR`, `orchestrate status
+//! RUN_DIR`.
 
-fn main() {
-    eprintln!("orchestrate: orchestrate, the actor loop from config to trained adapter — not implemented yet (see the project's open issues).");
-    eprintln!("Today the engine is usable through `ref-scorer score` and the `model` library.");
-    std::process::exit(2);
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use orchestrator::run::Run;
+use rl_core::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "orchestrate",
+    version,
+    about = "GRPO on GSM8K: sample, score, train, evaluate; resumable"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start (or continue) the run a config describes.
+    Run {
+        config: PathBuf,
+        /// Dotted overrides, e.g. learner.lr=2e-5 attempts=8.
+        overrides: Vec<String>,
+    },
+    /// Continue a run from its directory (its config.yaml and rollouts.sqlite).
+    Resume {
+        run_dir: PathBuf,
+        overrides: Vec<String>,
+    },
+    /// Print a run's progress.
+    Status { run_dir: PathBuf },
+}
+
+async fn execute(config: Config) -> anyhow::Result<()> {
+    let run = Run::open(config).await?;
+    let dir = run.dir.clone();
+    let outcome = tokio::select! {
+        r = run.run_all() => r,
+        () = rl_core::service::shutdown_signal() => Err(anyhow::anyhow!(
+            "stopped by a signal; continue with `orchestrate resume {}`", dir.display()
+        )),
+    };
+    run.shutdown().await;
+    outcome?;
+    eprintln!("{}", orchestrator::report::status(&run.store, &dir).await?);
+    run.store.close().await;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run { config, overrides } => {
+                let loaded = Config::load(&config, &overrides)?;
+                loaded.check_files()?;
+                execute(loaded.config).await
+            }
+            Command::Resume { run_dir, overrides } => {
+                let path = run_dir.join("config.yaml");
+                let loaded = Config::load(&path, &overrides).with_context(|| {
+                    format!(
+                        "{} is not a run directory (no readable config.yaml)",
+                        run_dir.display()
+                    )
+                })?;
+                loaded.check_files()?;
+                execute(loaded.config).await
+            }
+            Command::Status { run_dir } => {
+                let db = run_dir.join("rollouts.sqlite");
+                let store = rl_core::store::Store::open(&db).await?;
+                print!("{}", orchestrator::report::status(&store, &run_dir).await?);
+                store.close().await;
+                Ok(())
+            }
+        }
+    })
 }

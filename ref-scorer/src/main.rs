@@ -44,6 +44,9 @@ struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 64 << 20)]
     max_body_bytes: usize,
+    /// Exit when the parent process dies (how the orchestrator starts it).
+    #[arg(long)]
+    exit_with_parent: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
     #[arg(long, default_value = "f32")]
@@ -125,6 +128,9 @@ fn load(
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.exit_with_parent {
+        rl_core::service::exit_with_parent();
+    }
     let Some(model) = &args.model else {
         anyhow::bail!("--model is required: `ref-scorer --model PATH` serves POST /v1/score; `ref-scorer score --help` scores a file offline");
     };

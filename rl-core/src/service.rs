@@ -221,3 +221,17 @@ pub async fn shutdown_signal() {
         () = term => {},
     }
 }
+
+/// Ends this process once its parent is gone (its parent pid changes). Services started by the
+/// orchestrator pass `--exit-with-parent`, so that a killed orchestrator leaves no orphan server
+/// holding memory and a port.
+pub fn exit_with_parent() {
+    let original = std::os::unix::process::parent_id();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        if std::os::unix::process::parent_id() != original {
+            eprintln!("parent process {original} is gone; exiting");
+            std::process::exit(0);
+        }
+    });
+}

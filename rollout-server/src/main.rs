@@ -45,6 +45,9 @@ struct Args {
     /// The name clients send as `model` (default: the model's file or folder name).
     #[arg(long)]
     served_model_name: Option<String>,
+    /// Exit when the parent process dies (how the orchestrator starts it).
+    #[arg(long)]
+    exit_with_parent: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
     #[arg(long, default_value = "f32")]
@@ -60,6 +63,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if args.exit_with_parent {
+        rl_core::service::exit_with_parent();
+    }
     if args.max_batch == 0 || args.max_queue == 0 || args.max_n == 0 {
         anyhow::bail!("--max-batch, --max-queue and --max-n must be at least 1");
     }

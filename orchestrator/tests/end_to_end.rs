@@ -1,0 +1,269 @@
+//! `orchestrate` end to end through real processes and HTTP on the tiny model (with its character
+//! tokenizer): a 3-iteration run; the same run crashed (abort) inside each phase and resumed,
+//! ending with exactly the same rollouts, checkpoints and evals; a rollout server killed
+//! mid-iteration and restarted; bad configs failing before any work.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn golden() -> PathBuf {
+    std::env::var_os("GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared/golden"))
+}
+
+/// Builds the service binaries the orchestrator starts (same profile as this test).
+fn build_services() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "rollout-server",
+            "-p",
+            "ref-scorer",
+            "-p",
+            "learner",
+        ])
+        .current_dir(repo())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    PathBuf::from(env!("CARGO_BIN_EXE_orchestrate"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A model folder (tiny Llama + character tokenizer), GSM8K-shaped data and a config.
+fn setup(dir: &Path, extra: &str) -> PathBuf {
+    let model = dir.join("tiny");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(golden().join("tiny_llama").join(f), model.join(f)).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(
+            repo().join("tests/fixtures/tiny_tokenizer").join(f),
+            model.join(f),
+        )
+        .unwrap();
+    }
+    let rows: Vec<String> = (0..6)
+        .map(|i| serde_json::json!({"question": format!("{i} + {i}?"), "answer": format!("#### {}", 2 * i), "idx": i}).to_string())
+        .collect();
+    std::fs::write(dir.join("train.jsonl"), rows.join("\n") + "\n").unwrap();
+    std::fs::write(dir.join("test.jsonl"), rows[..3].join("\n") + "\n").unwrap();
+    let config = format!(
+        "output_dir: {run}\nseed: 3\nmax_iterations: 3\ntest_every_n_iterations: 1\n\
+         model:\n  path: {model}\ndata:\n  train: {train}\n  test: {test}\n  test_limit: 2\n\
+         prompt:\n  style: boxed\n  system: \"\"\nattempts: 2\nproblems_per_iteration: 2\n\
+         sampling:\n  train:\n    max_tokens: 8\n  test:\n    max_tokens: 8\n\
+         lora:\n  r: 2\n  alpha: 4\n  targets: [q_proj, v_proj]\n\
+         learner:\n  lr: 0.01\n  micro_batch: 2\n  filter_zero_variance: false\n\
+         services:\n  rollout:\n    max_batch: 4\n  startup_timeout_s: 60\n{extra}",
+        run = dir.join("run").display(),
+        model = model.display(),
+        train = dir.join("train.jsonl").display(),
+        test = dir.join("test.jsonl").display(),
+    );
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+fn orchestrate(bins: &Path, args: &[&str], failpoint: Option<&str>) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_orchestrate"));
+    cmd.args(args).env("ORCHESTRATE_BIN_DIR", bins);
+    if let Some(f) = failpoint {
+        cmd.env("ORCHESTRATE_FAILPOINT", f);
+    }
+    cmd.output().unwrap()
+}
+
+/// Everything a run leaves in its database, as comparable values: phases, rollout keys, tasks
+/// with their seeds, evals.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    phases: Vec<String>,
+    keys: BTreeSet<(i64, i64, i64)>,
+    tasks: Vec<String>,
+    evals: Vec<String>,
+}
+
+fn snapshot(db: &Path) -> Snapshot {
+    let q = |sql: &str| -> Vec<String> {
+        let out = Command::new("sqlite3").arg(db).arg(sql).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let keys = q("SELECT iteration, group_index, attempt FROM rollouts")
+        .iter()
+        .map(|l| {
+            let v: Vec<i64> = l.split('|').map(|x| x.parse().unwrap()).collect();
+            (v[0], v[1], v[2])
+        })
+        .collect();
+    Snapshot {
+        phases: q("SELECT iteration, phase FROM iterations ORDER BY iteration"),
+        keys,
+        tasks: q("SELECT iteration, group_index, problem_index, seed FROM tasks ORDER BY iteration, group_index"),
+        evals: q("SELECT iteration, split, n FROM evals ORDER BY iteration"),
+    }
+}
+
+#[test]
+fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
+    let bins = build_services();
+    // Uninterrupted.
+    let a = tempfile::tempdir().unwrap();
+    let cfg = setup(a.path(), "");
+    let out = orchestrate(&bins, &["run", cfg.to_str().unwrap()], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = a.path().join("run");
+    for f in ["rollouts.sqlite", "config.yaml", "metrics.jsonl"] {
+        assert!(run.join(f).exists(), "{f} missing");
+    }
+    for it in 0..3 {
+        assert!(run
+            .join(format!("checkpoints/iter_{it}/adapter_model.safetensors"))
+            .exists());
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let kinds: Vec<String> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "iteration").count(), 3);
+    assert!(kinds.iter().any(|k| k == "step"));
+    let whole = snapshot(&run.join("rollouts.sqlite"));
+    assert_eq!(whole.phases, vec!["0|done", "1|done", "2|done"]);
+    assert_eq!(
+        whole.keys.len(),
+        3 * 2 * 2,
+        "3 iterations x 2 problems x 2 attempts"
+    );
+    assert_eq!(whole.evals, vec!["0|test|2", "1|test|2", "2|test|2"]);
+    let status = orchestrate(&bins, &["status", run.to_str().unwrap()], None);
+    assert!(status.status.success());
+    assert!(String::from_utf8_lossy(&status.stdout).contains("latest checkpoint"));
+
+    // Crashed inside each phase (and a rollout server killed), resumed each time.
+    let b = tempfile::tempdir().unwrap();
+    let cfg = setup(b.path(), "");
+    let run_b = b.path().join("run");
+    for point in [
+        "sampling:0",
+        "scoring_ref:0",
+        "training:1",
+        "evaluating:1",
+        "sampling:2",
+    ] {
+        let out = orchestrate(&bins, &["run", cfg.to_str().unwrap()], Some(point));
+        assert!(
+            !out.status.success(),
+            "the failpoint {point} aborts the run"
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("aborting at {point}")));
+        // The database is consistent after every crash.
+        let check = Command::new("sqlite3")
+            .arg(run_b.join("rollouts.sqlite"))
+            .arg("PRAGMA integrity_check")
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&check.stdout).trim(), "ok");
+    }
+    let out = orchestrate(
+        &bins,
+        &["resume", run_b.to_str().unwrap()],
+        Some("kill-rollout-server:2"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("killing the rollout server") && stderr.contains("restarting it"),
+        "{stderr}"
+    );
+    let resumed = snapshot(&run_b.join("rollouts.sqlite"));
+    assert_eq!(
+        resumed, whole,
+        "the crashed-and-resumed run has exactly the rows of the uninterrupted one"
+    );
+    for it in 0..3 {
+        assert!(run_b
+            .join(format!("checkpoints/iter_{it}/training_state.json"))
+            .exists());
+    }
+    assert!(std::fs::read_dir(run_b.join("checkpoints"))
+        .unwrap()
+        .all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp-")));
+}
+
+#[test]
+fn bad_configs_fail_before_any_work() {
+    let bins = build_services();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), "");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["model.path=/nonexistent/model.gguf".into()],
+            "`model.path`",
+        ),
+        (vec!["learner.rate=1".into()], "unknown key `rate`"),
+    ];
+    for (overrides, fragment) in cases {
+        let mut args = vec!["run".to_string(), cfg.display().to_string()];
+        args.extend(overrides);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = orchestrate(&bins, &args, None);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(fragment), "{err}");
+        assert!(!dir.path().join("run").exists(), "nothing was created");
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = orchestrate(
+        &bins,
+        &[
+            "run",
+            cfg.to_str().unwrap(),
+            &format!("services.rollout.port={port}"),
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`services.rollout.port`") && err.contains("not free"),
+        "{err}"
+    );
+    assert!(!dir.path().join("run").exists(), "nothing was created");
+}
