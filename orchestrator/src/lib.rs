@@ -7,6 +7,7 @@
 //! It must never keep state the rollout database does not have: a run killed at any point and
 //! started again continues where it stopped, with no group lost or duplicated.
 
+pub mod curves;
 pub mod report;
 pub mod run;
 pub mod supervisor;

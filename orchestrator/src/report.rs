@@ -77,14 +77,17 @@ pub async fn iteration_summary(store: &Store, it: u32) -> anyhow::Result<serde_j
     }))
 }
 
-/// Rewrites `metrics.jsonl` from the database.
+/// Rewrites `metrics.jsonl` and `curves.png` from the database.
 pub async fn write_metrics(store: &Store, dir: &Path) -> anyhow::Result<()> {
     let mut out = String::new();
+    let mut summaries = Vec::new();
     for s in store.iterations().await? {
         if s.phase != Phase::Done {
             continue;
         }
-        let _ = writeln!(out, "{}", iteration_summary(store, s.iteration).await?);
+        let summary = iteration_summary(store, s.iteration).await?;
+        let _ = writeln!(out, "{summary}");
+        summaries.push(summary);
         for m in store.train_metrics(s.iteration).await? {
             let mut v = serde_json::to_value(&m)?;
             v["kind"] = "step".into();
@@ -92,7 +95,46 @@ pub async fn write_metrics(store: &Store, dir: &Path) -> anyhow::Result<()> {
             let _ = writeln!(out, "{v}");
         }
     }
-    crate::run::write_atomic(&dir.join("metrics.jsonl"), out.as_bytes())
+    crate::run::write_atomic(&dir.join("metrics.jsonl"), out.as_bytes())?;
+    draw_curves(&summaries, dir)
+}
+
+fn draw_curves(summaries: &[serde_json::Value], dir: &Path) -> anyhow::Result<()> {
+    use crate::curves::Series;
+    use plotters::style::{BLUE, GREEN, MAGENTA, RED};
+    let series = |name: &'static str, key: &str, color| Series {
+        name,
+        points: summaries
+            .iter()
+            .filter_map(|s| Some((s["iteration"].as_f64()?, s[key].as_f64()?)))
+            .collect(),
+        color,
+    };
+    let panels = vec![
+        (
+            "reward mean (train rollouts)",
+            vec![series("reward", "reward_mean", BLUE)],
+        ),
+        (
+            "format rate",
+            vec![
+                series("train", "format_rate", BLUE),
+                series("eval", "eval_format_rate", GREEN),
+            ],
+        ),
+        (
+            "eval accuracy (greedy)",
+            vec![series("accuracy", "eval_accuracy", RED)],
+        ),
+        (
+            "mean KL to the reference",
+            vec![series("kl", "mean_kl", MAGENTA)],
+        ),
+    ];
+    let tmp = dir.join(format!(".curves.tmp-{}.png", std::process::id()));
+    crate::curves::draw(&panels, &tmp)?;
+    std::fs::rename(&tmp, dir.join("curves.png"))?;
+    Ok(())
 }
 
 /// After an iteration: its line in the log and the refreshed `metrics.jsonl`.

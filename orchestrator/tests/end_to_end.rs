@@ -139,8 +139,21 @@ fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
         String::from_utf8_lossy(&out.stderr)
     );
     let run = a.path().join("run");
-    for f in ["rollouts.sqlite", "config.yaml", "metrics.jsonl"] {
+    for f in [
+        "rollouts.sqlite",
+        "config.yaml",
+        "metrics.jsonl",
+        "curves.png",
+    ] {
         assert!(run.join(f).exists(), "{f} missing");
+    }
+    let png = std::fs::read(run.join("curves.png")).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "curves.png is a drawn PNG"
+    );
+    if let Ok(keep) = std::env::var("KEEP_CURVES") {
+        std::fs::copy(run.join("curves.png"), keep).unwrap();
     }
     for it in 0..3 {
         assert!(run

@@ -1,0 +1,117 @@
+//! `curves.png`: reward mean, format rate (train and eval), eval accuracy and KL against the
+//! iteration, redrawn after every iteration (plotters, pure Rust). Text needs a TrueType font:
+//! the first of `CURVES_FONT` and the usual DejaVu/Liberation paths; without one the panels are
+//! drawn without labels (and the log says so) rather than not at all.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use plotters::prelude::*;
+
+const FONT_PATHS: [&str; 4] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+];
+
+/// Registers a font once; whether text can be drawn.
+fn have_font() -> bool {
+    static FONT: OnceLock<bool> = OnceLock::new();
+    *FONT.get_or_init(|| {
+        let candidates = std::env::var("CURVES_FONT")
+            .into_iter()
+            .chain(FONT_PATHS.iter().map(|s| s.to_string()));
+        for path in candidates {
+            if let Ok(bytes) = std::fs::read(&path) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        tracing::warn!(
+            "no TrueType font found (set CURVES_FONT=path.ttf); curves.png is drawn without labels"
+        );
+        false
+    })
+}
+
+/// One curve: a name and its points.
+pub struct Series {
+    pub name: &'static str,
+    pub points: Vec<(f64, f64)>,
+    pub color: RGBColor,
+}
+
+/// Draws the panels (title, series) side by side in a grid into `path`.
+pub fn draw(panels: &[(&str, Vec<Series>)], path: &Path) -> anyhow::Result<()> {
+    let text = have_font();
+    let root = BitMapBackend::new(path, (1200, 800)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cols = 2;
+    let rows = panels.len().div_ceil(cols).max(1);
+    let areas = root.split_evenly((rows, cols));
+    for ((title, series), area) in panels.iter().zip(areas.iter()) {
+        let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
+        let ys: Vec<f64> = series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .collect();
+        let x_max = xs.fold(1.0f64, f64::max);
+        let (mut y_min, mut y_max) = ys
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| {
+                (a.min(y), b.max(y))
+            });
+        if !y_min.is_finite() {
+            (y_min, y_max) = (0.0, 1.0);
+        }
+        if y_max - y_min < 1e-9 {
+            (y_min, y_max) = (y_min - 0.5, y_max + 0.5);
+        }
+        let pad = (y_max - y_min) * 0.05;
+        let mut builder = ChartBuilder::on(area);
+        builder.margin(12);
+        if text {
+            builder
+                .caption(*title, ("sans-serif", 20))
+                .x_label_area_size(30)
+                .y_label_area_size(50);
+        }
+        let mut chart = builder
+            .build_cartesian_2d(0f64..x_max, (y_min - pad)..(y_max + pad))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut mesh = chart.configure_mesh();
+        mesh.x_desc("iteration");
+        if !text {
+            mesh.x_labels(0).y_labels(0);
+        }
+        mesh.draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+        for s in series {
+            let color = s.color;
+            let drawn = chart
+                .draw_series(LineSeries::new(s.points.clone(), color.stroke_width(2)))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if text {
+                drawn
+                    .label(s.name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+            }
+            chart
+                .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        if text && series.len() > 1 {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    root.present()
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    Ok(())
+}
