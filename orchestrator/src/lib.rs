@@ -8,6 +8,7 @@
 //! started again continues where it stopped, with no group lost or duplicated.
 
 pub mod curves;
+pub mod eval;
 pub mod report;
 pub mod run;
 pub mod supervisor;

@@ -1,5 +1,6 @@
 //! `orchestrate run CONFIG [key=value ...]`, `orchestrate resume RUN_DIR`, `orchestrate status
-//! RUN_DIR`.
+//! RUN_DIR`, `orchestrate eval --model PATH [--adapter DIR] [--split test] [--limit N] --output
+//! FILE.json`.
 
 use std::path::PathBuf;
 
@@ -34,6 +35,24 @@ enum Command {
     },
     /// Print a run's progress.
     Status { run_dir: PathBuf },
+    /// Greedy evaluation of a model (+ adapter) on GSM8K; writes a JSON report.
+    Eval {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        output: PathBuf,
+        /// A run config for the prompt style, data paths and test sampling (default: the
+        /// built-in CPU recipe).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        overrides: Vec<String>,
+    },
 }
 
 async fn execute(config: Config) -> anyhow::Result<()> {
@@ -81,6 +100,19 @@ fn main() -> anyhow::Result<()> {
                 })?;
                 loaded.check_files()?;
                 execute(loaded.config).await
+            }
+            Command::Eval { model, adapter, split, limit, output, config, overrides } => {
+                let mut config = match &config {
+                    Some(p) => Config::load(p, &overrides)?.config,
+                    None => Config::from_yaml("{}", "(defaults)", &overrides)?.config,
+                };
+                config.resolve_paths(&std::env::current_dir()?);
+                let r = orchestrator::eval::command(&config, &model, adapter.as_deref(), &split, limit, &output).await?;
+                eprintln!(
+                    "{} problems: accuracy {:.3}, format rate {:.3} -> {}",
+                    r["n"], r["accuracy"].as_f64().unwrap_or(0.0), r["format_rate"].as_f64().unwrap_or(0.0), output.display()
+                );
+                Ok(())
             }
             Command::Status { run_dir } => {
                 let db = run_dir.join("rollouts.sqlite");

@@ -663,60 +663,11 @@ impl Run {
     }
 
     async fn eval_one(&self, index: usize) -> anyhow::Result<EvalResult> {
-        let c = &self.config;
         let problem = &self.test[index];
-        let messages = self
-            .style()
-            .messages(&problem.question, c.prompt.system.as_deref());
-        let tok = self
-            .with_service(&self.rollout, "tokenizing a test prompt", |cl| {
-                let req = TokenizeRequest {
-                    messages: Some(messages.clone()),
-                    prompt: None,
-                    add_generation_prompt: true,
-                };
-                async move { cl.tokenize(&req).await }
-            })
-            .await?;
-        let s = &c.sampling.test;
-        let req = GenerateRequest {
-            prompt_ids: tok.tokens,
-            n: 1,
-            max_tokens: s.max_tokens,
-            temperature: f64::from(s.temperature),
-            top_p: f64::from(s.top_p),
-            top_k: s.top_k,
-            stop_token_ids: None,
-            seed: Some(0),
-        };
-        let out = self
-            .with_service(&self.rollout, "evaluating", |cl| {
-                let req = req.clone();
-                async move { cl.generate(&req).await }
-            })
-            .await?;
-        let ch = out
-            .choices
-            .into_iter()
-            .next()
-            .context("the server returned no choice")?;
-        let text = ch.text.unwrap_or_default();
-        let v = rewards::verdict(
-            c.prompt.style,
-            &text,
-            ch.finish_reason == FinishReason::Stop,
-            &problem.gold,
-        );
-        Ok(EvalResult {
-            problem_index: index as u64,
-            num_tokens: ch.token_ids.len() as u32,
-            text,
-            answer: v.answer.clone(),
-            answer_status: v.status,
-            finish_reason: ch.finish_reason,
-            solved: v.solved(),
-            formatted: v.formatted(),
+        self.with_service(&self.rollout, "evaluating", |cl| async move {
+            crate::eval::answer(&cl, &self.config, problem, index).await
         })
+        .await
     }
 }
 

@@ -180,6 +180,22 @@ fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
         "3 iterations x 2 problems x 2 attempts"
     );
     assert_eq!(whole.evals, vec!["0|test|2", "1|test|2", "2|test|2"]);
+    // `orchestrate eval` on the last checkpoint.
+    let report = a.path().join("eval.json");
+    let model = a.path().join("tiny");
+    let ckpt = run.join("checkpoints/iter_2");
+    let out = orchestrate(
+        &bins,
+        &["eval", "--model", model.to_str().unwrap(), "--adapter", ckpt.to_str().unwrap(), "--limit", "2",
+          "--output", report.to_str().unwrap(), "--config", cfg.to_str().unwrap()],
+        None,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["n"], 2);
+    assert_eq!(r["results"].as_array().map(Vec::len), Some(2));
+    assert!(r["accuracy"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)));
+    assert!(r["adapter"].as_str().is_some_and(|a| a.ends_with("iter_2")));
     let status = orchestrate(&bins, &["status", run.to_str().unwrap()], None);
     assert!(status.status.success());
     assert!(String::from_utf8_lossy(&status.stdout).contains("latest checkpoint"));
