@@ -101,16 +101,35 @@ fn main() -> anyhow::Result<()> {
                 loaded.check_files()?;
                 execute(loaded.config).await
             }
-            Command::Eval { model, adapter, split, limit, output, config, overrides } => {
+            Command::Eval {
+                model,
+                adapter,
+                split,
+                limit,
+                output,
+                config,
+                overrides,
+            } => {
                 let mut config = match &config {
                     Some(p) => Config::load(p, &overrides)?.config,
                     None => Config::from_yaml("{}", "(defaults)", &overrides)?.config,
                 };
                 config.resolve_paths(&std::env::current_dir()?);
-                let r = orchestrator::eval::command(&config, &model, adapter.as_deref(), &split, limit, &output).await?;
+                let r = orchestrator::eval::command(
+                    &config,
+                    &model,
+                    adapter.as_deref(),
+                    &split,
+                    limit,
+                    &output,
+                )
+                .await?;
                 eprintln!(
                     "{} problems: accuracy {:.3}, format rate {:.3} -> {}",
-                    r["n"], r["accuracy"].as_f64().unwrap_or(0.0), r["format_rate"].as_f64().unwrap_or(0.0), output.display()
+                    r["n"],
+                    r["accuracy"].as_f64().unwrap_or(0.0),
+                    r["format_rate"].as_f64().unwrap_or(0.0),
+                    output.display()
                 );
                 Ok(())
             }

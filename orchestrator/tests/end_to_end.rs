@@ -186,15 +186,33 @@ fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
     let ckpt = run.join("checkpoints/iter_2");
     let out = orchestrate(
         &bins,
-        &["eval", "--model", model.to_str().unwrap(), "--adapter", ckpt.to_str().unwrap(), "--limit", "2",
-          "--output", report.to_str().unwrap(), "--config", cfg.to_str().unwrap()],
+        &[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            ckpt.to_str().unwrap(),
+            "--limit",
+            "2",
+            "--output",
+            report.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
         None,
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(r["n"], 2);
     assert_eq!(r["results"].as_array().map(Vec::len), Some(2));
-    assert!(r["accuracy"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)));
+    assert!(r["accuracy"]
+        .as_f64()
+        .is_some_and(|a| (0.0..=1.0).contains(&a)));
     assert!(r["adapter"].as_str().is_some_and(|a| a.ends_with("iter_2")));
     let status = orchestrate(&bins, &["status", run.to_str().unwrap()], None);
     assert!(status.status.success());
