@@ -18,20 +18,13 @@ fn golden() -> PathBuf {
         .unwrap_or_else(|| repo().join("../shared/golden"))
 }
 
-/// Builds the service binaries the orchestrator starts (same profile as this test).
+/// Builds the service binaries the orchestrator starts (same profile as this test). Built as
+/// `cargo test --workspace` builds them (whole workspace, with the test targets, so the same
+/// feature set): under `scripts/test` this finds everything fresh and does nothing.
 fn build_services() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "rollout-server",
-            "-p",
-            "ref-scorer",
-            "-p",
-            "learner",
-        ])
+        .args(["build", "-q", "--workspace", "--bins", "--tests"])
         .current_dir(repo())
         .status()
         .unwrap();
