@@ -72,25 +72,7 @@ pub fn run(engine: &Engine, adapter_dir: &Path, batch: &CheckBatch) -> anyhow::R
     }
     let adapter = LoraAdapter::load(adapter_dir, engine.config(), engine.device())
         .with_context(|| format!("loading the adapter {}", adapter_dir.display()))?;
-    let mut vars = Vec::new();
-    let mut pairs = std::collections::BTreeMap::new();
-    for (&(layer, proj), p) in &adapter.pairs {
-        let a = candle_core::Var::from_tensor(&p.a)?;
-        let b = candle_core::Var::from_tensor(&p.b)?;
-        vars.push((model::lora::peft_key(layer, proj, 'A'), a.clone()));
-        vars.push((model::lora::peft_key(layer, proj, 'B'), b.clone()));
-        pairs.insert(
-            (layer, proj),
-            model::LoraPair {
-                a: a.as_tensor().clone(),
-                b: b.as_tensor().clone(),
-            },
-        );
-    }
-    let trainable = LoraAdapter {
-        config: adapter.config.clone(),
-        pairs,
-    };
+    let (trainable, vars) = crate::train::trainable(&adapter)?;
     let reqs: Vec<ScoreRequest> = (0..n)
         .map(|i| ScoreRequest {
             prompt: batch.prompts[i].clone(),

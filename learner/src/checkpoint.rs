@@ -6,14 +6,12 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
 use model::LoraAdapter;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::optim::{AdamW, Moments};
 
@@ -135,7 +133,8 @@ pub fn save(
     std::fs::rename(&tmp, dir)
         .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
     fsync(parent)?;
-    sha256_file(&dir.join(ADAPTER_FILE))
+    let weights = dir.join(ADAPTER_FILE);
+    rl_core::store::sha256_file(&weights).with_context(|| format!("hashing {}", weights.display()))
 }
 
 /// Reads a checkpoint written by [`save`]: the adapter (checked against `model`), the optimizer
@@ -193,19 +192,4 @@ pub fn load(
         );
     }
     Ok((adapter, opt, state))
-}
-
-/// Hex sha256 of a file.
-pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -97,7 +97,9 @@ impl std::fmt::Debug for Learner {
 }
 
 /// Turns an adapter's tensors into trainable `Var`s (f32), keyed by PEFT names.
-fn trainable(adapter: &LoraAdapter) -> anyhow::Result<(LoraAdapter, Vec<(String, Var)>)> {
+pub(crate) fn trainable(
+    adapter: &LoraAdapter,
+) -> anyhow::Result<(LoraAdapter, Vec<(String, Var)>)> {
     let mut vars = Vec::new();
     let mut pairs = std::collections::BTreeMap::new();
     for (&(layer, proj), p) in &adapter.pairs {

@@ -436,7 +436,7 @@ async fn resuming_between_iterations_is_bit_identical_and_crashes_leave_no_half_
     );
     assert_eq!(
         ckpts[2].sha256,
-        learner::checkpoint::sha256_file(&it2.join("adapter_model.safetensors")).unwrap()
+        rl_core::store::sha256_file(&it2.join("adapter_model.safetensors")).unwrap()
     );
     // Odd iterations had a zero-variance group: it was filtered and reported.
     assert!(steps.iter().any(|m| m.zero_std_fraction == 0.5));

@@ -579,7 +579,9 @@ impl Run {
         }
         if out.join(learner_state_file()).exists() {
             // The learner finished but the run stopped before recording it: record, don't redo.
-            let sha256 = sha256_hex(&out.join("adapter_model.safetensors"))?;
+            let weights = out.join("adapter_model.safetensors");
+            let sha256 = rl_core::store::sha256_file(&weights)
+                .with_context(|| format!("hashing {}", weights.display()))?;
             self.store
                 .record_checkpoint(&CheckpointRecord {
                     iteration: it,
@@ -673,15 +675,6 @@ impl Run {
 
 fn learner_state_file() -> &'static str {
     "training_state.json"
-}
-
-fn sha256_hex(path: &Path) -> anyhow::Result<String> {
-    use sha2::Digest;
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(sha2::Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }
 
 /// Writes a file through a temporary sibling and a rename.

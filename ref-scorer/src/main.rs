@@ -135,38 +135,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--model is required: `ref-scorer --model PATH` serves POST /v1/score; `ref-scorer score --help` scores a file offline");
     };
     let (engine, path) = load(model, args.adapter.as_ref(), &args.device, &args.dtype)?;
-    let name = if path.is_dir() {
-        path.file_name()
-    } else {
-        path.file_stem()
-    };
     let opts = ref_scorer::service::Options {
-        model_name: name.map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned()),
+        model_name: rl_core::service::served_model_name(&path),
         api_key: args.api_key.clone(),
         max_queue: args.max_queue,
         max_body_bytes: args.max_body_bytes,
     };
     let (router, _state) = ref_scorer::service::app(engine, &opts);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
-            .await
-            .with_context(|| {
-                format!(
-                    "binding {}:{} (is the port in use? pick another with --port)",
-                    args.host, args.port
-                )
-            })?;
-        let addr = listener.local_addr()?;
-        println!("listening on http://{addr}");
-        tracing::info!("scoring with {} on http://{addr}", opts.model_name);
-        axum::serve(listener, router)
-            .with_graceful_shutdown(rl_core::service::shutdown_signal())
-            .await?;
-        tracing::info!("stopped");
-        Ok(())
-    })
+    let what = format!("scoring with {}", opts.model_name);
+    rl_core::service::run_server(&args.host, args.port, router, &what)?;
+    Ok(())
 }

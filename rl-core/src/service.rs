@@ -235,3 +235,43 @@ pub fn exit_with_parent() {
         }
     });
 }
+
+/// The name a service reports for a model: the folder name, or the file name without extension.
+pub fn served_model_name(path: &std::path::Path) -> String {
+    let name = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    };
+    name.map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
+}
+
+/// Runs `router` on `host:port` until SIGTERM/Ctrl-C (requests in flight are finished), on a
+/// 2-thread runtime. Prints `listening on http://ADDR` on stdout (how the orchestrator learns the
+/// address of `--port 0`); a port in use is an error naming it.
+pub fn run_server(host: &str, port: u16, router: axum::Router, what: &str) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((host, port))
+            .await
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "binding {host}:{port} (is the port in use? pick another with --port): {e}"
+                    ),
+                )
+            })?;
+        let addr = listener.local_addr()?;
+        println!("listening on http://{addr}");
+        tracing::info!("{what} on http://{addr}");
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}

@@ -1130,6 +1130,23 @@ fn check_logprobs(lp: &[f32], n: usize, what: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Hex sha256 of a file (what a checkpoint record holds for its adapter weights).
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 fn sql_err(path: &Path, context: &str, source: sqlx::Error) -> StoreError {
     StoreError::Sql {
         path: path.display().to_string(),

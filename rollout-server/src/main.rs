@@ -1,7 +1,7 @@
 //! `rollout-server --model PATH [--adapter DIR] [--checkpoints-dir DIR] [--host H] [--port N]
 //! [--api-key KEY] [--max-batch N] [--max-queue N]`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
@@ -82,7 +82,7 @@ fn main() -> anyhow::Result<()> {
     let model_name = args
         .served_model_name
         .clone()
-        .unwrap_or_else(|| default_name(&path));
+        .unwrap_or_else(|| rl_core::service::served_model_name(&path));
     let opts = rollout_server::Options {
         model_name,
         checkpoints_dir: args.checkpoints_dir.clone(),
@@ -93,34 +93,7 @@ fn main() -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
     };
     let (router, _state) = rollout_server::app(engine, &opts)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
-            .await
-            .with_context(|| {
-                format!(
-                    "binding {}:{} (is the port in use? pick another with --port)",
-                    args.host, args.port
-                )
-            })?;
-        let addr = listener.local_addr()?;
-        println!("listening on http://{addr}");
-        tracing::info!("serving {} on http://{addr}", opts.model_name);
-        rollout_server::serve(listener, router, rl_core::service::shutdown_signal()).await?;
-        tracing::info!("stopped");
-        Ok(())
-    })
-}
-
-fn default_name(path: &Path) -> String {
-    let name = if path.is_dir() {
-        path.file_name()
-    } else {
-        path.file_stem()
-    };
-    name.map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into())
+    let what = format!("serving {}", opts.model_name);
+    rl_core::service::run_server(&args.host, args.port, router, &what)?;
+    Ok(())
 }
