@@ -1,7 +1,7 @@
 //! A short sampling demo on the default model: the first GSM8K test questions, rendered with the
 //! model's chat template and TapeAgents' boxed-answer prompt, sampled `attempts` times each at
 //! temperature 1 (plus one greedy answer), with per-token logprobs summed per completion.
-//! Until the orchestrator lands this is what `scripts/demo` runs.
+//! A quick look at what the model answers before any training (the main job is `scripts/train`).
 //!
 //! cargo run --release -p model --example demo -- [--model PATH] [--data test.jsonl] [--questions N]
 //!     [--attempts N] [--max-tokens N]

@@ -59,6 +59,7 @@ pub async fn iteration_summary(store: &Store, it: u32) -> anyhow::Result<serde_j
         / groups.len().max(1) as f64;
     let steps = store.train_metrics(it).await?;
     let eval = store.evals().await?.into_iter().find(|e| e.iteration == it);
+    let seconds = store.phase_seconds(it).await?;
     Ok(serde_json::json!({
         "kind": "iteration",
         "iteration": it,
@@ -74,6 +75,7 @@ pub async fn iteration_summary(store: &Store, it: u32) -> anyhow::Result<serde_j
         "eval_accuracy": eval.as_ref().map(|e| e.accuracy),
         "eval_format_rate": eval.as_ref().map(|e| e.format_rate),
         "eval_n": eval.as_ref().map(|e| e.n),
+        "seconds": seconds,
     }))
 }
 
@@ -137,18 +139,15 @@ fn draw_curves(summaries: &[serde_json::Value], dir: &Path) -> anyhow::Result<()
     Ok(())
 }
 
+/// The timed phases, in the order they run.
+const PHASES: [&str; 4] = ["sampling", "scoring_ref", "training", "evaluating"];
+
 /// After an iteration: its line in the log and the refreshed `metrics.jsonl`.
-pub async fn iteration_done(
-    store: &Store,
-    dir: &Path,
-    it: u32,
-    seconds: &BTreeMap<&str, f64>,
-    total: f64,
-) -> anyhow::Result<()> {
+pub async fn iteration_done(store: &Store, dir: &Path, it: u32, total: f64) -> anyhow::Result<()> {
     let s = iteration_summary(store, it).await?;
-    let phases: Vec<String> = seconds
+    let phases: Vec<String> = PHASES
         .iter()
-        .map(|(k, v)| format!("{k} {v:.1}s"))
+        .filter_map(|k| Some(format!("{k} {:.1}s", s["seconds"][k].as_f64()?)))
         .collect();
     let eval = match (s["eval_accuracy"].as_f64(), s["eval_format_rate"].as_f64()) {
         (Some(a), Some(f)) => format!(", eval accuracy {a:.3} format {f:.3}"),

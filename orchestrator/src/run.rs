@@ -15,7 +15,6 @@
 //! retried. Nothing here holds state that the database does not: killing the orchestrator at any
 //! point and running it again continues where it stopped.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -369,7 +368,6 @@ impl Run {
             return Ok(());
         }
         let t0 = Instant::now();
-        let mut seconds = BTreeMap::new();
         self.store
             .begin_iteration(it, self.config.attempts, &self.tasks_of(it))
             .await?;
@@ -378,15 +376,17 @@ impl Run {
         if phase == Phase::Sampling {
             let t = Instant::now();
             self.sample(it).await?;
-            self.store.set_phase(it, Phase::ScoringRef).await?;
-            seconds.insert("sampling", t.elapsed().as_secs_f64());
+            self.store
+                .finish_phase(it, Phase::ScoringRef, t.elapsed().as_secs_f64())
+                .await?;
             phase = Phase::ScoringRef;
         }
         if phase == Phase::ScoringRef {
             let t = Instant::now();
             self.score_ref(it).await?;
-            self.store.set_phase(it, Phase::Training).await?;
-            seconds.insert("scoring_ref", t.elapsed().as_secs_f64());
+            self.store
+                .finish_phase(it, Phase::Training, t.elapsed().as_secs_f64())
+                .await?;
             phase = Phase::Training;
         }
         if phase == Phase::Training {
@@ -399,24 +399,20 @@ impl Run {
             } else {
                 Phase::Done
             };
-            self.store.set_phase(it, next).await?;
-            seconds.insert("training", t.elapsed().as_secs_f64());
+            self.store
+                .finish_phase(it, next, t.elapsed().as_secs_f64())
+                .await?;
             phase = next;
         }
         if phase == Phase::Evaluating {
             let t = Instant::now();
             self.evaluate(it).await?;
-            self.store.set_phase(it, Phase::Done).await?;
-            seconds.insert("evaluating", t.elapsed().as_secs_f64());
+            self.store
+                .finish_phase(it, Phase::Done, t.elapsed().as_secs_f64())
+                .await?;
         }
-        crate::report::iteration_done(
-            &self.store,
-            &self.dir,
-            it,
-            &seconds,
-            t0.elapsed().as_secs_f64(),
-        )
-        .await?;
+        crate::report::iteration_done(&self.store, &self.dir, it, t0.elapsed().as_secs_f64())
+            .await?;
         Ok(())
     }
 

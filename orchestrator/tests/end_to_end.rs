@@ -164,6 +164,16 @@ fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
         })
         .collect();
     assert_eq!(kinds.iter().filter(|k| *k == "iteration").count(), 3);
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["kind"] == "iteration" {
+            // Every iteration of this config is evaluated, so all four phases are timed.
+            for phase in ["sampling", "scoring_ref", "training", "evaluating"] {
+                let s = v["seconds"][phase].as_f64();
+                assert!(s.is_some_and(|s| s > 0.0), "{phase} time in {line}");
+            }
+        }
+    }
     assert!(kinds.iter().any(|k| k == "step"));
     let whole = snapshot(&run.join("rollouts.sqlite"));
     assert_eq!(whole.phases, vec!["0|done", "1|done", "2|done"]);

@@ -432,6 +432,26 @@ impl Store {
 
     /// Moves an iteration to a later phase (never back).
     pub async fn set_phase(&self, iteration: u32, phase: Phase) -> Result<(), StoreError> {
+        self.advance(iteration, phase, None).await
+    }
+
+    /// Moves an iteration from its current phase to `next` and records, in the same transaction,
+    /// the wall-clock seconds the current phase took.
+    pub async fn finish_phase(
+        &self,
+        iteration: u32,
+        next: Phase,
+        seconds: f64,
+    ) -> Result<(), StoreError> {
+        self.advance(iteration, next, Some(seconds)).await
+    }
+
+    async fn advance(
+        &self,
+        iteration: u32,
+        phase: Phase,
+        seconds: Option<f64>,
+    ) -> Result<(), StoreError> {
         let mut tx = self.write_tx().await?;
         let current: Option<String> =
             sqlx::query_scalar("SELECT phase FROM iterations WHERE run_id = ? AND iteration = ?")
@@ -461,7 +481,33 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(self.err("updating the phase"))?;
+        if let Some(seconds) = seconds.filter(|_| current != Phase::Done) {
+            sqlx::query(
+                "INSERT INTO phase_seconds (run_id, iteration, phase, seconds) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (run_id, iteration, phase) DO UPDATE SET seconds = seconds + excluded.seconds",
+            )
+            .bind(self.run_id)
+            .bind(i64::from(iteration))
+            .bind(current.as_str())
+            .bind(seconds.max(0.0))
+            .execute(&mut *tx)
+            .await
+            .map_err(self.err("recording the phase time"))?;
+        }
         tx.commit().await.map_err(self.err("committing the phase"))
+    }
+
+    /// Seconds spent in each finished phase of an iteration, by phase name.
+    pub async fn phase_seconds(&self, iteration: u32) -> Result<BTreeMap<String, f64>, StoreError> {
+        let rows: Vec<(String, f64)> = sqlx::query_as(
+            "SELECT phase, seconds FROM phase_seconds WHERE run_id = ? AND iteration = ?",
+        )
+        .bind(self.run_id)
+        .bind(i64::from(iteration))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.err("reading phase times"))?;
+        Ok(rows.into_iter().collect())
     }
 
     /// Every iteration, in order.

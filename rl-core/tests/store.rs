@@ -294,9 +294,24 @@ async fn phases_ref_scoring_checkpoints_evals_and_metrics() {
         .await
         .expect("iteration");
     store.insert_group(0, 0, &group(0)).await.expect("group");
-    store.set_phase(0, Phase::ScoringRef).await.expect("phase");
+    store
+        .finish_phase(0, Phase::ScoringRef, 12.5)
+        .await
+        .expect("phase");
     store.set_ref_logprobs(0, 0, &refs).await.expect("refs");
-    store.set_phase(0, Phase::Training).await.expect("phase");
+    store
+        .finish_phase(0, Phase::Training, 3.25)
+        .await
+        .expect("phase");
+    // Each finished phase's time is recorded under the phase it ends.
+    let times = store.phase_seconds(0).await.expect("times");
+    assert_eq!(
+        times.into_iter().collect::<Vec<_>>(),
+        vec![
+            ("sampling".to_string(), 12.5),
+            ("scoring_ref".to_string(), 3.25)
+        ]
+    );
     let e = store
         .set_phase(0, Phase::Sampling)
         .await
