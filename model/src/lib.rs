@@ -4,7 +4,8 @@
 //! templates, samples ragged batches with per-token logprobs, scores completions under teacher
 //! forcing without materialising batch x length x vocab logits, reads and writes PEFT LoRA
 //! adapters (merged for sampling, swapped without reloading the base), and gives the learner a
-//! differentiable forward whose gradients reach the LoRA tensors only.
+//! differentiable forward whose gradients reach the LoRA tensors only; it writes a model with its
+//! adapter merged back out as a Hugging Face folder.
 //!
 //! It must never download anything (loading reads local paths only), never panic on a user's
 //! file or request (every bad input is an [`Error`] naming it), and never know about GRPO, HTTP
@@ -15,6 +16,7 @@ pub mod chat;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod export;
 pub mod grad;
 pub mod hub;
 pub mod loader;
@@ -27,6 +29,7 @@ pub use chat::{ChatTemplate, Message};
 pub use config::{Architecture, ModelConfig};
 pub use engine::{Engine, GenerateRequest, Generation, ScoreRequest, TrainLogprobs};
 pub use error::{Error, Result};
+pub use export::{export_merged, ExportReport};
 pub use lora::{LoraAdapter, LoraConfig, LoraPair, Proj};
 pub use sampler::{FinishReason, SamplingParams};
 pub use tokenizer::Tokenizer;

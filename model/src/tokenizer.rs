@@ -136,6 +136,13 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// Writes it as a Hugging Face `tokenizer.json`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.inner
+            .save(path, true)
+            .map_err(|e| Error::bad_file(path, "tokenizer.json (write)", e))
+    }
+
     /// Text of one token id.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)

@@ -23,7 +23,7 @@ use crate::lora::{LoraAdapter, Proj};
 /// optional bias.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out, in]`
+    /// `[in, out]`: the frozen base weight, transposed.
     base_t: Tensor,
     /// `[in, out]`: `base_t`, or `(base + scaling * B @ A)^T` when an adapter is merged.
     active_t: Tensor,

@@ -208,3 +208,58 @@ fn first_step_top5() {
         assert_eq!(got, want, "case {i} top-5");
     }
 }
+
+#[test]
+fn exported_hf_folder_keeps_tokenizer_template_and_logprobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smollm2");
+    let report = model::export_merged(&smollm2_gguf(), None, &out, DType::F32).unwrap();
+    assert!(report.tokenizer);
+    // 134.5M parameters with the embedding stored once (tied).
+    assert!(
+        (134_000_000..135_000_000).contains(&report.parameters),
+        "{}",
+        report.parameters
+    );
+    let exported = Engine::load(&out, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(exported.config(), engine().config());
+    let tok = exported.tokenizer().unwrap();
+    for (i, case) in reference()["tokenizer_cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(
+            tok.encode(case["text"].as_str().unwrap()).unwrap(),
+            ids(&case["ids"]),
+            "tokenizer case {i}"
+        );
+    }
+    for (i, case) in cases().iter().enumerate() {
+        let msgs: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+        assert_eq!(
+            exported.render_chat(&msgs, true).unwrap(),
+            case["rendered_prompt"].as_str().unwrap(),
+            "case {i}"
+        );
+    }
+    let case = &cases()[0];
+    let got = exported
+        .score(
+            &[ScoreRequest {
+                prompt: ids(&case["prompt_ids"]),
+                completion: ids(&case["greedy_completion_ids"]),
+            }],
+            1.0,
+        )
+        .unwrap()
+        .remove(0);
+    for (t, w) in floats(&case["completion_logprobs"]).iter().enumerate() {
+        assert!(
+            (got[t] as f64 - w).abs() <= tol(),
+            "token {t}: {} vs {w}",
+            got[t]
+        );
+    }
+}

@@ -528,3 +528,82 @@ fn top_logprobs_and_stop_sequences() {
         .to_string()
         .contains("stop sequence is empty"));
 }
+
+#[test]
+fn exported_merged_folder_scores_like_base_plus_adapter() {
+    let g = step();
+    let reqs = step_requests(&g);
+    let dir = tempfile::tempdir().unwrap();
+    let tiny_dir = golden_dir().join("tiny_llama");
+    let adapter = golden_dir().join("tiny_adapter");
+    // Merged: the folder alone reproduces PEFT's policy logprobs.
+    let merged = dir.path().join("merged");
+    let report = model::export_merged(&tiny_dir, Some(&adapter), &merged, DType::F32).unwrap();
+    assert!(report.merged > 0, "the adapter's projections were merged");
+    assert!(!report.tokenizer, "tiny_llama has no tokenizer to copy");
+    let engine = Engine::load(&merged, &Device::Cpu, DType::F32).unwrap();
+    assert!(engine.adapter().is_none());
+    for (i, lp) in engine.score(&reqs, 1.0).unwrap().iter().enumerate() {
+        assert_close(
+            lp,
+            &floats(&g["policy_logp"][i]),
+            1e-5,
+            &format!("merged policy_logp seq {i}"),
+        );
+    }
+    let config = read_json(&merged.join("config.json"));
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(config["tie_word_embeddings"], true);
+    // Without an adapter: the reference model, and the same config as the source.
+    let base = dir.path().join("base");
+    let report = model::export_merged(&tiny_dir, None, &base, DType::F32).unwrap();
+    assert_eq!(report.merged, 0);
+    let engine = Engine::load(&base, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(engine.config(), tiny().config());
+    for (i, lp) in engine.score(&reqs, 1.0).unwrap().iter().enumerate() {
+        assert_close(
+            lp,
+            &floats(&g["ref_logp"][i]),
+            1e-5,
+            &format!("exported ref_logp seq {i}"),
+        );
+    }
+    // bf16 weights: declared in config.json, loadable, close to f32.
+    let half = dir.path().join("bf16");
+    model::export_merged(&tiny_dir, Some(&adapter), &half, DType::BF16).unwrap();
+    assert_eq!(
+        read_json(&half.join("config.json"))["torch_dtype"],
+        "bfloat16"
+    );
+    let engine = Engine::load(&half, &Device::Cpu, DType::F32).unwrap();
+    for (i, lp) in engine.score(&reqs, 1.0).unwrap().iter().enumerate() {
+        assert_close(
+            lp,
+            &floats(&g["policy_logp"][i]),
+            5e-2,
+            &format!("bf16 policy_logp seq {i}"),
+        );
+    }
+    // Never overwrites, and a failed export leaves nothing behind.
+    let e = model::export_merged(&tiny_dir, None, &merged, DType::F32).unwrap_err();
+    assert!(
+        e.to_string().contains("already exists and is not empty"),
+        "{e}"
+    );
+    let e = model::export_merged(
+        &tiny_dir,
+        Some(&tiny_dir),
+        &dir.path().join("x"),
+        DType::F32,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("adapter_config.json"), "{e}");
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !left.iter().any(|n| n.contains("tmp") || n == "x"),
+        "{left:?}"
+    );
+}

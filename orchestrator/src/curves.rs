@@ -68,7 +68,12 @@ pub fn draw(panels: &[(&str, Vec<Series>)], path: &Path) -> anyhow::Result<()> {
             (y_min, y_max) = (0.0, 1.0);
         }
         if y_max - y_min < 1e-9 {
-            (y_min, y_max) = (y_min - 0.5, y_max + 0.5);
+            // A flat line: at 0 it is a rate or an accuracy that has not moved yet.
+            (y_min, y_max) = if y_min == 0.0 {
+                (0.0, 1.0)
+            } else {
+                (y_min - 0.5, y_max + 0.5)
+            };
         }
         let pad = (y_max - y_min) * 0.05;
         let mut builder = ChartBuilder::on(area);

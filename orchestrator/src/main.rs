@@ -1,6 +1,6 @@
 //! `orchestrate run CONFIG [key=value ...]`, `orchestrate resume RUN_DIR`, `orchestrate status
 //! RUN_DIR`, `orchestrate eval --model PATH [--adapter DIR] [--split test] [--limit N] --output
-//! FILE.json`.
+//! FILE.json`, `orchestrate export RUN_DIR --merge OUT_DIR [--iteration N] [--dtype f32]`.
 
 use std::path::PathBuf;
 
@@ -35,6 +35,22 @@ enum Command {
     },
     /// Print a run's progress.
     Status { run_dir: PathBuf },
+    /// Write a run's checkpoint merged into its base model as a Hugging Face folder.
+    Export {
+        run_dir: PathBuf,
+        /// The folder to create (must not exist, or be empty).
+        #[arg(long, value_name = "OUT_DIR")]
+        merge: PathBuf,
+        /// The checkpoint's iteration (default: the latest).
+        #[arg(long)]
+        iteration: Option<u32>,
+        /// The base model, when it is no longer where the run's config.yaml says.
+        #[arg(long)]
+        model: Option<String>,
+        /// Weight dtype of the folder.
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+        dtype: String,
+    },
     /// Greedy evaluation of a model (+ adapter) on GSM8K; writes a JSON report.
     Eval {
         #[arg(long)]
@@ -130,6 +146,40 @@ fn main() -> anyhow::Result<()> {
                     r["accuracy"].as_f64().unwrap_or(0.0),
                     r["format_rate"].as_f64().unwrap_or(0.0),
                     output.display()
+                );
+                Ok(())
+            }
+            Command::Export {
+                run_dir,
+                merge,
+                iteration,
+                model,
+                dtype,
+            } => {
+                let dtype = match dtype.as_str() {
+                    "bf16" => candle_core::DType::BF16,
+                    "f16" => candle_core::DType::F16,
+                    _ => candle_core::DType::F32,
+                };
+                let r = orchestrator::export::command(
+                    &run_dir,
+                    &merge,
+                    iteration,
+                    model.as_deref(),
+                    dtype,
+                )
+                .await?;
+                eprintln!(
+                    "wrote {} ({} tensors, {:.1}M parameters, LoRA merged into {} projections{})",
+                    r.out.display(),
+                    r.tensors,
+                    r.parameters as f64 / 1e6,
+                    r.merged,
+                    if r.tokenizer {
+                        ", tokenizer and chat template"
+                    } else {
+                        ", no tokenizer in the base"
+                    }
                 );
                 Ok(())
             }

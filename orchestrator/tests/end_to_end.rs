@@ -221,6 +221,78 @@ fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
     assert!(status.status.success());
     assert!(String::from_utf8_lossy(&status.stdout).contains("latest checkpoint"));
 
+    // `orchestrate export`: iteration 1's checkpoint merged into the base. The folder alone gives
+    // the logprobs the rollout server recorded when it sampled iteration 2 with that checkpoint.
+    let merged = a.path().join("merged");
+    let run_s = run.to_str().unwrap();
+    let out = orchestrate(
+        &bins,
+        &[
+            "export",
+            run_s,
+            "--merge",
+            merged.to_str().unwrap(),
+            "--iteration",
+            "1",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let engine =
+        model::Engine::load(&merged, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let rows = Command::new("sqlite3")
+        .args(["-json", run.join("rollouts.sqlite").to_str().unwrap()])
+        .arg("SELECT prompt_ids, completion_ids, logprobs FROM rollouts WHERE iteration = 2")
+        .output()
+        .unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&rows.stdout).unwrap();
+    assert_eq!(rows.len(), 4);
+    let field = |r: &serde_json::Value, k: &str| -> serde_json::Value {
+        serde_json::from_str(r[k].as_str().unwrap()).unwrap()
+    };
+    let reqs: Vec<model::ScoreRequest> = rows
+        .iter()
+        .map(|r| model::ScoreRequest {
+            prompt: serde_json::from_value(field(r, "prompt_ids")).unwrap(),
+            completion: serde_json::from_value(field(r, "completion_ids")).unwrap(),
+        })
+        .collect();
+    // The default train temperature (0.7): the sampler's logprobs are under logits / T.
+    let scored = engine.score(&reqs, 0.7).unwrap();
+    for (r, got) in rows.iter().zip(&scored) {
+        let want: Vec<f32> = serde_json::from_value(field(r, "logprobs")).unwrap();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-4, "merged {g} vs sampled {w}");
+        }
+    }
+    let err = |args: &[&str]| {
+        let out = orchestrate(&bins, args, None);
+        assert!(!out.status.success(), "{args:?} fails");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let other = a.path().join("other");
+    let other_s = other.to_str().unwrap();
+    let e = err(&["export", run_s, "--merge", merged.to_str().unwrap()]);
+    assert!(e.contains("already exists and is not empty"), "{e}");
+    let e = err(&["export", run_s, "--merge", other_s, "--iteration", "7"]);
+    assert!(
+        e.contains("no checkpoint of iteration 7 (it has: 0, 1, 2)"),
+        "{e}"
+    );
+    // A checkpoint changed after training is refused, not exported.
+    let w = run.join("checkpoints/iter_0/adapter_model.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    bytes.push(0);
+    std::fs::write(&w, bytes).unwrap();
+    let e = err(&["export", run_s, "--merge", other_s, "--iteration", "0"]);
+    assert!(e.contains("does not match the sha256 recorded"), "{e}");
+    assert!(!other.exists());
+
     // Crashed inside each phase (and a rollout server killed), resumed each time.
     let b = tempfile::tempdir().unwrap();
     let cfg = setup(b.path(), "");

@@ -76,6 +76,37 @@ fn overrides_apply_and_written_config_reads_back() {
 }
 
 #[test]
+fn omitted_keys_take_the_whole_configs_defaults() {
+    // A section given in part keeps the other keys of that section at the config's defaults
+    // (the test phase stays greedy, training keeps its temperature), not at the section type's.
+    let c = Config::from_yaml(
+        "sampling:\n  test:\n    max_tokens: 512\n",
+        "part.yaml",
+        &s(&["sampling.train.max_tokens=8"]),
+    )
+    .expect("partial sections")
+    .config;
+    let d = Config::default();
+    assert_eq!(c.sampling.test.max_tokens, 512);
+    assert_eq!(c.sampling.test.temperature, d.sampling.test.temperature);
+    assert_eq!(c.sampling.test.temperature, 0.0);
+    assert_eq!(c.sampling.train.max_tokens, 8);
+    assert_eq!(c.sampling.train.temperature, d.sampling.train.temperature);
+    assert_eq!(c.prompt.system, d.prompt.system);
+    // `rewards` is one value: the file's list replaces the default list.
+    let c = Config::from_yaml("rewards:\n  correctness: 1.0\n", "r.yaml", &[])
+        .expect("rewards")
+        .config;
+    assert_eq!(c.rewards.len(), 1);
+    assert_eq!(c.rewards.get(&RewardKind::Correctness), Some(&1.0));
+    // null still means null where the key allows it.
+    let c = Config::from_yaml("data:\n  test_limit: null\n", "n.yaml", &[])
+        .expect("null")
+        .config;
+    assert_eq!(c.data.test_limit, None);
+}
+
+#[test]
 fn broken_configs_fail_with_their_message() {
     let base = std::fs::read_to_string(configs_dir().join("rl_gsm8k.yaml")).expect("read");
     // (description, yaml, overrides, expected fragments of the message)
@@ -220,7 +251,7 @@ fn broken_configs_fail_with_their_message() {
             "bad accumulation",
             "learner:\n  grad_accumulation: 3\n".into(),
             vec![],
-            vec!["`learner.grad_accumulation`", "= 12 completions", "= 32"],
+            vec!["`learner.grad_accumulation`", "= 24 completions", "= 32"],
         ),
         (
             "unknown loss",
