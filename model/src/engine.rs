@@ -81,11 +81,27 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Loads a `.gguf` file or a Hugging Face folder.
+    /// Loads a `.gguf` file or a Hugging Face folder. On the CPU, `bf16` means frozen weights
+    /// packed in bf16 for the kernel of [`crate::bf16`] with f32 activations, or the f32 path
+    /// when this CPU has no bf16 dot-product instructions (with a warning).
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        let loaded = crate::loader::load(path, device, dtype)?;
-        let model =
+        let cpu_bf16 = device.is_cpu() && dtype == DType::BF16;
+        let load_dtype = if cpu_bf16 { DType::F32 } else { dtype };
+        let loaded = crate::loader::load(path, device, load_dtype)?;
+        let mut model =
             Transformer::from_weights(&loaded.config, loaded.weights, &loaded.source, device)?;
+        if cpu_bf16 {
+            if crate::bf16::available() {
+                model.pack_bf16()?;
+            } else {
+                tracing::warn!(
+                    "this CPU has no AVX512-BF16: dtype bf16 runs the f32 path ({})",
+                    crate::bf16::amx_bf16_status()
+                        .err()
+                        .unwrap_or_else(|| "AMX-BF16 present but no AMX kernel yet".into())
+                );
+            }
+        }
         if let Some(tok) = &loaded.tokenizer {
             if tok.vocab_size() > loaded.config.vocab_size {
                 tracing::warn!(

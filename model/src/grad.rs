@@ -12,7 +12,7 @@
 //! is a closure. Every formula is checked against PEFT's gradients (`tests/tiny.rs`) and finite
 //! differences.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -195,12 +195,38 @@ fn when<T>(cond: bool, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
     }
 }
 
+/// A frozen weight `W` `[k, n]`, used as `x @ W`, with the backward `g @ W^T`: a dense tensor
+/// (any layout, e.g. a transposed view) or bf16 packed for the CPU kernel of [`crate::bf16`].
+#[derive(Debug, Clone)]
+pub enum Frozen {
+    Dense(Tensor),
+    Bf16(Arc<crate::bf16::Bf16Matrix>),
+}
+
+impl Frozen {
+    /// `x @ W`: `[n, k]` -> `[n, n_out]`.
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Frozen::Dense(w) => x.matmul(w),
+            Frozen::Bf16(m) => m.forward(x),
+        }
+    }
+
+    /// `g @ W^T`: `[n, n_out]` -> `[n, k]`.
+    pub fn matmul_t(&self, g: &Tensor) -> Result<Tensor> {
+        match self {
+            Frozen::Dense(w) => g.matmul(&w.t()?),
+            Frozen::Bf16(m) => m.backward(g),
+        }
+    }
+}
+
 /// `x @ wt` for a frozen weight given transposed, `wt` `[in, out]`: the gradient goes to `x`
 /// only. x: `[n, in]` -> `[n, out]`.
-pub fn frozen_linear(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
-    let y = x.detach().matmul(wt)?;
+pub fn frozen_linear(x: &Tensor, wt: &Frozen) -> Result<Tensor> {
+    let y = wt.matmul(&x.detach())?;
     let wt = wt.clone();
-    attach(x, y, move |_x, g| g.matmul(&wt.t()?))
+    attach(x, y, move |_x, g| wt.matmul_t(g))
 }
 
 /// A LoRA projection `x @ wt + scaling * (x @ a^T) @ b^T` with a frozen `wt` `[in, out]`,
@@ -209,7 +235,7 @@ pub fn frozen_linear(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
 /// cast for the matmuls and its gradients are returned in its own dtype.
 pub fn lora_linear(
     x: &Tensor,
-    wt: &Tensor,
+    wt: &Frozen,
     a: &Tensor,
     b: &Tensor,
     scaling: f64,
@@ -217,15 +243,15 @@ pub fn lora_linear(
     let dt = x.dtype();
     let xd = x.detach();
     let xa = (xd.matmul(&a.detach().to_dtype(dt)?.t()?)? * scaling)?; // [n, r]
-    let y = xd
-        .matmul(wt)?
+    let y = wt
+        .matmul(&xd)?
         .add(&xa.matmul(&b.detach().to_dtype(dt)?.t()?)?)?;
     let wt = wt.clone();
     attach3((x, a, b), y, move |x, a, b, g| {
         let (a_dt, b_dt) = (a.dtype(), b.dtype());
         let (a, b) = (a.to_dtype(dt)?, b.to_dtype(dt)?);
         let gb = (g.matmul(&b)? * scaling)?; // [n, r]
-        let dx = when(x.track_op(), || g.matmul(&wt.t()?)?.add(&gb.matmul(&a)?))?;
+        let dx = when(x.track_op(), || wt.matmul_t(g)?.add(&gb.matmul(&a)?))?;
         let da = when(a.track_op(), || gb.t()?.matmul(x)?.to_dtype(a_dt))?; // [r, in]
         let db = when(b.track_op(), || {
             let xa = (x.matmul(&a.t()?)? * scaling)?;
@@ -315,12 +341,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
     })
 }
 
-/// Log-probability of `targets` under `softmax(h @ w^T / temperature)`, chunked over rows so
+/// Log-probability of `targets` under `softmax(h @ w / temperature)`, chunked over rows so
 /// that at most `chunk x vocab` logits exist at once, in the forward and in the backward.
-/// h: `[n, d]`, w: `[vocab, d]`, targets: `n` ids -> `[n]` in [`wide`] of h's dtype.
+/// h: `[n, d]`, w: the output projection `[d, vocab]`, targets: `n` ids -> `[n]` in [`wide`]
+/// of h's dtype.
 pub fn target_logprobs(
     h: &Tensor,
-    w: &Tensor,
+    w: &Frozen,
     targets: &[u32],
     temperature: f64,
     chunk: usize,
@@ -343,7 +370,7 @@ pub fn target_logprobs(
             let gi = g.narrow(0, start, len)?.unsqueeze(1)?; // [len, 1]
             let dlogits = (p.broadcast_mul(&gi)? * (-1.0 / temperature))?;
             let dlogits = dlogits.scatter_add(&ids, &(gi / temperature)?, 1)?;
-            parts.push(dlogits.to_dtype(h.dtype())?.matmul(&w)?);
+            parts.push(w.matmul_t(&dlogits.to_dtype(h.dtype())?)?);
         }
         Tensor::cat(&parts, 0)
     })
@@ -352,7 +379,7 @@ pub fn target_logprobs(
 /// The forward of [`target_logprobs`] without a graph. Returns `[n]` in [`wide`] of h's dtype.
 pub fn logprobs_detached(
     h: &Tensor,
-    w: &Tensor,
+    w: &Frozen,
     targets: &[u32],
     temperature: f64,
     chunk: usize,
@@ -374,17 +401,16 @@ pub fn logprobs_detached(
     Tensor::cat(&parts, 0)
 }
 
-/// `h[start..start+len] @ w^T / temperature` in [`wide`] of h's dtype: `[len, vocab]`.
+/// `h[start..start+len] @ w / temperature` in [`wide`] of h's dtype: `[len, vocab]`.
 fn chunk_logits(
     h: &Tensor,
-    w: &Tensor,
+    w: &Frozen,
     start: usize,
     len: usize,
     temperature: f64,
 ) -> Result<Tensor> {
-    let logits = h
-        .narrow(0, start, len)?
-        .matmul(&w.t()?)?
+    let logits = w
+        .matmul(&h.narrow(0, start, len)?)?
         .to_dtype(wide(h.dtype()))?;
     if temperature == 1.0 {
         Ok(logits)

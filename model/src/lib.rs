@@ -12,6 +12,7 @@
 //! or the rollout database: those live in the crates above it.
 
 pub mod alloc;
+pub mod bf16;
 pub mod chat;
 pub mod config;
 pub mod engine;

@@ -1,0 +1,275 @@
+//! The only `unsafe` code of the bf16 path: the CPU feature probes and the AVX512-BF16 GEMM
+//! `C[m, n] (f32) = A[m, k] (bf16) x B[k, n] (bf16)`, f32 accumulation.
+//!
+//! Layouts (both built by the safe code in [`super`]):
+//! - A: `[m][kp]` u32, `kp = ceil(k / 2)`; `A[i][q]` holds the bf16 pair (`a[i][2q]` in the low
+//!   half, `a[i][2q+1]` in the high half, 0 past `k`). That is a row of bf16 values as stored.
+//! - B: panels of [`NR`] columns, panel `p` at `p * kp * NR`, `[kp][NR]` u32; entry `(q, j)` holds
+//!   (`b[2q][p*NR+j]`, `b[2q+1][p*NR+j]`), 0 past `k` or `n`.
+//!
+//! `vdpbf16ps` adds to each f32 lane `j` the two products of the bf16 pair in lane `j` of both
+//! operands, so broadcasting A's pair `q` of row `i` against panel row `q` accumulates
+//! `a[i][2q] b[2q][j] + a[i][2q+1] b[2q+1][j]` into column `j`: one instruction, 32 multiply-adds.
+//! A micro-tile keeps [`MR`] x [`NR`] f32 accumulators (24 zmm registers) for the whole `k`.
+#![allow(unsafe_code)]
+
+/// Columns per B panel (two zmm registers of 16 f32).
+pub const NR: usize = 32;
+/// Rows per micro-tile.
+pub const MR: usize = 12;
+/// Rows per task: `MB` rows of A (`MB * kp * 4` bytes) and one task's panels stay in L2.
+const MB: usize = 8 * MR;
+
+/// Whether this CPU runs the AVX512-BF16 kernel (`vdpbf16ps`).
+pub fn avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// What the CPU and the OS say about AMX-BF16: `Ok(())` when its tiles could be used, else why
+/// not. (No AMX kernel is built yet: see the crate README.)
+pub fn amx_bf16() -> Result<(), String> {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        use std::arch::x86_64::__cpuid_count;
+        // CPUID.(EAX=7,ECX=0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
+        let edx = __cpuid_count(7, 0).edx;
+        if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+            return Err("the CPU has no AMX-BF16 (CPUID.7.0:EDX bits 22/24 clear)".into());
+        }
+        // Linux hands out the 8 KiB tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM
+        // for XTILEDATA, feature 18).
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with ARCH_REQ_XCOMP_PERM takes two integers and touches no memory
+        // of ours; it only grants (or refuses) this process the AMX register state.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM: {})",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        Err("AMX is only probed on x86_64 Linux".into())
+    }
+}
+
+/// Converts f32 values to bf16 pairs (round to nearest even), `dst.len() == ceil(src.len()/2)`.
+pub fn pairs_from_f32(src: &[f32], dst: &mut [u32]) {
+    assert_eq!(dst.len(), src.len().div_ceil(2), "pairs_from_f32: lengths");
+    let done = {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx512_bf16() {
+                let whole = src.len() / 32 * 32;
+                // SAFETY: the feature is present (checked above); the function reads
+                // `src[..whole]` and writes `dst[..whole / 2]`, both in bounds by construction.
+                unsafe { x86::pairs_from_f32(&src[..whole], &mut dst[..whole / 2]) };
+                whole
+            } else {
+                0
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            0
+        }
+    };
+    for (q, d) in dst.iter_mut().enumerate().skip(done / 2) {
+        let lo = half::bf16::from_f32(src[2 * q]).to_bits() as u32;
+        let hi = src
+            .get(2 * q + 1)
+            .map_or(0, |&x| half::bf16::from_f32(x).to_bits() as u32);
+        *d = lo | (hi << 16);
+    }
+}
+
+/// `c[m, n] = a x b` with the layouts of the module doc, on the rayon pool. Panics when the
+/// slices do not have the sizes `m`, `n`, `kp` imply, or when the CPU lacks AVX512-BF16
+/// (callers check [`avx512_bf16`] first and use the f32 path otherwise).
+pub fn gemm(a: &[u32], m: usize, kp: usize, b: &[u32], n: usize, c: &mut [f32]) {
+    let panels = n.div_ceil(NR);
+    assert_eq!(a.len(), m * kp, "gemm: A is not [m][kp]");
+    assert_eq!(b.len(), panels * kp * NR, "gemm: B is not packed for n");
+    assert_eq!(c.len(), m * n, "gemm: C is not [m][n]");
+    assert!(avx512_bf16(), "gemm: the CPU has no AVX512-BF16");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if kp == 0 {
+        c.fill(0.0);
+        return;
+    }
+    // Tasks: (row block, group of panels), each writing a disjoint rectangle of C.
+    let row_blocks = m.div_ceil(MB);
+    let threads = rayon::current_num_threads().max(1);
+    let group = panels
+        .div_ceil((8 * threads).div_ceil(row_blocks).max(1))
+        .clamp(1, 4);
+    let groups = panels.div_ceil(group);
+    let out = OutPtr(c.as_mut_ptr());
+    let task = |t: usize| {
+        let (rb, g) = (t / groups, t % groups);
+        let rows = rb * MB..((rb + 1) * MB).min(m);
+        for p in g * group..((g + 1) * group).min(panels) {
+            let cols = (n - p * NR).min(NR);
+            let panel = &b[p * kp * NR..(p + 1) * kp * NR];
+            let mut r = rows.start;
+            while r < rows.end {
+                let h = (rows.end - r).min(MR);
+                // SAFETY: rows r..r+h < m and columns p*NR..p*NR+cols <= n lie inside C (its
+                // length was checked above); no other task writes them: tasks partition C into
+                // (row block, panel group) rectangles. A's rows r..r+h and the panel are in
+                // bounds (lengths checked above). The CPU feature was checked above.
+                unsafe {
+                    let a_rows = a.as_ptr().add(r * kp);
+                    let c_tile = out.at(r * n + p * NR);
+                    x86::tile(h, a_rows, kp, panel.as_ptr(), c_tile, n, cols);
+                }
+                r += h;
+            }
+        }
+    };
+    use rayon::prelude::*;
+    (0..row_blocks * groups).into_par_iter().for_each(task);
+}
+
+/// C's base pointer, shared by the tasks of [`gemm`] (each writes its own rectangle).
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the pointer is only dereferenced inside `gemm`'s tasks, which write disjoint parts of
+// a buffer that `gemm` borrows mutably for their whole lifetime.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `offset` must be inside the buffer.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: the caller keeps `offset` inside the buffer.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR};
+
+    /// # Safety
+    /// AVX512F and AVX512-BF16 present; `src.len()` a multiple of 32; `dst.len() == src.len()/2`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn pairs_from_f32(src: &[f32], dst: &mut [u32]) {
+        debug_assert!(src.len().is_multiple_of(32) && dst.len() * 2 == src.len());
+        for (s, d) in src.chunks_exact(32).zip(dst.chunks_exact_mut(16)) {
+            // SAFETY: `s` has 32 readable f32 and `d` 16 writable u32 (64 bytes); unaligned
+            // loads and stores are used.
+            unsafe {
+                let lo = _mm512_loadu_ps(s.as_ptr());
+                let hi = _mm512_loadu_ps(s.as_ptr().add(16));
+                // bf16 lanes 0..15 come from `lo`, 16..31 from `hi`: the values in order.
+                let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(d.as_mut_ptr().cast(), packed);
+            }
+        }
+    }
+
+    /// One micro-tile: rows `0..h` (h <= MR) of A at `a` (row stride `kp` u32) times the panel
+    /// `b` (`[kp][NR]` u32) into columns `0..cols` (cols <= NR) of C at `c` (row stride `ldc`).
+    ///
+    /// # Safety
+    /// AVX512F and AVX512-BF16 present; `a` readable for `h * kp` u32, `b` for `kp * NR` u32,
+    /// `c` writable at `i * ldc + j` for `i < h`, `j < cols`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn tile(
+        h: usize,
+        a: *const u32,
+        kp: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+    ) {
+        // SAFETY (all arms): forwarded from the caller; R == h.
+        unsafe {
+            match h {
+                12 => tile_r::<12>(a, kp, b, c, ldc, cols),
+                11 => tile_r::<11>(a, kp, b, c, ldc, cols),
+                10 => tile_r::<10>(a, kp, b, c, ldc, cols),
+                9 => tile_r::<9>(a, kp, b, c, ldc, cols),
+                8 => tile_r::<8>(a, kp, b, c, ldc, cols),
+                7 => tile_r::<7>(a, kp, b, c, ldc, cols),
+                6 => tile_r::<6>(a, kp, b, c, ldc, cols),
+                5 => tile_r::<5>(a, kp, b, c, ldc, cols),
+                4 => tile_r::<4>(a, kp, b, c, ldc, cols),
+                3 => tile_r::<3>(a, kp, b, c, ldc, cols),
+                2 => tile_r::<2>(a, kp, b, c, ldc, cols),
+                1 => tile_r::<1>(a, kp, b, c, ldc, cols),
+                _ => {}
+            }
+        }
+        debug_assert!(h <= MR);
+    }
+
+    /// # Safety
+    /// As [`tile`] with `h == R`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile_r<const R: usize>(
+        a: *const u32,
+        kp: usize,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for q in 0..kp {
+            // SAFETY: q < kp, so the panel row q (NR u32) and A's pair q of rows < R are in
+            // the ranges the caller guarantees; all loads are unaligned.
+            unsafe {
+                let row = b.add(q * NR);
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(row.cast()));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(row.add(16).cast()));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let pair = *a.add(i * kp + q);
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
+                    acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+                }
+            }
+        }
+        let mask = |from: usize| -> __mmask16 {
+            let k = cols.saturating_sub(from).min(16);
+            ((1u32 << k) - 1) as __mmask16
+        };
+        let (m0, m1) = (mask(0), mask(16));
+        for (i, acc) in acc.iter().enumerate() {
+            // SAFETY: row i < R == h and the masks enable only columns < cols (masked-off lanes
+            // are never accessed, so the second half's address may lie past C when cols <= 16:
+            // it is formed with wrapping_add, not add).
+            unsafe {
+                _mm512_mask_storeu_ps(c.add(i * ldc), m0, acc[0]);
+                _mm512_mask_storeu_ps(c.wrapping_add(i * ldc + 16), m1, acc[1]);
+            }
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! The bf16 CPU path: the AVX512-BF16 kernel against f32 matmuls on odd shapes, strided and
+//! batched inputs, and the backward; SmolLM2 with bf16 weights against the transformers oracle
+//! (`../shared/golden/smollm2_reference.json`). On a CPU without AVX512-BF16 the kernel tests
+//! say so and the engine tests check the f32 fallback of dtype bf16 instead.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use model::bf16::{Bf16Matrix, Packed};
+use model::{Engine, ScoreRequest};
+
+fn report_cpu() -> bool {
+    let amx = model::bf16::amx_bf16_status();
+    eprintln!(
+        "AMX-BF16: {}; AVX512-BF16: {}",
+        amx.err()
+            .unwrap_or_else(|| "present (no AMX kernel yet: the AVX512-BF16 one runs)".into()),
+        model::bf16::available()
+    );
+    if !model::bf16::available() {
+        eprintln!(
+            "this CPU has no AVX512-BF16: the kernel is not tested here; the f32 fallback is"
+        );
+    }
+    model::bf16::available()
+}
+
+/// Deterministic values in [-1, 1].
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn round_bf16(v: &[f32]) -> Vec<f32> {
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect()
+}
+
+/// `x @ w` in f64 over the given f32 values: `[m, k] x [k, n]`.
+fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+    let mut out = vec![0f64; m * n];
+    for i in 0..m {
+        for kk in 0..k {
+            let a = x[i * k + kk] as f64;
+            for j in 0..n {
+                out[i * n + j] += a * w[kk * n + j] as f64;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn kernel_matches_f32_on_odd_shapes() {
+    if !report_cpu() {
+        return;
+    }
+    let sizes = [1, 7, 33, 577];
+    for &m in &sizes {
+        for &k in &sizes {
+            for &n in &sizes {
+                let x = values(m * k, (m * 31 + k) as u64);
+                let w = values(k * n, (k * 17 + n) as u64);
+                let got = Packed::from_k_n(&w, k, n).matmul(&x, m);
+                // Exact products of the bf16-rounded inputs, summed in f64: the kernel differs
+                // only by f32 summation order.
+                let exact = reference(&round_bf16(&x), &round_bf16(&w), m, k, n);
+                // The true f32 product: bf16 rounding of both inputs (2^-9 relative each).
+                let full = reference(&x, &w, m, k, n);
+                for i in 0..m * n {
+                    let (g, e, f) = (got[i] as f64, exact[i], full[i]);
+                    assert!(
+                        (g - e).abs() <= 1e-5 * (k as f64).sqrt() + 1e-6,
+                        "{m}x{k}x{n} [{i}]: kernel {g} vs exact bf16 product {e}"
+                    );
+                    // Sum of k products of values in [-1, 1], each off by <= 2 * 2^-9.
+                    assert!(
+                        (g - f).abs() <= 4.0 * 2f64.powi(-9) * (k as f64).sqrt() + 1e-6,
+                        "{m}x{k}x{n} [{i}]: kernel {g} vs f32 {f}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn strided_batched_inputs_and_the_backward() {
+    if !report_cpu() {
+        return;
+    }
+    let (out, inp) = (45, 33);
+    // A weight as stored, [out, in].
+    let w = Tensor::from_vec(values(out * inp, 5), (out, inp), &Device::Cpu).unwrap();
+    let w_r =
+        Tensor::from_vec(round_bf16(&values(out * inp, 5)), (out, inp), &Device::Cpu).unwrap();
+    let m = Bf16Matrix::from_out_in(&w).unwrap();
+    // Batched x [2, 7, in], built transposed so that it is strided.
+    let xt = Tensor::from_vec(values(2 * inp * 7, 9), (2, inp, 7), &Device::Cpu).unwrap();
+    let x = xt.transpose(1, 2).unwrap();
+    assert!(!x.is_contiguous());
+    let got = m.forward(&x).unwrap();
+    assert_eq!(got.dims(), &[2, 7, out]);
+    let x_r = Tensor::from_vec(
+        round_bf16(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
+        (2, 7, inp),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let want = x_r.broadcast_matmul(&w_r.t().unwrap()).unwrap();
+    let err = (got - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(err < 1e-4, "forward max error {err}");
+    // Backward: g [2, 7, out] @ W -> [2, 7, in].
+    let g = Tensor::from_vec(values(2 * 7 * out, 11), (2, 7, out), &Device::Cpu).unwrap();
+    let got = m.backward(&g).unwrap();
+    assert_eq!(got.dims(), &[2, 7, inp]);
+    let g_r = Tensor::from_vec(
+        round_bf16(&g.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
+        (2, 7, out),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let want = g_r.broadcast_matmul(&w_r).unwrap();
+    let err = (got - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(err < 1e-4, "backward max error {err}");
+    // A wrong feature count is an error, not a panic.
+    let bad = Tensor::zeros((3, inp + 1), DType::F32, &Device::Cpu).unwrap();
+    let e = m.forward(&bad).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("input has 34 features, the weight expects 33"),
+        "{e}"
+    );
+}
+
+/// SmolLM2 with bf16 weights: teacher-forced logprobs within 5e-2 of the f32 oracle, greedy ids
+/// equal up to the first step whose top-2 margin (in the oracle) is below 0.1.
+#[test]
+fn smollm2_bf16_matches_the_oracle() {
+    let packed = report_cpu();
+    let engine = Engine::load(&smollm2_gguf(), &Device::Cpu, DType::BF16).unwrap();
+    assert_eq!(engine.transformer().is_bf16_packed(), packed);
+    let reference = read_json(&golden_dir().join("smollm2_reference.json"));
+    let cases = reference["generation_cases"].as_array().unwrap();
+    let reqs: Vec<ScoreRequest> = cases
+        .iter()
+        .map(|c| ScoreRequest {
+            prompt: ids(&c["prompt_ids"]),
+            completion: ids(&c["greedy_completion_ids"]),
+        })
+        .collect();
+    let scored = engine.score(&reqs, 1.0).unwrap();
+    let mut worst = 0f64;
+    for (i, case) in cases.iter().enumerate() {
+        for (t, w) in floats(&case["completion_logprobs"]).iter().enumerate() {
+            let d = (scored[i][t] as f64 - w).abs();
+            worst = worst.max(d);
+            assert!(d <= 5e-2, "case {i} token {t}: {} vs {w}", scored[i][t]);
+        }
+    }
+    eprintln!("bf16 teacher-forced logprobs: max |error| {worst:.2e} (bound 5e-2)");
+    let prompts: Vec<Vec<u32>> = reqs.iter().map(|r| r.prompt.clone()).collect();
+    let reqs: Vec<model::GenerateRequest> = prompts
+        .iter()
+        .map(|p| model::GenerateRequest {
+            prompt: p.clone(),
+            params: model::SamplingParams {
+                temperature: 0.0,
+                max_tokens: 64,
+                ..Default::default()
+            },
+        })
+        .collect();
+    let gens = engine.generate(&reqs).unwrap();
+    for (i, (case, gen)) in cases.iter().zip(&gens).enumerate() {
+        let want = ids(&case["greedy_completion_ids"]);
+        let margins = floats(&case["greedy_step_margins"]);
+        let steps = margins
+            .iter()
+            .position(|&m| m < 0.1)
+            .unwrap_or(margins.len())
+            .min(want.len())
+            .min(64);
+        assert_eq!(
+            gen.tokens[..steps.min(gen.tokens.len())],
+            want[..steps.min(gen.tokens.len())],
+            "case {i}: greedy ids before the first near-tie (step {steps})"
+        );
+        assert!(gen.tokens.len() >= steps, "case {i}: stopped early");
+    }
+}
