@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-pub use kernel::{amx_bf16 as amx_bf16_status, avx512_bf16 as available, NR};
+pub use kernel::{amx_bf16 as amx_bf16_status, avx512_bf16 as available, peak_gflops, NR};
 
 /// A matrix `B` `[k, n]` rounded to bf16 and packed in panels of [`NR`] columns for the kernel.
 #[derive(Debug)]
@@ -116,14 +116,15 @@ impl Packed {
     /// `x @ B` for `x` `[m, k]` row-major f32: `[m, n]` row-major f32. Needs [`available`].
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "Packed::matmul: x is not [m, k]");
-        let mut a = vec![0u32; m * self.kp];
-        if self.kp > 0 {
-            a.par_chunks_mut(self.kp)
+        let lda = kernel::a_stride(self.kp);
+        let mut a = vec![0u32; m * lda];
+        if self.k > 0 {
+            a.par_chunks_mut(lda)
                 .zip(x.par_chunks(self.k))
-                .for_each(|(dst, src)| kernel::pairs_from_f32(src, dst));
+                .for_each(|(dst, src)| kernel::pairs_from_f32(src, &mut dst[..self.kp]));
         }
         let mut c = vec![0f32; m * self.n];
-        kernel::gemm(&a, m, self.kp, &self.data, self.n, &mut c);
+        kernel::gemm(&a, m, lda, self.kp, &self.data, self.n, &mut c);
         c
     }
 

@@ -17,8 +17,11 @@
 pub const NR: usize = 32;
 /// Rows per micro-tile.
 pub const MR: usize = 12;
-/// Rows per task: `MB` rows of A (`MB * kp * 4` bytes) and one task's panels stay in L2.
+/// Rows per task.
 const MB: usize = 8 * MR;
+/// Pairs of k per block: a panel's slice (`KC * NR * 4` = 16 KiB) stays in L1 while the task's
+/// row tiles pass over it, and the task's A slice (`MB * KC * 4` = 48 KiB) in L2.
+const KC: usize = 128;
 
 /// Whether this CPU runs the AVX512-BF16 kernel (`vdpbf16ps`).
 pub fn avx512_bf16() -> bool {
@@ -101,12 +104,21 @@ pub fn pairs_from_f32(src: &[f32], dst: &mut [u32]) {
     }
 }
 
-/// `c[m, n] = a x b` with the layouts of the module doc, on the rayon pool. Panics when the
-/// slices do not have the sizes `m`, `n`, `kp` imply, or when the CPU lacks AVX512-BF16
-/// (callers check [`avx512_bf16`] first and use the f32 path otherwise).
-pub fn gemm(a: &[u32], m: usize, kp: usize, b: &[u32], n: usize, c: &mut [f32]) {
+/// The row stride (in u32) to give A for `kp` pairs: whole cache lines plus one, so that the
+/// rows a micro-tile reads together fall in different L1 sets (a stride of exactly 4 KiB, e.g.
+/// k = 2048, would put all 12 in one 8-way set).
+pub fn a_stride(kp: usize) -> usize {
+    kp.div_ceil(16) * 16 + 16
+}
+
+/// `c[m, n] = a x b` with the layouts of the module doc (A's rows `lda` u32 apart, `lda >= kp`),
+/// on the rayon pool. Panics when the slices do not have the sizes `m`, `lda`, `kp`, `n` imply,
+/// or when the CPU lacks AVX512-BF16 (callers check [`avx512_bf16`] first and use the f32 path
+/// otherwise).
+pub fn gemm(a: &[u32], m: usize, lda: usize, kp: usize, b: &[u32], n: usize, c: &mut [f32]) {
     let panels = n.div_ceil(NR);
-    assert_eq!(a.len(), m * kp, "gemm: A is not [m][kp]");
+    assert!(lda >= kp, "gemm: A's row stride is shorter than a row");
+    assert_eq!(a.len(), m * lda, "gemm: A is not [m][lda]");
     assert_eq!(b.len(), panels * kp * NR, "gemm: B is not packed for n");
     assert_eq!(c.len(), m * n, "gemm: C is not [m][n]");
     assert!(avx512_bf16(), "gemm: the CPU has no AVX512-BF16");
@@ -128,27 +140,58 @@ pub fn gemm(a: &[u32], m: usize, kp: usize, b: &[u32], n: usize, c: &mut [f32]) 
     let task = |t: usize| {
         let (rb, g) = (t / groups, t % groups);
         let rows = rb * MB..((rb + 1) * MB).min(m);
-        for p in g * group..((g + 1) * group).min(panels) {
-            let cols = (n - p * NR).min(NR);
-            let panel = &b[p * kp * NR..(p + 1) * kp * NR];
-            let mut r = rows.start;
-            while r < rows.end {
-                let h = (rows.end - r).min(MR);
-                // SAFETY: rows r..r+h < m and columns p*NR..p*NR+cols <= n lie inside C (its
-                // length was checked above); no other task writes them: tasks partition C into
-                // (row block, panel group) rectangles. A's rows r..r+h and the panel are in
-                // bounds (lengths checked above). The CPU feature was checked above.
-                unsafe {
-                    let a_rows = a.as_ptr().add(r * kp);
-                    let c_tile = out.at(r * n + p * NR);
-                    x86::tile(h, a_rows, kp, panel.as_ptr(), c_tile, n, cols);
+        for k0 in (0..kp).step_by(KC) {
+            let kc = KC.min(kp - k0);
+            for p in g * group..((g + 1) * group).min(panels) {
+                let cols = (n - p * NR).min(NR);
+                // Pairs k0..k0+kc of panel p.
+                let slice = &b[(p * kp + k0) * NR..(p * kp + k0 + kc) * NR];
+                let mut r = rows.start;
+                while r < rows.end {
+                    let h = (rows.end - r).min(MR);
+                    // SAFETY: rows r..r+h <= m and columns p*NR..p*NR+cols <= n lie inside C
+                    // (its length was checked above), and no other task writes them: tasks
+                    // partition C into (row block, panel group) rectangles. A's rows r..r+h,
+                    // pairs k0..k0+kc (< kp), are inside A (length checked above); the panel
+                    // slice is a checked subslice. The CPU feature was checked above.
+                    unsafe {
+                        let a_rows = a.as_ptr().add(r * lda + k0);
+                        let c_tile = out.at(r * n + p * NR);
+                        x86::tile(h, a_rows, lda, slice.as_ptr(), kc, c_tile, n, cols, k0 > 0);
+                    }
+                    r += h;
                 }
-                r += h;
             }
         }
     };
     use rayon::prelude::*;
     (0..row_blocks * groups).into_par_iter().for_each(task);
+}
+
+/// The machine's bf16 multiply-add peak in GFLOP/s: every rayon thread runs `vdpbf16ps` on 12
+/// independent register accumulators (no memory traffic) for about `seconds`. What the GEMM's
+/// fraction of peak is measured against. Needs [`avx512_bf16`].
+pub fn peak_gflops(seconds: f64) -> f64 {
+    assert!(avx512_bf16(), "peak_gflops: the CPU has no AVX512-BF16");
+    use rayon::prelude::*;
+    let threads = rayon::current_num_threads().max(1);
+    // Calibrate the iteration count on one thread, then run all threads at once.
+    let calib = 1 << 20;
+    let t = std::time::Instant::now();
+    // SAFETY: the CPU feature was checked above; the loop touches registers only.
+    std::hint::black_box(unsafe { x86::dot_loop(calib) });
+    let per_iter = t.elapsed().as_secs_f64() / calib as f64;
+    let iters = ((seconds / per_iter.max(1e-12)) as usize).max(calib);
+    let t = std::time::Instant::now();
+    let sink: f32 = (0..threads)
+        .into_par_iter()
+        // SAFETY: as above.
+        .map(|_| unsafe { x86::dot_loop(iters) })
+        .sum();
+    std::hint::black_box(sink);
+    let elapsed = t.elapsed().as_secs_f64();
+    // Per iteration: 12 instructions x 16 lanes x 2 pairs x 2 FLOP.
+    (threads * iters * 12 * 16 * 4) as f64 / elapsed / 1e9
 }
 
 /// C's base pointer, shared by the tasks of [`gemm`] (each writes its own rectangle).
@@ -193,82 +236,138 @@ mod x86 {
         }
     }
 
-    /// One micro-tile: rows `0..h` (h <= MR) of A at `a` (row stride `kp` u32) times the panel
-    /// `b` (`[kp][NR]` u32) into columns `0..cols` (cols <= NR) of C at `c` (row stride `ldc`).
+    /// `iters` rounds of 12 independent `vdpbf16ps` on registers; returns a lane of the sum so
+    /// that nothing is optimised away.
     ///
     /// # Safety
-    /// AVX512F and AVX512-BF16 present; `a` readable for `h * kp` u32, `b` for `kp * NR` u32,
-    /// `c` writable at `i * ldc + j` for `i < h`, `j < cols`.
+    /// AVX512F and AVX512-BF16 present.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn dot_loop(iters: usize) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 12];
+        // SAFETY: register-only bit reinterpretation of 512-bit vectors.
+        let (a, b): (__m512bh, __m512bh) = unsafe {
+            (
+                std::mem::transmute(_mm512_set1_epi32(0x3f80_3f80)),
+                std::mem::transmute(_mm512_set1_epi32(0x3c00_3c00)),
+            )
+        };
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = _mm512_dpbf16_ps(*x, a, b);
+            }
+        }
+        let mut sum = _mm512_setzero_ps();
+        for x in acc {
+            sum = _mm512_add_ps(sum, x);
+        }
+        _mm512_reduce_add_ps(sum)
+    }
+
+    /// One micro-tile: rows `0..h` (h <= MR) of A at `a` (row stride `lda` u32) times `kc`
+    /// rows of a panel at `b` (`[kc][NR]` u32) into columns `0..cols` (cols <= NR) of C at `c`
+    /// (row stride `ldc`), added to C's values when `accumulate`, else stored.
+    ///
+    /// # Safety
+    /// AVX512F and AVX512-BF16 present; `a` readable at `i * lda + q` for `i < h`, `q < kc`;
+    /// `b` readable for `kc * NR` u32; `c` readable and writable at `i * ldc + j` for `i < h`,
+    /// `j < cols`.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn tile(
         h: usize,
         a: *const u32,
-        kp: usize,
+        lda: usize,
         b: *const u32,
+        kc: usize,
         c: *mut f32,
         ldc: usize,
         cols: usize,
+        accumulate: bool,
     ) {
-        // SAFETY (all arms): forwarded from the caller; R == h.
+        let t = Tile {
+            a,
+            lda,
+            b,
+            kc,
+            c,
+            ldc,
+            cols,
+            accumulate,
+        };
+        debug_assert!(h <= MR);
+        // SAFETY (all arms): forwarded from the caller with R == h.
         unsafe {
             match h {
-                12 => tile_r::<12>(a, kp, b, c, ldc, cols),
-                11 => tile_r::<11>(a, kp, b, c, ldc, cols),
-                10 => tile_r::<10>(a, kp, b, c, ldc, cols),
-                9 => tile_r::<9>(a, kp, b, c, ldc, cols),
-                8 => tile_r::<8>(a, kp, b, c, ldc, cols),
-                7 => tile_r::<7>(a, kp, b, c, ldc, cols),
-                6 => tile_r::<6>(a, kp, b, c, ldc, cols),
-                5 => tile_r::<5>(a, kp, b, c, ldc, cols),
-                4 => tile_r::<4>(a, kp, b, c, ldc, cols),
-                3 => tile_r::<3>(a, kp, b, c, ldc, cols),
-                2 => tile_r::<2>(a, kp, b, c, ldc, cols),
-                1 => tile_r::<1>(a, kp, b, c, ldc, cols),
+                12 => t.run::<12>(),
+                11 => t.run::<11>(),
+                10 => t.run::<10>(),
+                9 => t.run::<9>(),
+                8 => t.run::<8>(),
+                7 => t.run::<7>(),
+                6 => t.run::<6>(),
+                5 => t.run::<5>(),
+                4 => t.run::<4>(),
+                3 => t.run::<3>(),
+                2 => t.run::<2>(),
+                1 => t.run::<1>(),
                 _ => {}
             }
         }
-        debug_assert!(h <= MR);
     }
 
-    /// # Safety
-    /// As [`tile`] with `h == R`.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn tile_r<const R: usize>(
+    /// The arguments of [`tile`].
+    struct Tile {
         a: *const u32,
-        kp: usize,
+        lda: usize,
         b: *const u32,
+        kc: usize,
         c: *mut f32,
         ldc: usize,
         cols: usize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        for q in 0..kp {
-            // SAFETY: q < kp, so the panel row q (NR u32) and A's pair q of rows < R are in
-            // the ranges the caller guarantees; all loads are unaligned.
-            unsafe {
-                let row = b.add(q * NR);
-                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(row.cast()));
-                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(row.add(16).cast()));
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    let pair = *a.add(i * kp + q);
-                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
-                    acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
-                    acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+        accumulate: bool,
+    }
+
+    impl Tile {
+        /// # Safety
+        /// As [`tile`] with `h == R`.
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        unsafe fn run<const R: usize>(&self) {
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            for q in 0..self.kc {
+                // SAFETY: q < kc, so the panel row q (NR u32) and A's pair q of rows < R are
+                // in the ranges the caller guarantees; all loads are unaligned.
+                unsafe {
+                    let row = self.b.add(q * NR);
+                    let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(row.cast()));
+                    let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(row.add(16).cast()));
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let pair = *self.a.add(i * self.lda + q);
+                        let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
+                        acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                        acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+                    }
                 }
             }
-        }
-        let mask = |from: usize| -> __mmask16 {
-            let k = cols.saturating_sub(from).min(16);
-            ((1u32 << k) - 1) as __mmask16
-        };
-        let (m0, m1) = (mask(0), mask(16));
-        for (i, acc) in acc.iter().enumerate() {
-            // SAFETY: row i < R == h and the masks enable only columns < cols (masked-off lanes
-            // are never accessed, so the second half's address may lie past C when cols <= 16:
-            // it is formed with wrapping_add, not add).
-            unsafe {
-                _mm512_mask_storeu_ps(c.add(i * ldc), m0, acc[0]);
-                _mm512_mask_storeu_ps(c.wrapping_add(i * ldc + 16), m1, acc[1]);
+            let mask = |from: usize| -> __mmask16 {
+                let k = self.cols.saturating_sub(from).min(16);
+                ((1u32 << k) - 1) as __mmask16
+            };
+            let (m0, m1) = (mask(0), mask(16));
+            for (i, acc) in acc.iter().enumerate() {
+                // SAFETY: row i < R == h and the masks enable only columns < cols: masked-off
+                // lanes are never accessed (loads and stores), so the second half's address may
+                // lie past C when cols <= 16; it is formed with wrapping_add, not add.
+                unsafe {
+                    let p0 = self.c.wrapping_add(i * self.ldc);
+                    let p1 = self.c.wrapping_add(i * self.ldc + 16);
+                    let (mut v0, mut v1) = (acc[0], acc[1]);
+                    if self.accumulate {
+                        v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, p0));
+                        v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, p1));
+                    }
+                    _mm512_mask_storeu_ps(p0, m0, v0);
+                    _mm512_mask_storeu_ps(p1, m1, v1);
+                }
             }
         }
     }
