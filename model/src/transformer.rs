@@ -49,7 +49,7 @@ impl Linear {
     }
 
     /// Replaces a dense base by its bf16 packing (any adapter must be set again after).
-    fn to_bf16(&mut self) -> Result<()> {
+    fn pack_bf16(&mut self) -> Result<()> {
         if let Frozen::Dense(base_t) = &self.base {
             let m = Bf16Matrix::from_out_in(&base_t.t()?)?;
             self.base = Frozen::Bf16(Arc::new(m));
@@ -349,7 +349,7 @@ impl Transformer {
     pub fn pack_bf16(&mut self) -> Result<()> {
         for block in &mut self.layers {
             for proj in Proj::ALL {
-                block.linear_mut(proj).to_bf16()?;
+                block.linear_mut(proj).pack_bf16()?;
             }
         }
         Ok(())

@@ -247,8 +247,8 @@ mod x86 {
         // SAFETY: register-only bit reinterpretation of 512-bit vectors.
         let (a, b): (__m512bh, __m512bh) = unsafe {
             (
-                std::mem::transmute(_mm512_set1_epi32(0x3f80_3f80)),
-                std::mem::transmute(_mm512_set1_epi32(0x3c00_3c00)),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3f80_3f80)),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(0x3c00_3c00)),
             )
         };
         for _ in 0..iters {
