@@ -23,13 +23,21 @@ use rayon::prelude::*;
 pub use kernel::{amx_bf16 as amx_bf16_status, avx512_bf16 as available, peak_gflops, NR};
 
 /// A matrix `B` `[k, n]` rounded to bf16 and packed in panels of [`NR`] columns for the kernel.
-#[derive(Debug)]
 pub struct Packed {
     k: usize,
     n: usize,
     /// `ceil(k / 2)`: bf16 pairs per column.
     kp: usize,
     data: Vec<u32>,
+}
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Packed")
+            .field("k", &self.k)
+            .field("n", &self.n)
+            .finish()
+    }
 }
 
 fn bf16_bits(x: f32) -> u16 {
@@ -64,13 +72,13 @@ impl Packed {
 
     /// `B` from f32 values, `B[kk][col] = v[kk * n + col]` (`[k, n]` row-major).
     pub fn from_k_n(v: &[f32], k: usize, n: usize) -> Self {
-        assert_eq!(v.len(), k * n, "Packed::from_k_n: length");
+        assert_eq!(Some(v.len()), k.checked_mul(n), "Packed::from_k_n: length");
         Self::from_fn(k, n, |kk, col| bf16_bits(v[kk * n + col]))
     }
 
     /// `B = W^T` from `W` `[n, k]` row-major (a weight as stored, `[out, in]`).
     pub fn from_n_k(w: &[f32], n: usize, k: usize) -> Self {
-        assert_eq!(w.len(), k * n, "Packed::from_n_k: length");
+        assert_eq!(Some(w.len()), k.checked_mul(n), "Packed::from_n_k: length");
         Self::from_fn(k, n, |kk, col| bf16_bits(w[col * k + kk]))
     }
 
@@ -115,15 +123,23 @@ impl Packed {
 
     /// `x @ B` for `x` `[m, k]` row-major f32: `[m, n]` row-major f32. Needs [`available`].
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        assert_eq!(x.len(), m * self.k, "Packed::matmul: x is not [m, k]");
+        assert_eq!(
+            Some(x.len()),
+            m.checked_mul(self.k),
+            "Packed::matmul: x is not [m, k]"
+        );
         let lda = kernel::a_stride(self.kp);
-        let mut a = vec![0u32; m * lda];
+        let a_len = m.checked_mul(lda).expect("Packed::matmul: m x k overflows");
+        let c_len = m
+            .checked_mul(self.n)
+            .expect("Packed::matmul: m x n overflows");
+        let mut a = vec![0u32; a_len];
         if self.k > 0 {
             a.par_chunks_mut(lda)
                 .zip(x.par_chunks(self.k))
                 .for_each(|(dst, src)| kernel::pairs_from_f32(src, &mut dst[..self.kp]));
         }
-        let mut c = vec![0f32; m * self.n];
+        let mut c = vec![0f32; c_len];
         kernel::gemm(&a, m, lda, self.kp, &self.data, self.n, &mut c);
         c
     }
@@ -142,7 +158,7 @@ impl Packed {
         if !x.device().is_cpu() {
             candle_core::bail!("bf16 matmul: packed weights live on the CPU");
         }
-        let m = x.elem_count() / k.max(1);
+        let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let out = self.matmul(&xs, m);
         let mut shape = dims.to_vec();

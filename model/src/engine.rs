@@ -172,7 +172,7 @@ impl Engine {
         &self.model
     }
 
-    /// The adapter merged into the inference weights, if any.
+    /// The inference adapter, if any.
     pub fn adapter(&self) -> Option<&LoraAdapter> {
         self.adapter.as_ref()
     }
@@ -192,7 +192,8 @@ impl Engine {
         }
     }
 
-    /// Replaces the adapter (merged into the inference weights); `None` returns to the base.
+    /// Replaces the adapter (merged into dense inference weights, kept apart next to bf16 ones);
+    /// `None` returns to the base.
     /// The base weights stay loaded: a swap costs one `B @ A` per adapted projection.
     pub fn set_adapter(&mut self, adapter: Option<LoraAdapter>) -> Result<()> {
         self.model.set_adapter(adapter.as_ref())?;

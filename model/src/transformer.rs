@@ -73,11 +73,23 @@ impl Linear {
                     self.merged = Some((base_t + d.to_dtype(base_t.dtype())?)?);
                 }
             }
-            Frozen::Bf16(_) => {
+            Frozen::Bf16(m) => {
                 if let Some(pair) = adapter.pairs.get(&(l, proj)) {
                     let scaling = adapter.config.scaling();
                     let a_t = (pair.a.t()?.to_dtype(DType::F32)? * scaling)?.contiguous()?;
-                    let b_t = pair.b.t()?.to_dtype(DType::F32)?.contiguous()?;
+                    // A copy: the adapter's tensors may be trained in place later.
+                    let b_t = pair.b.t()?.to_dtype(DType::F32)?.contiguous()?.copy()?;
+                    let (k, n) = (m.packed().k(), m.packed().n());
+                    if a_t.dim(0)? != k || b_t.dim(1)? != n {
+                        return Err(Error::InvalidRequest(format!(
+                            "adapter for layer {l} {}: [{}, {}] x [{}, {}] does not fit a [{k}, {n}] weight",
+                            proj.name(),
+                            a_t.dim(0)?,
+                            a_t.dim(1)?,
+                            b_t.dim(0)?,
+                            b_t.dim(1)?
+                        )));
+                    }
                     self.unmerged = Some((a_t, b_t));
                 }
             }

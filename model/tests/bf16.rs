@@ -66,9 +66,11 @@ fn kernel_matches_f32_on_odd_shapes() {
         return;
     }
     let sizes = [1, 7, 33, 577];
+    // Last panels 1, 7, 24, 1, 18 and 1 columns wide: both halves of the column mask.
+    let widths = [1, 7, 24, 33, 50, 577];
     for &m in &sizes {
         for &k in &sizes {
-            for &n in &sizes {
+            for &n in &widths {
                 let x = values(m * k, (m * 31 + k) as u64);
                 let w = values(k * n, (k * 17 + n) as u64);
                 let got = Packed::from_k_n(&w, k, n).matmul(&x, m);
@@ -92,6 +94,18 @@ fn kernel_matches_f32_on_odd_shapes() {
             }
         }
     }
+}
+
+#[test]
+fn empty_shapes() {
+    if !report_cpu() {
+        return;
+    }
+    // k = 0: a sum of nothing.
+    assert_eq!(Packed::from_k_n(&[], 0, 5).matmul(&[], 3), vec![0.0; 15]);
+    // n = 0 and m = 0: nothing to write.
+    assert!(Packed::from_k_n(&[], 4, 0).matmul(&[1.0; 12], 3).is_empty());
+    assert!(Packed::from_k_n(&[0.5; 20], 4, 5).matmul(&[], 0).is_empty());
 }
 
 #[test]

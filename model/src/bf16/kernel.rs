@@ -2,15 +2,17 @@
 //! `C[m, n] (f32) = A[m, k] (bf16) x B[k, n] (bf16)`, f32 accumulation.
 //!
 //! Layouts (both built by the safe code in [`super`]):
-//! - A: `[m][kp]` u32, `kp = ceil(k / 2)`; `A[i][q]` holds the bf16 pair (`a[i][2q]` in the low
-//!   half, `a[i][2q+1]` in the high half, 0 past `k`). That is a row of bf16 values as stored.
+//! - A: `[m][lda]` u32 (`lda >= kp = ceil(k / 2)`, see [`a_stride`]); `A[i][q]` for `q < kp`
+//!   holds the bf16 pair (`a[i][2q]` in the low half, `a[i][2q+1]` in the high half, 0 past
+//!   `k`). That is a row of bf16 values as stored.
 //! - B: panels of [`NR`] columns, panel `p` at `p * kp * NR`, `[kp][NR]` u32; entry `(q, j)` holds
 //!   (`b[2q][p*NR+j]`, `b[2q+1][p*NR+j]`), 0 past `k` or `n`.
 //!
 //! `vdpbf16ps` adds to each f32 lane `j` the two products of the bf16 pair in lane `j` of both
 //! operands, so broadcasting A's pair `q` of row `i` against panel row `q` accumulates
 //! `a[i][2q] b[2q][j] + a[i][2q+1] b[2q+1][j]` into column `j`: one instruction, 32 multiply-adds.
-//! A micro-tile keeps [`MR`] x [`NR`] f32 accumulators (24 zmm registers) for the whole `k`.
+//! A micro-tile keeps [`MR`] x [`NR`] f32 accumulators (24 zmm registers) over a block of
+//! [`KC`] pairs, then stores them (first block) or adds them to C (later blocks).
 #![allow(unsafe_code)]
 
 /// Columns per B panel (two zmm registers of 16 f32).
@@ -37,33 +39,43 @@ pub fn avx512_bf16() -> bool {
 }
 
 /// What the CPU and the OS say about AMX-BF16: `Ok(())` when its tiles could be used, else why
-/// not. (No AMX kernel is built yet: see the crate README.)
+/// not. It only asks; it does not request the tile state (an AMX kernel would, with
+/// `ARCH_REQ_XCOMP_PERM`, before its first use). No AMX kernel is built yet.
 pub fn amx_bf16() -> Result<(), String> {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     {
         use std::arch::x86_64::__cpuid_count;
+        // CPUID leaf 7 exists when the maximum leaf (leaf 0's EAX) is at least 7.
+        if __cpuid_count(0, 0).eax < 7 {
+            return Err("the CPU has no AMX-BF16 (no CPUID leaf 7)".into());
+        }
         // CPUID.(EAX=7,ECX=0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
         let edx = __cpuid_count(7, 0).edx;
         if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
             return Err("the CPU has no AMX-BF16 (CPUID.7.0:EDX bits 22/24 clear)".into());
         }
-        // Linux hands out the 8 KiB tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM
-        // for XTILEDATA, feature 18).
-        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-        const XFEATURE_XTILEDATA: libc::c_long = 18;
-        // SAFETY: arch_prctl with ARCH_REQ_XCOMP_PERM takes two integers and touches no memory
-        // of ours; it only grants (or refuses) this process the AMX register state.
+        // Linux hands out the 8 KiB tile state (XTILEDATA, feature 18) only on request; whether
+        // it can is in the mask ARCH_GET_XCOMP_SUPP reports.
+        const ARCH_GET_XCOMP_SUPP: libc::c_long = 0x1021;
+        const XFEATURE_XTILEDATA: u32 = 18;
+        let mut supported: u64 = 0;
+        // SAFETY: ARCH_GET_XCOMP_SUPP writes one u64 through the pointer, which points at a
+        // live local u64; nothing else is touched.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_arch_prctl,
-                ARCH_REQ_XCOMP_PERM,
-                XFEATURE_XTILEDATA,
+                ARCH_GET_XCOMP_SUPP,
+                &mut supported as *mut u64,
             )
         };
-        if rc != 0 {
+        if rc != 0 || supported & (1 << XFEATURE_XTILEDATA) == 0 {
             return Err(format!(
-                "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM: {})",
-                std::io::Error::last_os_error()
+                "Linux does not offer the AMX tile state (arch_prctl ARCH_GET_XCOMP_SUPP: {})",
+                if rc != 0 {
+                    std::io::Error::last_os_error().to_string()
+                } else {
+                    format!("mask {supported:#x}")
+                }
             ));
         }
         Ok(())
@@ -117,10 +129,16 @@ pub fn a_stride(kp: usize) -> usize {
 /// otherwise).
 pub fn gemm(a: &[u32], m: usize, lda: usize, kp: usize, b: &[u32], n: usize, c: &mut [f32]) {
     let panels = n.div_ceil(NR);
+    // Checked products: a wrapped size would let the checks below pass on short buffers.
+    let size = |x: usize, y: usize, what: &str| {
+        x.checked_mul(y)
+            .unwrap_or_else(|| panic!("gemm: {what} overflows"))
+    };
     assert!(lda >= kp, "gemm: A's row stride is shorter than a row");
-    assert_eq!(a.len(), m * lda, "gemm: A is not [m][lda]");
-    assert_eq!(b.len(), panels * kp * NR, "gemm: B is not packed for n");
-    assert_eq!(c.len(), m * n, "gemm: C is not [m][n]");
+    assert_eq!(a.len(), size(m, lda, "m x lda"), "gemm: A is not [m][lda]");
+    let b_len = size(size(panels, kp, "panels x kp"), NR, "B");
+    assert_eq!(b.len(), b_len, "gemm: B is not packed for n");
+    assert_eq!(c.len(), size(m, n, "m x n"), "gemm: C is not [m][n]");
     assert!(avx512_bf16(), "gemm: the CPU has no AVX512-BF16");
     if m == 0 || n == 0 {
         return;
@@ -154,6 +172,7 @@ pub fn gemm(a: &[u32], m: usize, lda: usize, kp: usize, b: &[u32], n: usize, c: 
                     // partition C into (row block, panel group) rectangles. A's rows r..r+h,
                     // pairs k0..k0+kc (< kp), are inside A (length checked above); the panel
                     // slice is a checked subslice. The CPU feature was checked above.
+                    #[cfg(target_arch = "x86_64")]
                     unsafe {
                         let a_rows = a.as_ptr().add(r * lda + k0);
                         let c_tile = out.at(r * n + p * NR);
@@ -173,21 +192,23 @@ pub fn gemm(a: &[u32], m: usize, lda: usize, kp: usize, b: &[u32], n: usize, c: 
 /// fraction of peak is measured against. Needs [`avx512_bf16`].
 pub fn peak_gflops(seconds: f64) -> f64 {
     assert!(avx512_bf16(), "peak_gflops: the CPU has no AVX512-BF16");
-    use rayon::prelude::*;
     let threads = rayon::current_num_threads().max(1);
     // Calibrate the iteration count on one thread, then run all threads at once.
+    #[cfg(target_arch = "x86_64")]
+    let dot_loop = |iters: usize| {
+        // SAFETY: the CPU feature was checked above; the loop touches registers only.
+        unsafe { x86::dot_loop(iters) }
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let dot_loop = |_: usize| -> f32 { unreachable!("AVX512-BF16 is x86_64 only") };
     let calib = 1 << 20;
     let t = std::time::Instant::now();
-    // SAFETY: the CPU feature was checked above; the loop touches registers only.
-    std::hint::black_box(unsafe { x86::dot_loop(calib) });
+    std::hint::black_box(dot_loop(calib));
     let per_iter = t.elapsed().as_secs_f64() / calib as f64;
     let iters = ((seconds / per_iter.max(1e-12)) as usize).max(calib);
     let t = std::time::Instant::now();
-    let sink: f32 = (0..threads)
-        .into_par_iter()
-        // SAFETY: as above.
-        .map(|_| unsafe { x86::dot_loop(iters) })
-        .sum();
+    // One loop per pool thread, all at once.
+    let sink: f32 = rayon::broadcast(|_| dot_loop(iters)).into_iter().sum();
     std::hint::black_box(sink);
     let elapsed = t.elapsed().as_secs_f64();
     // Per iteration: 12 instructions x 16 lanes x 2 pairs x 2 FLOP.
@@ -294,7 +315,7 @@ mod x86 {
             cols,
             accumulate,
         };
-        debug_assert!(h <= MR);
+        assert!((1..=MR).contains(&h), "tile: {h} rows");
         // SAFETY (all arms): forwarded from the caller with R == h.
         unsafe {
             match h {
@@ -310,7 +331,7 @@ mod x86 {
                 3 => t.run::<3>(),
                 2 => t.run::<2>(),
                 1 => t.run::<1>(),
-                _ => {}
+                _ => unreachable!(),
             }
         }
     }
