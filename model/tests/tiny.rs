@@ -623,3 +623,35 @@ fn exported_merged_folder_scores_like_base_plus_adapter() {
         "{left:?}"
     );
 }
+
+/// With bf16 weights the adapter is applied unmerged in f32 for inference: scoring follows
+/// PEFT's policy logprobs (within the bf16 bound), not the base's, and unloading returns to the
+/// base.
+#[test]
+fn bf16_engine_applies_the_adapter_unmerged() {
+    let g = step();
+    let reqs = step_requests(&g);
+    let mut engine =
+        Engine::load(&golden_dir().join("tiny_llama"), &Device::Cpu, DType::BF16).unwrap();
+    let base = engine.score(&reqs, 1.0).unwrap();
+    engine
+        .load_adapter(&golden_dir().join("tiny_adapter"))
+        .unwrap();
+    let policy = engine.score(&reqs, 1.0).unwrap();
+    let (mut to_policy, mut effect) = (0f64, 0f64);
+    for (i, lp) in policy.iter().enumerate() {
+        let want = floats(&g["policy_logp"][i]);
+        let refp = floats(&g["ref_logp"][i]);
+        assert_close(lp, &want, 5e-2, &format!("bf16 policy_logp seq {i}"));
+        for t in 0..want.len() {
+            to_policy = to_policy.max((lp[t] as f64 - want[t]).abs());
+            effect = effect.max((want[t] - refp[t]).abs());
+        }
+    }
+    assert!(
+        to_policy < effect / 2.0,
+        "the adapter's effect ({effect}) is visible beyond the bf16 error ({to_policy})"
+    );
+    engine.set_adapter(None).unwrap();
+    assert_eq!(engine.score(&reqs, 1.0).unwrap(), base);
+}
