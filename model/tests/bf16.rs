@@ -60,6 +60,23 @@ fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
     out
 }
 
+/// A tensor's values rounded to bf16 (kept in f32).
+fn rounded(t: &Tensor) -> Tensor {
+    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    Tensor::from_vec(round_bf16(&v), t.dims(), &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn kernel_matches_f32_on_odd_shapes() {
     if !report_cpu() {
@@ -116,8 +133,7 @@ fn strided_batched_inputs_and_the_backward() {
     let (out, inp) = (45, 33);
     // A weight as stored, [out, in].
     let w = Tensor::from_vec(values(out * inp, 5), (out, inp), &Device::Cpu).unwrap();
-    let w_r =
-        Tensor::from_vec(round_bf16(&values(out * inp, 5)), (out, inp), &Device::Cpu).unwrap();
+    let w_r = rounded(&w);
     let m = Bf16Matrix::from_out_in(&w).unwrap();
     // Batched x [2, 7, in], built transposed so that it is strided.
     let xt = Tensor::from_vec(values(2 * inp * 7, 9), (2, inp, 7), &Device::Cpu).unwrap();
@@ -125,41 +141,15 @@ fn strided_batched_inputs_and_the_backward() {
     assert!(!x.is_contiguous());
     let got = m.forward(&x).unwrap();
     assert_eq!(got.dims(), &[2, 7, out]);
-    let x_r = Tensor::from_vec(
-        round_bf16(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
-        (2, 7, inp),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let want = x_r.broadcast_matmul(&w_r.t().unwrap()).unwrap();
-    let err = (got - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let want = rounded(&x).broadcast_matmul(&w_r.t().unwrap()).unwrap();
+    let err = max_abs_diff(&got, &want);
     assert!(err < 1e-4, "forward max error {err}");
     // Backward: g [2, 7, out] @ W -> [2, 7, in].
     let g = Tensor::from_vec(values(2 * 7 * out, 11), (2, 7, out), &Device::Cpu).unwrap();
     let got = m.backward(&g).unwrap();
     assert_eq!(got.dims(), &[2, 7, inp]);
-    let g_r = Tensor::from_vec(
-        round_bf16(&g.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
-        (2, 7, out),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let want = g_r.broadcast_matmul(&w_r).unwrap();
-    let err = (got - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let want = rounded(&g).broadcast_matmul(&w_r).unwrap();
+    let err = max_abs_diff(&got, &want);
     assert!(err < 1e-4, "backward max error {err}");
     // A wrong feature count is an error, not a panic.
     let bad = Tensor::zeros((3, inp + 1), DType::F32, &Device::Cpu).unwrap();

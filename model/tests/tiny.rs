@@ -42,32 +42,30 @@ fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
     }
 }
 
+/// Each sequence's logprobs against the fixture's `key` list, within `tol`.
+fn assert_scores(got: &[Vec<f32>], g: &serde_json::Value, key: &str, tol: f64, what: &str) {
+    assert_eq!(
+        got.len(),
+        g[key].as_array().map_or(0, Vec::len),
+        "{what}: sequences"
+    );
+    for (i, lp) in got.iter().enumerate() {
+        assert_close(lp, &floats(&g[key][i]), tol, &format!("{what} seq {i}"));
+    }
+}
+
 #[test]
 fn scoring_matches_policy_and_reference_logprobs() {
     let g = step();
     let reqs = step_requests(&g);
     let mut engine = tiny();
     let base = engine.score(&reqs, 1.0).unwrap();
-    for (i, lp) in base.iter().enumerate() {
-        assert_close(
-            lp,
-            &floats(&g["ref_logp"][i]),
-            1e-5,
-            &format!("ref_logp seq {i}"),
-        );
-    }
+    assert_scores(&base, &g, "ref_logp", 1e-5, "ref_logp");
     engine
         .load_adapter(&golden_dir().join("tiny_adapter"))
         .unwrap();
     let policy = engine.score(&reqs, 1.0).unwrap();
-    for (i, lp) in policy.iter().enumerate() {
-        assert_close(
-            lp,
-            &floats(&g["policy_logp"][i]),
-            1e-5,
-            &format!("policy_logp seq {i}"),
-        );
-    }
+    assert_scores(&policy, &g, "policy_logp", 1e-5, "policy_logp");
     // Unloading the adapter returns exactly to the base model.
     engine.set_adapter(None).unwrap();
     assert_eq!(engine.score(&reqs, 1.0).unwrap(), base);
@@ -559,14 +557,13 @@ fn exported_merged_folder_scores_like_base_plus_adapter() {
     assert!(!report.tokenizer, "tiny_llama has no tokenizer to copy");
     let engine = Engine::load(&merged, &Device::Cpu, DType::F32).unwrap();
     assert!(engine.adapter().is_none());
-    for (i, lp) in engine.score(&reqs, 1.0).unwrap().iter().enumerate() {
-        assert_close(
-            lp,
-            &floats(&g["policy_logp"][i]),
-            1e-5,
-            &format!("merged policy_logp seq {i}"),
-        );
-    }
+    assert_scores(
+        &engine.score(&reqs, 1.0).unwrap(),
+        &g,
+        "policy_logp",
+        1e-5,
+        "merged policy_logp",
+    );
     let config = read_json(&merged.join("config.json"));
     assert_eq!(config["architectures"][0], "LlamaForCausalLM");
     assert_eq!(config["tie_word_embeddings"], true);
@@ -576,14 +573,13 @@ fn exported_merged_folder_scores_like_base_plus_adapter() {
     assert_eq!(report.merged, 0);
     let engine = Engine::load(&base, &Device::Cpu, DType::F32).unwrap();
     assert_eq!(engine.config(), tiny().config());
-    for (i, lp) in engine.score(&reqs, 1.0).unwrap().iter().enumerate() {
-        assert_close(
-            lp,
-            &floats(&g["ref_logp"][i]),
-            1e-5,
-            &format!("exported ref_logp seq {i}"),
-        );
-    }
+    assert_scores(
+        &engine.score(&reqs, 1.0).unwrap(),
+        &g,
+        "ref_logp",
+        1e-5,
+        "exported ref_logp",
+    );
     // bf16 weights: declared in config.json, loadable, close to f32.
     let half = dir.path().join("bf16");
     model::export_merged(&tiny_dir, Some(&adapter), &half, DType::BF16).unwrap();
@@ -592,14 +588,13 @@ fn exported_merged_folder_scores_like_base_plus_adapter() {
         "bfloat16"
     );
     let engine = Engine::load(&half, &Device::Cpu, DType::F32).unwrap();
-    for (i, lp) in engine.score(&reqs, 1.0).unwrap().iter().enumerate() {
-        assert_close(
-            lp,
-            &floats(&g["policy_logp"][i]),
-            5e-2,
-            &format!("bf16 policy_logp seq {i}"),
-        );
-    }
+    assert_scores(
+        &engine.score(&reqs, 1.0).unwrap(),
+        &g,
+        "policy_logp",
+        5e-2,
+        "bf16 policy_logp",
+    );
     // Never overwrites, and a failed export leaves nothing behind.
     let e = model::export_merged(&tiny_dir, None, &merged, DType::F32).unwrap_err();
     assert!(

@@ -156,11 +156,7 @@ fn main() -> anyhow::Result<()> {
                 model,
                 dtype,
             } => {
-                let dtype = match dtype.as_str() {
-                    "bf16" => candle_core::DType::BF16,
-                    "f16" => candle_core::DType::F16,
-                    _ => candle_core::DType::F32,
-                };
+                let dtype = model::dtype(&dtype)?;
                 let r = orchestrator::export::command(
                     &run_dir,
                     &merge,

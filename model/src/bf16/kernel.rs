@@ -174,9 +174,17 @@ pub fn gemm(a: &[u32], m: usize, lda: usize, kp: usize, b: &[u32], n: usize, c: 
                     // slice is a checked subslice. The CPU feature was checked above.
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        let a_rows = a.as_ptr().add(r * lda + k0);
-                        let c_tile = out.at(r * n + p * NR);
-                        x86::tile(h, a_rows, lda, slice.as_ptr(), kc, c_tile, n, cols, k0 > 0);
+                        let tile = x86::Tile {
+                            a: a.as_ptr().add(r * lda + k0),
+                            lda,
+                            b: slice.as_ptr(),
+                            kc,
+                            c: out.at(r * n + p * NR),
+                            ldc: n,
+                            cols,
+                            accumulate: k0 > 0,
+                        };
+                        tile.run(h);
                     }
                     r += h;
                 }
@@ -287,72 +295,51 @@ mod x86 {
     /// One micro-tile: rows `0..h` (h <= MR) of A at `a` (row stride `lda` u32) times `kc`
     /// rows of a panel at `b` (`[kc][NR]` u32) into columns `0..cols` (cols <= NR) of C at `c`
     /// (row stride `ldc`), added to C's values when `accumulate`, else stored.
-    ///
-    /// # Safety
-    /// AVX512F and AVX512-BF16 present; `a` readable at `i * lda + q` for `i < h`, `q < kc`;
-    /// `b` readable for `kc * NR` u32; `c` readable and writable at `i * ldc + j` for `i < h`,
-    /// `j < cols`.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn tile(
-        h: usize,
-        a: *const u32,
-        lda: usize,
-        b: *const u32,
-        kc: usize,
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-        accumulate: bool,
-    ) {
-        let t = Tile {
-            a,
-            lda,
-            b,
-            kc,
-            c,
-            ldc,
-            cols,
-            accumulate,
-        };
-        assert!((1..=MR).contains(&h), "tile: {h} rows");
-        // SAFETY (all arms): forwarded from the caller with R == h.
-        unsafe {
-            match h {
-                12 => t.run::<12>(),
-                11 => t.run::<11>(),
-                10 => t.run::<10>(),
-                9 => t.run::<9>(),
-                8 => t.run::<8>(),
-                7 => t.run::<7>(),
-                6 => t.run::<6>(),
-                5 => t.run::<5>(),
-                4 => t.run::<4>(),
-                3 => t.run::<3>(),
-                2 => t.run::<2>(),
-                1 => t.run::<1>(),
-                _ => unreachable!(),
-            }
-        }
-    }
-
-    /// The arguments of [`tile`].
-    struct Tile {
-        a: *const u32,
-        lda: usize,
-        b: *const u32,
-        kc: usize,
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-        accumulate: bool,
+    pub struct Tile {
+        pub a: *const u32,
+        pub lda: usize,
+        pub b: *const u32,
+        pub kc: usize,
+        pub c: *mut f32,
+        pub ldc: usize,
+        pub cols: usize,
+        pub accumulate: bool,
     }
 
     impl Tile {
+        /// Runs the tile on `h` rows.
+        ///
         /// # Safety
-        /// As [`tile`] with `h == R`.
+        /// AVX512F and AVX512-BF16 present; `a` readable at `i * lda + q` for `i < h`, `q < kc`;
+        /// `b` readable for `kc * NR` u32; `c` readable and writable at `i * ldc + j` for
+        /// `i < h`, `j < cols`.
         #[target_feature(enable = "avx512f,avx512bf16")]
-        unsafe fn run<const R: usize>(&self) {
+        pub unsafe fn run(&self, h: usize) {
+            assert!((1..=MR).contains(&h), "tile: {h} rows");
+            // SAFETY (all arms): forwarded from the caller with R == h.
+            unsafe {
+                match h {
+                    12 => self.run_r::<12>(),
+                    11 => self.run_r::<11>(),
+                    10 => self.run_r::<10>(),
+                    9 => self.run_r::<9>(),
+                    8 => self.run_r::<8>(),
+                    7 => self.run_r::<7>(),
+                    6 => self.run_r::<6>(),
+                    5 => self.run_r::<5>(),
+                    4 => self.run_r::<4>(),
+                    3 => self.run_r::<3>(),
+                    2 => self.run_r::<2>(),
+                    1 => self.run_r::<1>(),
+                    _ => unreachable!(),
+                }
+            }
+        }
+
+        /// # Safety
+        /// As [`Tile::run`] with `h == R`.
+        #[target_feature(enable = "avx512f,avx512bf16")]
+        unsafe fn run_r<const R: usize>(&self) {
             let mut acc = [[_mm512_setzero_ps(); 2]; R];
             for q in 0..self.kc {
                 // SAFETY: q < kc, so the panel row q (NR u32) and A's pair q of rows < R are
