@@ -302,13 +302,11 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let probs = |q: &Tensor, k: &Tensor, mask: &Tensor| -> Result<Tensor> {
         let (b, nh, t, hd) = q.dims4()?;
-        let (_, nkv, s, _) = k.dims4()?;
+        let nkv = k.dim(1)?;
         let rep = nh / nkv;
         let q2 = q.reshape((b, nkv, rep * t, hd))?;
-        let scores = (q2.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?
-            .reshape((b, nkv, rep, t, s))?
-            .broadcast_add(mask)?;
-        candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, rep * t, s))
+        let scores = q2.matmul(&k.t()?)?; // [b, nkv, rep*t, s]
+        masked_softmax(&scores, mask, 1.0 / (hd as f64).sqrt(), t)
     };
     let (b, nh, t, hd) = q.dims4()?;
     let nkv = k.dim(1)?;
@@ -361,10 +359,18 @@ pub fn target_logprobs(
         let (n, _) = h.dims2()?;
         let g = g.to_dtype(wide(h.dtype()))?;
         let mut parts = Vec::new();
+        let g_host: Vec<f32> = on_cpu_f32(&g, |g| g.to_vec())?.unwrap_or_default();
         for start in (0..n).step_by(chunk) {
             let len = chunk.min(n - start);
-            let p =
-                candle_nn::ops::softmax_last_dim(&chunk_logits(h, &w, start, len, temperature)?)?;
+            let logits = chunk_logits(h, &w, start, len)?;
+            if !g_host.is_empty() {
+                let (ids, gs) = (&targets[start..start + len], &g_host[start..start + len]);
+                if let Some(dlogits) = vocab_dlogits(&logits, ids, gs, temperature)? {
+                    parts.push(w.matmul_t(&dlogits.to_dtype(h.dtype())?)?);
+                    continue;
+                }
+            }
+            let p = candle_nn::ops::softmax_last_dim(&(logits / temperature)?)?;
             let ids = Tensor::new(&targets[start..start + len], h.device())?.unsqueeze(1)?;
             // -(g_i / T) * p, plus g_i / T at the target column.
             let gi = g.narrow(0, start, len)?.unsqueeze(1)?; // [len, 1]
@@ -389,7 +395,13 @@ pub fn logprobs_detached(
     let mut parts = Vec::new();
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
-        let logits = chunk_logits(h, w, start, len, temperature)?;
+        let ids = &targets[start..start + len];
+        let logits = chunk_logits(h, w, start, len)?;
+        if let Some(lp) = vocab_logprobs(&logits, ids, temperature)? {
+            parts.push(lp);
+            continue;
+        }
+        let logits = (logits / temperature)?;
         let lse = logits.log_sum_exp(1)?;
         let ids = Tensor::new(&targets[start..start + len], h.device())?;
         let picked = logits.gather(&ids.unsqueeze(1)?, 1)?.squeeze(1)?;
@@ -401,22 +413,122 @@ pub fn logprobs_detached(
     Tensor::cat(&parts, 0)
 }
 
-/// `h[start..start+len] @ w / temperature` in [`wide`] of h's dtype: `[len, vocab]`.
-fn chunk_logits(
-    h: &Tensor,
-    w: &Frozen,
-    start: usize,
-    len: usize,
-    temperature: f64,
-) -> Result<Tensor> {
-    let logits = w
-        .matmul(&h.narrow(0, start, len)?)?
-        .to_dtype(wide(h.dtype()))?;
-    if temperature == 1.0 {
-        Ok(logits)
-    } else {
-        logits / temperature
+/// `h[start..start+len] @ w` in [`wide`] of h's dtype: `[len, vocab]`.
+fn chunk_logits(h: &Tensor, w: &Frozen, start: usize, len: usize) -> Result<Tensor> {
+    w.matmul(&h.narrow(0, start, len)?)?
+        .to_dtype(wide(h.dtype()))
+}
+
+/// Runs `f` on the values of an f32 tensor held contiguously on the CPU, without copying them;
+/// `None` for other devices, dtypes or layouts (the caller takes candle's composed path).
+fn on_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
+    if t.dtype() != DType::F32 {
+        return Ok(None);
     }
+    let (storage, layout) = t.storage_and_layout();
+    let (Storage::Cpu(cpu), Some((from, to))) = (&*storage, layout.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    Ok(Some(f(&cpu.as_slice::<f32>()?[from..to])))
+}
+
+/// Rows of at least this many elements are one rayon task each; shorter rows are grouped.
+const ROW_TASK: usize = 8192;
+
+fn rows_per_task(row: usize) -> usize {
+    ROW_TASK.div_ceil(row.max(1))
+}
+
+/// `softmax(scores * scale + mask)` over the last dim. scores `[b, nkv, rep*t, s]`, mask additive
+/// `[b or 1, 1, 1, t, s]`: query row `r` of a head uses mask row `r % t` -> scores' shape. On the
+/// CPU in f32, one pass per row ([`simd::softmax`]); otherwise candle's ops.
+fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, t: usize) -> Result<Tensor> {
+    let (b, nkv, rows, s) = scores.dims4()?;
+    let (mb, m1, m2, mt, ms) = mask.dims5()?;
+    let mask_fits = (mb == 1 || mb == b) && (m1, m2, mt, ms) == (1, 1, t, s) && rows % t == 0;
+    if mask_fits && scores.device().is_cpu() && scores.dtype() == DType::F32 {
+        let mask = mask.contiguous()?;
+        let mut out = scores.flatten_all()?.to_vec1::<f32>()?;
+        let per_batch = nkv * rows; // query rows of one batch row, all heads
+        let done = on_cpu_f32(&mask, |m| {
+            use rayon::prelude::*;
+            out.par_chunks_mut(s.max(1))
+                .with_min_len(rows_per_task(s))
+                .enumerate()
+                .for_each(|(r, row)| {
+                    let bi = if mb == 1 { 0 } else { r / per_batch };
+                    let mrow = (bi * t + r % t) * s;
+                    crate::simd::softmax(row, scale as f32, &m[mrow..mrow + s]);
+                })
+        })?;
+        if done.is_some() {
+            return Tensor::from_vec(out, (b, nkv, rows, s), scores.device());
+        }
+    }
+    let scores = (scores * scale)?
+        .reshape((b, nkv, rows / t, t, s))?
+        .broadcast_add(mask)?;
+    candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, rows, s))
+}
+
+/// `log softmax(logits / temperature)` at `targets`, one per row: `[n, vocab]` -> `[n]` f32, on
+/// the CPU in f32 ([`simd::log_sum_exp`] per row); `None` elsewhere.
+fn vocab_logprobs(logits: &Tensor, targets: &[u32], temperature: f64) -> Result<Option<Tensor>> {
+    let (n, v) = logits.dims2()?;
+    let inv_t = (1.0 / temperature) as f32;
+    let lp = on_cpu_f32(logits, |x| {
+        use rayon::prelude::*;
+        x.par_chunks(v.max(1))
+            .with_min_len(rows_per_task(v))
+            .zip(targets)
+            .map(|(row, &id)| match row.get(id as usize) {
+                Some(&x) => Ok((x * inv_t) as f64 - crate::simd::log_sum_exp(row, inv_t)),
+                None => Err(candle_core::Error::Msg(format!(
+                    "target id {id} is outside the vocabulary of {v}"
+                ))),
+            })
+            .map(|r| r.map(|lp| lp as f32))
+            .collect::<Result<Vec<f32>>>()
+    })?;
+    lp.map(|lp| Tensor::from_vec(lp?, n, logits.device()))
+        .transpose()
+}
+
+/// The gradient of [`vocab_logprobs`] wrt the logits for upstream gradients `g` (one per row):
+/// `(g_i / T) (onehot(target_i) - softmax(logits_i / T))`, `[n, vocab]` f32; `None` off the CPU.
+fn vocab_dlogits(
+    logits: &Tensor,
+    targets: &[u32],
+    g: &[f32],
+    temperature: f64,
+) -> Result<Option<Tensor>> {
+    let (n, v) = logits.dims2()?;
+    if logits.dtype() != DType::F32 || !logits.device().is_cpu() {
+        return Ok(None);
+    }
+    let mut d = logits.flatten_all()?.to_vec1::<f32>()?;
+    let inv_t = (1.0 / temperature) as f32;
+    {
+        use rayon::prelude::*;
+        d.par_chunks_mut(v.max(1))
+            .with_min_len(rows_per_task(v))
+            .zip(targets.par_iter().zip(g))
+            .try_for_each(|(row, (&id, &gi))| {
+                crate::simd::softmax(row, inv_t, &[]);
+                let gt = gi * inv_t;
+                crate::simd::mul(row, -gt);
+                match row.get_mut(id as usize) {
+                    Some(x) => {
+                        *x += gt;
+                        Ok(())
+                    }
+                    None => Err(candle_core::Error::Msg(format!(
+                        "target id {id} is outside the vocabulary of {v}"
+                    ))),
+                }
+            })?;
+    }
+    Tensor::from_vec(d, (n, v), logits.device()).map(Some)
 }
 
 /// The dtype log-softmax runs in: f64 stays f64, everything else is computed in f32.

@@ -23,6 +23,7 @@ pub mod hub;
 pub mod loader;
 pub mod lora;
 pub mod sampler;
+pub mod simd;
 pub mod tokenizer;
 pub mod transformer;
 
