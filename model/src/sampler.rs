@@ -8,6 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
+use crate::simd;
 
 /// Sampling parameters of one request.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,9 +134,9 @@ impl RowSampler {
         let truncate = self.params.top_k > 0 || self.params.top_p < 1.0;
         if !truncate {
             // One pass for the normaliser, one partial pass for the inverse-CDF draw.
-            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) * inv_t;
-            let mut probs: Vec<f32> = logits.iter().map(|&v| (v * inv_t - max).exp()).collect();
-            let total: f64 = probs.iter().map(|&p| p as f64).sum();
+            let max = simd::max(logits) * inv_t;
+            let mut probs = logits.to_vec();
+            let total = simd::exp_in_place(&mut probs, inv_t, max);
             let u = self.rng.random::<f64>() * total;
             let mut acc = 0.0f64;
             let mut chosen = probs.len() - 1;
@@ -216,8 +217,8 @@ impl RowSampler {
             Box::new(move |i| logits[i] * inv_t - lse)
         } else {
             let inv_t = (1.0 / t) as f32;
-            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) * inv_t;
-            let total: f64 = logits.iter().map(|&v| (v * inv_t - max).exp() as f64).sum();
+            let max = simd::max(logits) * inv_t;
+            let total = simd::sum_exp(logits, inv_t, max);
             let ln_total = total.ln();
             Box::new(move |i| ((logits[i] * inv_t - max) as f64 - ln_total) as f32)
         };
@@ -234,9 +235,7 @@ impl RowSampler {
 
 /// `log(sum(exp(x * scale)))`, stable.
 fn log_sum_exp(x: &[f32], scale: f32) -> f32 {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) * scale;
-    let sum: f64 = x.iter().map(|&v| ((v * scale - max) as f64).exp()).sum();
-    (max as f64 + sum.ln()) as f32
+    simd::log_sum_exp(x, scale) as f32
 }
 
 #[cfg(test)]
