@@ -311,9 +311,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
     let (b, nh, t, hd) = q.dims4()?;
     let nkv = k.dim(1)?;
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let y = probs(&qd, &kd, mask)?
-        .matmul(&vd)?
-        .reshape((b, nh, t, hd))?;
+    // A decode step (one new token per row) is a handful of tiny products per head, which the
+    // composed ops pay per call; longer blocks keep them (gemm's tiles reuse the keys).
+    let fused = if t == 1 {
+        fused_attention(&qd, &kd, &vd, mask)?
+    } else {
+        None
+    };
+    let y = match fused {
+        Some(y) => y,
+        None => probs(&qd, &kd, mask)?
+            .matmul(&vd)?
+            .reshape((b, nh, t, hd))?,
+    };
     let mask = mask.clone();
     attach3((q, k, v), y, move |q, k, v, g| {
         let scale = 1.0 / (hd as f64).sqrt();
@@ -432,6 +442,92 @@ fn on_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
     Ok(Some(f(&cpu.as_slice::<f32>()?[from..to])))
 }
 
+/// The f32 values behind a CPU tensor and the offset and strides of its layout; `None` for
+/// other devices or dtypes.
+fn cpu_f32(storage: &Storage) -> Option<&[f32]> {
+    match storage {
+        Storage::Cpu(cpu) => cpu.as_slice::<f32>().ok(),
+        _ => None,
+    }
+}
+
+/// Query rows of one head group per attention task.
+const ATTENTION_ROWS: usize = 64;
+
+/// The forward of [`attention`] by [`simd::attention`] on the CPU in f32 (head size 64 or 128),
+/// one task per head group and batch row: no `[b, nh, t, s]` tensor, no per-head matmul calls,
+/// no copy of the cache. `None` where it does not apply.
+fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Option<Tensor>> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let (_, nkv, s, _) = k.dims4()?;
+    let (mb, m1, m2, mt, ms) = mask.dims5()?;
+    let applies = q.device().is_cpu()
+        && [q, k, v, mask].iter().all(|x| x.dtype() == DType::F32)
+        && (hd == 64 || hd == 128)
+        && nkv > 0
+        && nh % nkv == 0
+        && (mb == 1 || mb == b)
+        && (m1, m2, mt, ms) == (1, 1, t, s)
+        && v.dims4()? == (b, nkv, s, hd);
+    if !applies {
+        return Ok(None);
+    }
+    let (q, mask) = (q.contiguous()?, mask.contiguous()?);
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (ms_, ml) = mask.storage_and_layout();
+    let (Some(qx), Some(kx), Some(vx), Some(mx)) =
+        (cpu_f32(&qs), cpu_f32(&ks), cpu_f32(&vs), cpu_f32(&ms_))
+    else {
+        return Ok(None);
+    };
+    // k and v: rows of hd contiguous values, any batch and head strides (a view of the cache).
+    let (kst, vst) = (kl.stride(), vl.stride());
+    if kst[3] != 1 || kst[2] != hd || vst[3] != 1 || vst[2] != hd {
+        return Ok(None);
+    }
+    let qx = &qx[ql.start_offset()..];
+    let mx = &mx[ml.start_offset()..];
+    let rep = nh / nkv;
+    let group_rows = rep * t;
+    let mut out = vec![0f32; b * nh * t * hd];
+    let scale = (1.0 / (hd as f64).sqrt()) as f32;
+    let ok = {
+        use rayon::prelude::*;
+        out.par_chunks_mut(group_rows * hd)
+            .enumerate()
+            .flat_map(|(bg, group)| {
+                group
+                    .par_chunks_mut(ATTENTION_ROWS * hd)
+                    .enumerate()
+                    .map(move |(c, o)| (bg, c, o))
+            })
+            .all(|(bg, c, o)| {
+                let (bi, g) = (bg / nkv, bg % nkv);
+                let row0 = c * ATTENTION_ROWS;
+                let q0 = (bg * group_rows + row0) * hd;
+                let k0 = kl.start_offset() + bi * kst[0] + g * kst[1];
+                let v0 = vl.start_offset() + bi * vst[0] + g * vst[1];
+                let m0 = if mb == 1 { 0 } else { bi * t * s };
+                let parts = (
+                    qx.get(q0..q0 + o.len()),
+                    kx.get(k0..k0 + s * hd),
+                    vx.get(v0..v0 + s * hd),
+                    mx.get(m0..m0 + t * s),
+                );
+                let (Some(qr), Some(kr), Some(vr), Some(mr)) = parts else {
+                    return false;
+                };
+                crate::simd::attention(qr, kr, vr, mr, (t, hd, row0), scale, o)
+            })
+    };
+    if !ok {
+        return Ok(None);
+    }
+    Tensor::from_vec(out, (b, nh, t, hd), q.device()).map(Some)
+}
+
 /// Rows of at least this many elements are one rayon task each; shorter rows are grouped.
 const ROW_TASK: usize = 8192;
 
@@ -537,5 +633,99 @@ pub fn wide(dtype: DType) -> DType {
         DType::F64
     } else {
         DType::F32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The composed reference: softmax(q k^T / sqrt(hd) + mask) v with grouped heads.
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let (_, nkv, s, _) = k.dims4()?;
+        let rep = nh / nkv;
+        let k = k.contiguous()?;
+        let v = v.contiguous()?;
+        let scores = (q.reshape((b, nkv, rep * t, hd))?.matmul(&k.t()?)? / (hd as f64).sqrt())?
+            .reshape((b, nkv, rep, t, s))?
+            .broadcast_add(mask)?;
+        candle_nn::ops::softmax_last_dim(&scores)?
+            .reshape((b, nkv, rep * t, s))?
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))
+    }
+
+    /// A causal mask with left padding `pad[b]` over `t` queries at cache offset `s - t`.
+    fn causal_mask(pad: &[usize], t: usize, s: usize) -> Result<Tensor> {
+        let mut m = Vec::new();
+        for &p in pad {
+            for i in 0..t {
+                let col = s - t + i;
+                for j in 0..s {
+                    let ok = (j >= p && j <= col) || j == col;
+                    m.push(if ok { 0f32 } else { f32::NEG_INFINITY });
+                }
+            }
+        }
+        Tensor::from_vec(m, (pad.len(), 1, 1, t, s), &Device::Cpu)
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composed_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        // (batch, heads, kv heads, queries, keys, head size, left padding per row)
+        type Case = (usize, usize, usize, usize, usize, usize, &'static [usize]);
+        let cases: &[Case] = &[
+            (1, 9, 3, 1, 1, 64, &[0]),
+            (2, 9, 3, 7, 7, 64, &[0, 3]),
+            (3, 4, 2, 33, 33, 128, &[0, 5, 32]),
+            (2, 9, 3, 1, 300, 64, &[0, 17]), // a decode step
+            (1, 6, 2, 150, 577, 64, &[2]),   // a chunk after a prefix
+        ];
+        for &(b, nh, nkv, t, s, hd, pad) in cases {
+            let q = Tensor::randn(0f32, 1.0, (b, nh, t, hd), &dev)?;
+            // k and v as views of a larger cache (strided over batch and heads).
+            let cache = Tensor::randn(0f32, 1.0, (2, b, nkv, s + 5, hd), &dev)?;
+            let k = cache.get(0)?.narrow(2, 0, s)?;
+            let v = cache.get(1)?.narrow(2, 2, s)?;
+            let mask = causal_mask(pad, t, s)?;
+            let want = composed(&q, &k, &v, &mask)?;
+            let got = fused_attention(&q, &k, &v, &mask)?.expect("the fused path applies");
+            let err = (got - &want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(
+                err < 1e-5,
+                "case b{b} nh{nh} t{t} s{s} hd{hd}: max error {err}"
+            );
+            // One mask for the whole batch (broadcast).
+            let mask1 = causal_mask(&[0], t, s)?;
+            let want = composed(&q, &k, &v, &mask1)?;
+            let got = fused_attention(&q, &k, &v, &mask1)?.expect("the fused path applies");
+            let err = (got - &want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(err < 1e-5, "broadcast mask b{b} t{t} s{s}: max error {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_attention_declines_what_it_does_not_cover() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, 2, 3, 32), &dev)?; // head size 32
+        let k = Tensor::randn(0f32, 1.0, (1, 1, 3, 32), &dev)?;
+        let mask = causal_mask(&[0], 3, 3)?;
+        assert!(fused_attention(&q, &k, &k, &mask)?.is_none());
+        let q64 = Tensor::randn(0f64, 1.0, (1, 2, 3, 64), &dev)?; // f64
+        let k64 = Tensor::randn(0f64, 1.0, (1, 1, 3, 64), &dev)?;
+        assert!(fused_attention(&q64, &k64, &k64, &mask.to_dtype(DType::F64)?)?.is_none());
+        Ok(())
     }
 }

@@ -8,8 +8,8 @@
 //! into f64.
 //!
 //! Every function is compiled twice, for the baseline target and for AVX-512F, and the copy is
-//! picked at run time. The only `unsafe` here is the call into the AVX-512F copy after the CPU
-//! was checked to have it.
+//! picked at run time. The `unsafe` here: the call into the AVX-512F copy after the CPU was
+//! checked to have it, and the vector loads of the attention dot product.
 #![allow(unsafe_code)]
 
 /// f32 lanes the loops are written over (one zmm register).
@@ -137,6 +137,85 @@ fn mul_body(x: &mut [f32], factor: f32) {
     }
 }
 
+/// `a * b + c`: fused in the AVX-512F copy (which has FMA), a multiply and an add in the
+/// baseline copy (where `mul_add` would be a libm call).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `q . k` over `HD` values in [`LANES`] partial sums, then a halving tree (the baseline copy;
+/// the AVX-512F copy uses [`avx512::dot`]).
+#[inline(always)]
+fn dot<const HD: usize>(q: &[f32; HD], k: &[f32; HD]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for c in 0..HD / LANES {
+        for l in 0..LANES {
+            acc[l] += q[c * LANES + l] * k[c * LANES + l];
+        }
+    }
+    let mut half = LANES / 2;
+    while half > 0 {
+        for l in 0..half {
+            acc[l] += acc[l + half];
+        }
+        half /= 2;
+    }
+    acc[0]
+}
+
+#[inline(always)]
+fn attention_body<const HD: usize, const FMA: bool>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    (t, row0, scale): (usize, usize, f32),
+    out: &mut [f32],
+    dot: impl Fn(&[f32; HD], &[f32; HD]) -> f32,
+) {
+    let s = k.len() / HD;
+    let mut p = vec![0f32; s];
+    for (r, (qr, o)) in q.chunks_exact(HD).zip(out.chunks_exact_mut(HD)).enumerate() {
+        let m = (row0 + r) % t;
+        let mask_row = &mask[m * s..(m + 1) * s];
+        // The keys this row attends to: [c0, c1).
+        let (Some(c0), Some(c1)) = (
+            mask_row.iter().position(|x| *x != f32::NEG_INFINITY),
+            mask_row.iter().rposition(|x| *x != f32::NEG_INFINITY),
+        ) else {
+            // Every key excluded: softmax of an empty set, NaN (as the composed ops give).
+            o.fill(f32::NAN);
+            continue;
+        };
+        let Ok(qr) = <&[f32; HD]>::try_from(qr) else {
+            unreachable!("rows of HD values")
+        };
+        let keys = &k[c0 * HD..(c1 + 1) * HD];
+        for (pj, kj) in p[c0..=c1].iter_mut().zip(keys.chunks_exact(HD)) {
+            let Ok(kj) = <&[f32; HD]>::try_from(kj) else {
+                unreachable!("rows of HD values")
+            };
+            *pj = dot(qr, kj);
+        }
+        softmax(&mut p[c0..=c1], scale, &mask_row[c0..=c1]);
+        let mut acc = [0f32; HD];
+        for (&pj, vj) in p[c0..=c1]
+            .iter()
+            .zip(v[c0 * HD..(c1 + 1) * HD].chunks_exact(HD))
+        {
+            for d in 0..HD {
+                acc[d] = madd::<FMA>(pj, vj[d], acc[d]);
+            }
+        }
+        o.copy_from_slice(&acc);
+    }
+}
+
 /// The AVX-512F copies: the same bodies compiled with the feature enabled.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -163,6 +242,42 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub fn mul(x: &mut [f32], factor: f32) {
         super::mul_body(x, factor)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub fn attention<const HD: usize>(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: &[f32],
+        t_row0_scale: (usize, usize, f32),
+        out: &mut [f32],
+    ) {
+        super::attention_body::<HD, true>(q, k, v, mask, t_row0_scale, out, |q, k| dot::<HD>(q, k))
+    }
+
+    /// `q . k` in zmm registers: `HD / 16` multiply-adds and one reduction. (Written with
+    /// intrinsics: left to itself, the compiler vectorizes the loop over keys instead, with
+    /// gathers, at a third of the speed.)
+    #[target_feature(enable = "avx512f")]
+    pub fn dot<const HD: usize>(q: &[f32; HD], k: &[f32; HD]) -> f32 {
+        use std::arch::x86_64::{
+            _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_reduce_add_ps, _mm512_setzero_ps,
+        };
+        const { assert!(HD.is_multiple_of(16)) };
+        let mut acc = _mm512_setzero_ps();
+        for c in 0..HD / 16 {
+            // SAFETY: c * 16 + 16 <= HD, so the 16 values read from each array are inside it;
+            // unaligned loads have no alignment requirement.
+            let (qv, kv) = unsafe {
+                (
+                    _mm512_loadu_ps(q.as_ptr().add(c * 16)),
+                    _mm512_loadu_ps(k.as_ptr().add(c * 16)),
+                )
+            };
+            acc = _mm512_fmadd_ps(qv, kv, acc);
+        }
+        _mm512_reduce_add_ps(acc)
     }
 }
 
@@ -202,6 +317,53 @@ fn scale_add_max(x: &mut [f32], scale: f32, mask: &[f32]) -> f32 {
 /// `x *= factor` element-wise.
 pub fn mul(x: &mut [f32], factor: f32) {
     dispatch!(mul, mul_body(x, factor))
+}
+
+/// Attention of one key/value head for query rows that share it, one row at a time (the
+/// decode step, where a row is a new token): row `r` of `out` (`[rows, hd]`) is
+/// `softmax(scale * q[r] . k^T + mask[(row0 + r) % t]) @ v`, for q `[rows, hd]` (rows `row0..`
+/// of the head group's `[rep * t]`), k and v `[s, hd]`, an additive mask `[t, s]` (-inf
+/// excludes a key; keys outside the first and last attended one are skipped). Returns false
+/// (nothing written) for a head size other than 64 or 128 or inconsistent lengths; the caller
+/// then takes the composed path.
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    (t, hd, row0): (usize, usize, usize),
+    scale: f32,
+    out: &mut [f32],
+) -> bool {
+    let s = k.len() / hd.max(1);
+    let consistent = hd > 0
+        && t > 0
+        && q.len().is_multiple_of(hd)
+        && k.len() == s * hd
+        && v.len() == k.len()
+        && mask.len() == t * s
+        && out.len() == q.len();
+    if !consistent || q.is_empty() {
+        return consistent && q.is_empty();
+    }
+    macro_rules! run {
+        ($hd:literal) => {{
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the function only enables AVX-512F, which the CPU was just checked
+                // to have; its body is safe code.
+                unsafe { avx512::attention::<$hd>(q, k, v, mask, (t, row0, scale), out) };
+                return true;
+            }
+            attention_body::<$hd, false>(q, k, v, mask, (t, row0, scale), out, dot::<$hd>);
+            true
+        }};
+    }
+    match hd {
+        64 => run!(64),
+        128 => run!(128),
+        _ => false,
+    }
 }
 
 /// `log(sum(exp(x * scale)))` for `scale > 0`, stable (the maximum is taken out first).
