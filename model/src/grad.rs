@@ -349,8 +349,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
     })
 }
 
+/// Logits up to this size are kept from the forward of [`target_logprobs`] for its backward
+/// (a micro-batch of SmolLM2: 1200 tokens x 49152 x 4 bytes = 236 MB); larger ones are
+/// recomputed chunk by chunk.
+const KEEP_LOGITS: usize = 512 << 20;
+
 /// Log-probability of `targets` under `softmax(h @ w / temperature)`, chunked over rows so
-/// that at most `chunk x vocab` logits exist at once, in the forward and in the backward.
+/// that at most `chunk x vocab` logits exist at once, in the forward and in the backward, unless
+/// all of them fit in [`KEEP_LOGITS`] (then the backward reuses the forward's).
 /// h: `[n, d]`, w: the output projection `[d, vocab]`, targets: `n` ids -> `[n]` in [`wide`]
 /// of h's dtype.
 pub fn target_logprobs(
@@ -361,7 +367,9 @@ pub fn target_logprobs(
     chunk: usize,
 ) -> Result<Tensor> {
     let chunk = chunk.max(1);
-    let lp = logprobs_detached(&h.detach(), w, targets, temperature, chunk)?;
+    let (lp, kept) = logprobs_keeping(&h.detach(), w, targets, temperature, chunk, KEEP_LOGITS)?;
+    // Taken by the backward (which runs once); recomputed there when not kept.
+    let kept = Mutex::new(kept.into_iter().map(Some).collect::<Vec<_>>());
     let w = w.clone();
     let targets = targets.to_vec();
     attach(h, lp, move |h, g| {
@@ -370,9 +378,12 @@ pub fn target_logprobs(
         let g = g.to_dtype(wide(h.dtype()))?;
         let mut parts = Vec::new();
         let g_host: Vec<f32> = on_cpu_f32(&g, |g| g.to_vec())?.unwrap_or_default();
-        for start in (0..n).step_by(chunk) {
+        for (i, start) in (0..n).step_by(chunk).enumerate() {
             let len = chunk.min(n - start);
-            let logits = chunk_logits(h, &w, start, len)?;
+            let logits = match kept.lock().ok().and_then(|mut k| k.get_mut(i)?.take()) {
+                Some(logits) => logits,
+                None => chunk_logits(h, &w, start, len)?,
+            };
             if !g_host.is_empty() {
                 let (ids, gs) = (&targets[start..start + len], &g_host[start..start + len]);
                 if let Some(dlogits) = vocab_dlogits(&logits, ids, gs, temperature)? {
@@ -400,27 +411,50 @@ pub fn logprobs_detached(
     temperature: f64,
     chunk: usize,
 ) -> Result<Tensor> {
+    Ok(logprobs_keeping(h, w, targets, temperature, chunk, 0)?.0)
+}
+
+/// The logprobs of [`logprobs_detached`] and, when all of the logits take at most `keep_bytes`,
+/// the logits of each chunk (for a backward that would otherwise recompute them).
+fn logprobs_keeping(
+    h: &Tensor,
+    w: &Frozen,
+    targets: &[u32],
+    temperature: f64,
+    chunk: usize,
+    keep_bytes: usize,
+) -> Result<(Tensor, Vec<Tensor>)> {
     let (n, _) = h.dims2()?;
     let chunk = chunk.max(1);
-    let mut parts = Vec::new();
+    let (mut parts, mut kept) = (Vec::new(), Vec::new());
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
-        let ids = &targets[start..start + len];
         let logits = chunk_logits(h, w, start, len)?;
-        if let Some(lp) = vocab_logprobs(&logits, ids, temperature)? {
-            parts.push(lp);
-            continue;
+        parts.push(chunk_logprobs(
+            &logits,
+            &targets[start..start + len],
+            temperature,
+        )?);
+        if n * logits.dim(1)? * logits.dtype().size_in_bytes() <= keep_bytes {
+            kept.push(logits);
         }
-        let logits = (logits / temperature)?;
-        let lse = logits.log_sum_exp(1)?;
-        let ids = Tensor::new(&targets[start..start + len], h.device())?;
-        let picked = logits.gather(&ids.unsqueeze(1)?, 1)?.squeeze(1)?;
-        parts.push((picked - lse)?);
     }
     if parts.is_empty() {
-        return Tensor::zeros(0, wide(h.dtype()), h.device());
+        return Ok((Tensor::zeros(0, wide(h.dtype()), h.device())?, kept));
     }
-    Tensor::cat(&parts, 0)
+    Ok((Tensor::cat(&parts, 0)?, kept))
+}
+
+/// `log softmax(logits / temperature)` at `ids`, one per row: `[len, vocab]` -> `[len]`.
+fn chunk_logprobs(logits: &Tensor, ids: &[u32], temperature: f64) -> Result<Tensor> {
+    if let Some(lp) = vocab_logprobs(logits, ids, temperature)? {
+        return Ok(lp);
+    }
+    let logits = (logits / temperature)?;
+    let lse = logits.log_sum_exp(1)?;
+    let ids = Tensor::new(ids, logits.device())?;
+    let picked = logits.gather(&ids.unsqueeze(1)?, 1)?.squeeze(1)?;
+    picked - lse
 }
 
 /// `h[start..start+len] @ w` in [`wide`] of h's dtype: `[len, vocab]`.
