@@ -183,7 +183,7 @@ fn attention_body<const HD: usize, const FMA: bool>(
     for (r, (qr, o)) in q.chunks_exact(HD).zip(out.chunks_exact_mut(HD)).enumerate() {
         let m = (row0 + r) % t;
         let mask_row = &mask[m * s..(m + 1) * s];
-        // The keys this row attends to: [c0, c1).
+        // The keys this row attends to: c0..=c1.
         let (Some(c0), Some(c1)) = (
             mask_row.iter().position(|x| *x != f32::NEG_INFINITY),
             mask_row.iter().rposition(|x| *x != f32::NEG_INFINITY),
