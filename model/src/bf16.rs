@@ -17,7 +17,7 @@ mod kernel;
 
 use std::sync::OnceLock;
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 pub use kernel::{amx_bf16 as amx_bf16_status, avx512_bf16 as available, peak_gflops, NR};
@@ -128,20 +128,8 @@ impl Packed {
             m.checked_mul(self.k),
             "Packed::matmul: x is not [m, k]"
         );
-        let lda = kernel::a_stride(self.kp);
-        let a_len = m.checked_mul(lda).expect("Packed::matmul: m x k overflows");
-        let c_len = m
-            .checked_mul(self.n)
-            .expect("Packed::matmul: m x n overflows");
-        let mut a = vec![0u32; a_len];
-        if self.k > 0 {
-            a.par_chunks_mut(lda)
-                .zip(x.par_chunks(self.k))
-                .for_each(|(dst, src)| kernel::pairs_from_f32(src, &mut dst[..self.kp]));
-        }
-        let mut c = vec![0f32; c_len];
-        kernel::gemm(&a, m, lda, self.kp, &self.data, self.n, &mut c);
-        c
+        let a = kernel::pack_a(x, m, self.k);
+        kernel::gemm(&a, m, self.kp, &self.data, self.n)
     }
 
     /// [`Packed::matmul`] on a tensor `[.., k]` (any layout, any float dtype) -> `[.., n]` in
@@ -159,8 +147,17 @@ impl Packed {
             candle_core::bail!("bf16 matmul: packed weights live on the CPU");
         }
         let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let out = self.matmul(&xs, m);
+        // Read in place (no copy) when x is already contiguous f32, the usual case.
+        let xs = x.to_dtype(DType::F32)?.contiguous()?;
+        let out = {
+            let (storage, layout) = xs.storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(cpu), Some((from, to))) => {
+                    self.matmul(&cpu.as_slice::<f32>()?[from..to], m)
+                }
+                _ => candle_core::bail!("bf16 matmul: the input is not a contiguous CPU tensor"),
+            }
+        };
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
             *last = self.n;

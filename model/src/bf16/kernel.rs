@@ -1,12 +1,13 @@
 //! The only `unsafe` code of the bf16 path: the CPU feature probes and the AVX512-BF16 GEMM
 //! `C[m, n] (f32) = A[m, k] (bf16) x B[k, n] (bf16)`, f32 accumulation.
 //!
-//! Layouts (both built by the safe code in [`super`]):
-//! - A: `[m][lda]` u32 (`lda >= kp = ceil(k / 2)`, see [`a_stride`]); `A[i][q]` for `q < kp`
-//!   holds the bf16 pair (`a[i][2q]` in the low half, `a[i][2q+1]` in the high half, 0 past
-//!   `k`). That is a row of bf16 values as stored.
+//! Layouts (`kp = ceil(k / 2)` bf16 pairs per row or column; a pair holds element `2q` in its
+//! low half and `2q + 1` in its high half, 0 past `k`):
+//! - A: tiles of [`MR`] rows, tile `t` at `t * kp * MR`, `[kp][MR]` u32: entry `(q, i)` is pair
+//!   `q` of row `t * MR + i` (0 past `m`). [`pack_a`] builds it from f32 rows; a micro-tile then
+//!   reads A in order, 48 bytes per pair step, instead of 12 rows far apart.
 //! - B: panels of [`NR`] columns, panel `p` at `p * kp * NR`, `[kp][NR]` u32; entry `(q, j)` holds
-//!   (`b[2q][p*NR+j]`, `b[2q+1][p*NR+j]`), 0 past `k` or `n`.
+//!   (`b[2q][p*NR+j]`, `b[2q+1][p*NR+j]`), 0 past `n` (built by the safe code in [`super`]).
 //!
 //! `vdpbf16ps` adds to each f32 lane `j` the two products of the bf16 pair in lane `j` of both
 //! operands, so broadcasting A's pair `q` of row `i` against panel row `q` accumulates
@@ -116,36 +117,67 @@ pub fn pairs_from_f32(src: &[f32], dst: &mut [u32]) {
     }
 }
 
-/// The row stride (in u32) to give A for `kp` pairs: whole cache lines plus one, so that the
-/// rows a micro-tile reads together fall in different L1 sets (a stride of exactly 4 KiB, e.g.
-/// k = 2048, would put all 12 in one 8-way set).
-pub fn a_stride(kp: usize) -> usize {
-    kp.div_ceil(16) * 16 + 16
+/// `x * y`, panicking with `what` on overflow: a wrapped size would let the length checks of
+/// [`pack_a`] and [`gemm`] pass on short buffers.
+fn size(x: usize, y: usize, what: &str) -> usize {
+    x.checked_mul(y)
+        .unwrap_or_else(|| panic!("bf16 gemm: {what} overflows"))
 }
 
-/// `c[m, n] = a x b` with the layouts of the module doc (A's rows `lda` u32 apart, `lda >= kp`),
-/// on the rayon pool. Panics when the slices do not have the sizes `m`, `lda`, `kp`, `n` imply,
-/// or when the CPU lacks AVX512-BF16 (callers check [`avx512_bf16`] first and use the f32 path
+/// A packed in tiles (module doc) from `m` f32 rows of `k` values (`x` `[m, k]` row-major),
+/// rounded to bf16 (nearest even). Every entry is written, padding included.
+pub fn pack_a(x: &[f32], m: usize, k: usize) -> Vec<u32> {
+    use rayon::prelude::*;
+    assert_eq!(x.len(), size(m, k, "m x k"), "pack_a: x is not [m, k]");
+    let kp = k.div_ceil(2);
+    let tile = size(kp, MR, "kp x MR");
+    let len = size(m.div_ceil(MR), tile, "A");
+    let mut a: Vec<u32> = Vec::with_capacity(len);
+    if tile > 0 {
+        a.spare_capacity_mut()[..len]
+            .par_chunks_mut(tile)
+            .enumerate()
+            .for_each(|(t, dst)| {
+                // The tile's rows as pairs, [MR][kp], then interleaved into [kp][MR].
+                let mut rows = vec![0u32; tile];
+                for (i, row) in rows.chunks_exact_mut(kp).enumerate() {
+                    let r = t * MR + i;
+                    if r < m {
+                        pairs_from_f32(&x[r * k..(r + 1) * k], row);
+                    }
+                }
+                for (q, d) in dst.chunks_exact_mut(MR).enumerate() {
+                    for (i, d) in d.iter_mut().enumerate() {
+                        d.write(rows[i * kp + q]);
+                    }
+                }
+            });
+    }
+    // SAFETY: the tiles above are `len / tile` disjoint chunks covering `..len` (`len` is a
+    // multiple of `tile`), and each writes every one of its entries; `len` is within the
+    // capacity reserved above. With `tile == 0`, `len == 0`.
+    unsafe { a.set_len(len) };
+    a
+}
+
+/// `C[m, n] = A x B` with the layouts of the module doc (A from [`pack_a`]), on the rayon pool,
+/// returned row-major. Panics when the slices do not have the sizes `m`, `kp`, `n` imply, or
+/// when the CPU lacks AVX512-BF16 (callers check [`avx512_bf16`] first and use the f32 path
 /// otherwise).
-pub fn gemm(a: &[u32], m: usize, lda: usize, kp: usize, b: &[u32], n: usize, c: &mut [f32]) {
+pub fn gemm(a: &[u32], m: usize, kp: usize, b: &[u32], n: usize) -> Vec<f32> {
     let panels = n.div_ceil(NR);
-    // Checked products: a wrapped size would let the checks below pass on short buffers.
-    let size = |x: usize, y: usize, what: &str| {
-        x.checked_mul(y)
-            .unwrap_or_else(|| panic!("gemm: {what} overflows"))
-    };
-    assert!(lda >= kp, "gemm: A's row stride is shorter than a row");
-    assert_eq!(a.len(), size(m, lda, "m x lda"), "gemm: A is not [m][lda]");
+    let a_len = size(m.div_ceil(MR), size(kp, MR, "kp x MR"), "A");
+    assert_eq!(a.len(), a_len, "gemm: A is not packed for m and kp");
     let b_len = size(size(panels, kp, "panels x kp"), NR, "B");
     assert_eq!(b.len(), b_len, "gemm: B is not packed for n");
-    assert_eq!(c.len(), size(m, n, "m x n"), "gemm: C is not [m][n]");
+    let c_len = size(m, n, "m x n");
     assert!(avx512_bf16(), "gemm: the CPU has no AVX512-BF16");
-    if m == 0 || n == 0 {
-        return;
-    }
     if kp == 0 {
-        c.fill(0.0);
-        return;
+        return vec![0.0; c_len];
+    }
+    let mut c: Vec<f32> = Vec::with_capacity(c_len);
+    if m == 0 || n == 0 {
+        return c;
     }
     // Tasks: (row block, group of panels), each writing a disjoint rectangle of C.
     let row_blocks = m.div_ceil(MB);
@@ -154,7 +186,8 @@ pub fn gemm(a: &[u32], m: usize, lda: usize, kp: usize, b: &[u32], n: usize, c: 
         .div_ceil((8 * threads).div_ceil(row_blocks).max(1))
         .clamp(1, 4);
     let groups = panels.div_ceil(group);
-    let out = OutPtr(c.as_mut_ptr());
+    // C is written before it is read: the first k block of every tile stores (below).
+    let out = OutPtr(c.spare_capacity_mut().as_mut_ptr().cast::<f32>());
     let task = |t: usize| {
         let (rb, g) = (t / groups, t % groups);
         let rows = rb * MB..((rb + 1) * MB).min(m);
@@ -167,16 +200,17 @@ pub fn gemm(a: &[u32], m: usize, lda: usize, kp: usize, b: &[u32], n: usize, c: 
                 let mut r = rows.start;
                 while r < rows.end {
                     let h = (rows.end - r).min(MR);
-                    // SAFETY: rows r..r+h <= m and columns p*NR..p*NR+cols <= n lie inside C
-                    // (its length was checked above), and no other task writes them: tasks
-                    // partition C into (row block, panel group) rectangles. A's rows r..r+h,
-                    // pairs k0..k0+kc (< kp), are inside A (length checked above); the panel
-                    // slice is a checked subslice. The CPU feature was checked above.
+                    // SAFETY: rows r..r+h <= m and columns p*NR..p*NR+cols <= n lie inside C's
+                    // reserved capacity (m * n), and no other task touches them: tasks
+                    // partition C into (row block, panel group) rectangles. The first k block
+                    // (k0 == 0) stores them, later ones read them back, in this task, in order.
+                    // r is a multiple of MR (MB is), so A's tile r / MR, pairs k0..k0+kc (< kp),
+                    // lies inside A (length checked above); the panel slice is a checked
+                    // subslice. The CPU feature was checked above.
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
                         let tile = x86::Tile {
-                            a: a.as_ptr().add(r * lda + k0),
-                            lda,
+                            a: a.as_ptr().add(r * kp + k0 * MR),
                             b: slice.as_ptr(),
                             kc,
                             c: out.at(r * n + p * NR),
@@ -193,6 +227,9 @@ pub fn gemm(a: &[u32], m: usize, lda: usize, kp: usize, b: &[u32], n: usize, c: 
     };
     use rayon::prelude::*;
     (0..row_blocks * groups).into_par_iter().for_each(task);
+    // SAFETY: the tasks wrote every element of C's first m * n (module doc, SAFETY above).
+    unsafe { c.set_len(c_len) };
+    c
 }
 
 /// The machine's bf16 multiply-add peak in GFLOP/s: every rayon thread runs `vdpbf16ps` on 12
@@ -292,12 +329,11 @@ mod x86 {
         _mm512_reduce_add_ps(sum)
     }
 
-    /// One micro-tile: rows `0..h` (h <= MR) of A at `a` (row stride `lda` u32) times `kc`
+    /// One micro-tile: rows `0..h` (h <= MR) of an A tile at `a` (`[kc][MR]` u32) times `kc`
     /// rows of a panel at `b` (`[kc][NR]` u32) into columns `0..cols` (cols <= NR) of C at `c`
     /// (row stride `ldc`), added to C's values when `accumulate`, else stored.
     pub struct Tile {
         pub a: *const u32,
-        pub lda: usize,
         pub b: *const u32,
         pub kc: usize,
         pub c: *mut f32,
@@ -310,7 +346,7 @@ mod x86 {
         /// Runs the tile on `h` rows.
         ///
         /// # Safety
-        /// AVX512F and AVX512-BF16 present; `a` readable at `i * lda + q` for `i < h`, `q < kc`;
+        /// AVX512F and AVX512-BF16 present; `a` readable at `q * MR + i` for `i < h`, `q < kc`;
         /// `b` readable for `kc * NR` u32; `c` readable and writable at `i * ldc + j` for
         /// `i < h`, `j < cols`.
         #[target_feature(enable = "avx512f,avx512bf16")]
@@ -349,7 +385,7 @@ mod x86 {
                     let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(row.cast()));
                     let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(row.add(16).cast()));
                     for (i, acc) in acc.iter_mut().enumerate() {
-                        let pair = *self.a.add(i * self.lda + q);
+                        let pair = *self.a.add(q * MR + i);
                         let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
                         acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
                         acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
