@@ -8,12 +8,12 @@
 //! lm_head stays f32 for the logprobs' precision, see `Transformer::pack_bf16`), forward (`x @ W`) and the backward the learner needs (`g @ W^T`, packed on first
 //! use from the same bf16 values). What it must never do: be used when [`available`] is false
 //! (the engine keeps the f32 path then), or hold anything that trains (LoRA and optimizer state
-//! stay f32). All `unsafe` is in [`kernel`].
+//! stay f32). All `unsafe` is in [`crate::kernels`].
 //!
 //! AMX: [`amx_bf16_status`] probes the CPU and asks Linux for the tile state; no AMX kernel is
 //! built yet, so CPUs with AMX also run the AVX512-BF16 kernel.
 
-mod kernel;
+use crate::kernels::bf16_gemm as kernel;
 
 use std::sync::OnceLock;
 

@@ -271,6 +271,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     };
     let w = w.clone();
     attach(x, y, move |x, g| {
+        if let Some(dx) = rms_norm_backward(x, &w, g, eps)? {
+            return Ok(dx);
+        }
         // r = 1/sqrt(mean(x^2)+eps); dx = r * (g w) - x r^3 mean(g w x)
         let n = x.dim(D::Minus1)? as f64;
         let r = ((x.sqr()?.sum_keepdim(D::Minus1)? / n)? + eps)?
@@ -281,6 +284,117 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         let r3 = r.powf(3.0)?;
         gw.broadcast_mul(&r)?.sub(&x.broadcast_mul(&r3.mul(&dot)?)?)
     })
+}
+
+/// [`rms_norm`]'s backward by [`simd::rms_norm_backward`], one row at a time, on the CPU in f32
+/// (x, w and g contiguous); `None` elsewhere.
+fn rms_norm_backward(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    let n = x.dim(D::Minus1)?;
+    if g.dims() != x.dims() || w.dims() != [n] || n == 0 {
+        return Ok(None);
+    }
+    let g = g.contiguous()?;
+    let dx = on_cpu_f32s([x, w, &g], |[x, w, g]| {
+        use rayon::prelude::*;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(n)
+            .zip(x.par_chunks(n).zip(g.par_chunks(n)))
+            .with_min_len(rows_per_task(n))
+            .for_each(|(dx, (x, g))| crate::simd::rms_norm_backward(g, x, w, eps as f32, dx));
+        dx
+    })?;
+    dx.map(|dx| Tensor::from_vec(dx, x.dims(), x.device()))
+        .transpose()
+}
+
+/// `silu(gate) * up` (SwiGLU's product), with gradients for both. On the CPU in f32 the forward
+/// is one pass with the very arithmetic of candle's `silu` then `*` (the same values, bit for
+/// bit), and the backward one pass ([`simd::silu_mul_backward`]) instead of a dozen tensors.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let (gd, ud) = (gate.detach(), up.detach());
+    let fused = if gate.dims() == up.dims() {
+        on_cpu_f32s([&gd.contiguous()?, &ud.contiguous()?], |[g, u]| {
+            use rayon::prelude::*;
+            let mut y = vec![0f32; g.len()];
+            y.par_chunks_mut(ROW_TASK)
+                .zip(g.par_chunks(ROW_TASK).zip(u.par_chunks(ROW_TASK)))
+                .for_each(|(y, (g, u))| {
+                    for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                        *y = g / (1.0 + (-g).exp()) * u;
+                    }
+                });
+            y
+        })?
+    } else {
+        None
+    };
+    let y = match fused {
+        Some(y) => Tensor::from_vec(y, gate.dims(), gate.device())?,
+        None => (gd.silu()? * &ud)?,
+    };
+    // Two inputs through the three-input attach: the third (gate again) gets no gradient.
+    attach3((gate, up, gate), y, move |gate, up, _, dy| {
+        let (dg, du) = silu_mul_backward(gate, up, dy)?;
+        Ok((
+            when(gate.track_op(), || Ok(dg.clone()))?,
+            when(up.track_op(), || Ok(du.clone()))?,
+            None,
+        ))
+    })
+}
+
+/// The gradients of [`silu_mul`] wrt gate and up.
+fn silu_mul_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dy = dy.contiguous()?;
+    let (gc, uc) = (gate.contiguous()?, up.contiguous()?);
+    let same = dy.dims() == gate.dims() && gate.dims() == up.dims();
+    let fused = on_cpu_f32s([&gc, &uc, &dy], |[g, u, d]| {
+        use rayon::prelude::*;
+        let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+        dg.par_chunks_mut(ROW_TASK)
+            .zip(du.par_chunks_mut(ROW_TASK))
+            .zip(d.par_chunks(ROW_TASK))
+            .zip(g.par_chunks(ROW_TASK).zip(u.par_chunks(ROW_TASK)))
+            .for_each(|(((dg, du), d), (g, u))| crate::simd::silu_mul_backward(d, g, u, dg, du));
+        (dg, du)
+    })?;
+    if let Some((dg, du)) = fused {
+        if same {
+            let dev = gate.device();
+            return Ok((
+                Tensor::from_vec(dg, gate.dims(), dev)?,
+                Tensor::from_vec(du, gate.dims(), dev)?,
+            ));
+        }
+    }
+    // s = sigmoid(gate); d silu / d gate = s (1 + gate (1 - s)).
+    let s = (gate.neg()?.exp()? + 1.0)?.recip()?;
+    let silu = (gate * &s)?;
+    let dsilu = (&s * ((gate * (1.0 - &s)?)? + 1.0)?)?;
+    Ok(((&dy * up)?.mul(&dsilu)?, (&dy * silu)?))
+}
+
+/// The softmax backward of attention, `(dp - sum(dp p)) p scale` per row: one pass per row
+/// ([`simd::softmax_backward`]) on the CPU in f32, candle's ops elsewhere.
+fn softmax_backward(dp: &Tensor, p: &Tensor, scale: f64) -> Result<Tensor> {
+    let s = dp.dim(D::Minus1)?;
+    if dp.dims() == p.dims() && s > 0 {
+        let p = p.contiguous()?;
+        let ds = on_cpu_f32s([dp, &p], |[dp, p]| {
+            use rayon::prelude::*;
+            let mut ds = dp.to_vec();
+            ds.par_chunks_mut(s)
+                .zip(p.par_chunks(s))
+                .with_min_len(rows_per_task(s))
+                .for_each(|(d, p)| crate::simd::softmax_backward(d, p, scale as f32));
+            ds
+        })?;
+        if let Some(ds) = ds {
+            return Tensor::from_vec(ds, dp.dims(), dp.device());
+        }
+    }
+    let dot = (dp * p)?.sum_keepdim(D::Minus1)?;
+    ((dp.broadcast_sub(&dot))? * p)? * scale
 }
 
 /// Half-split RoPE (`x` `[b, h, t, hd]` contiguous, cos/sin `[b, t, hd/2]`); the backward is the
@@ -335,12 +449,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
             return Ok((None, None, dv));
         }
         let dp = g2.matmul(&v.t()?)?; // [b, nkv, rep*t, s]
-        let ds = ((&dp
-            - (&dp * &p)?
-                .sum_keepdim(D::Minus1)?
-                .broadcast_as(dp.shape())?)?
-            * &p)?;
-        let ds = (ds * scale)?;
+        let ds = softmax_backward(&dp, &p, scale)?;
         let dq = when(q.track_op(), || ds.matmul(k)?.reshape((b, nh, t, hd)))?;
         let dk = when(k.track_op(), || {
             ds.t()?.matmul(&q.reshape((b, nkv, rep * t, hd))?)
@@ -474,6 +583,29 @@ fn on_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
         return Ok(None);
     };
     Ok(Some(f(&cpu.as_slice::<f32>()?[from..to])))
+}
+
+/// [`on_cpu_f32`] for several tensors at once (each read in place; pass distinct tensors).
+fn on_cpu_f32s<R, const N: usize>(
+    ts: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> R,
+) -> Result<Option<R>> {
+    if ts.iter().any(|t| t.dtype() != DType::F32) {
+        return Ok(None);
+    }
+    let held: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(N);
+    for (storage, layout) in &held {
+        let (Storage::Cpu(cpu), Some((from, to))) = (&**storage, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        slices.push(&cpu.as_slice::<f32>()?[from..to]);
+    }
+    match <[&[f32]; N]>::try_from(slices) {
+        Ok(slices) => Ok(Some(f(slices))),
+        Err(_) => Ok(None),
+    }
 }
 
 /// The f32 values behind a CPU tensor and the offset and strides of its layout; `None` for
@@ -760,6 +892,104 @@ mod tests {
         let q64 = Tensor::randn(0f64, 1.0, (1, 2, 3, 64), &dev)?; // f64
         let k64 = Tensor::randn(0f64, 1.0, (1, 1, 3, 64), &dev)?;
         assert!(fused_attention(&q64, &k64, &k64, &mask.to_dtype(DType::F64)?)?.is_none());
+        Ok(())
+    }
+
+    /// Runs `f` on `inputs` as f32 variables (the fused CPU kernels) and as f64 ones (candle's
+    /// composed ops, which the f64 finite-difference tests check), backpropagates
+    /// `sum(f(..) * r)` for a fixed `r` (`sin(0.37 i)`), and returns the largest difference of the
+    /// outputs and of each input's gradient, relative to that gradient's largest entry.
+    fn fused_vs_composed<const N: usize>(
+        inputs: [&Tensor; N],
+        f: impl Fn([&Tensor; N]) -> Result<Tensor>,
+    ) -> Result<(f64, [f64; N])> {
+        let run = |dt: DType| -> Result<(Tensor, Vec<Tensor>)> {
+            let vars = inputs
+                .iter()
+                .map(|t| candle_core::Var::from_tensor(&t.to_dtype(dt)?))
+                .collect::<Result<Vec<_>>>()?;
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let Ok(arr) = <[&Tensor; N]>::try_from(ts.iter().collect::<Vec<_>>()) else {
+                candle_core::bail!("arity")
+            };
+            let y = f(arr)?;
+            let n = y.elem_count() as u32;
+            let r = (Tensor::arange(0u32, n, y.device())?.to_dtype(DType::F64)? * 0.37)?
+                .sin()?
+                .reshape(y.dims())?
+                .to_dtype(dt)?;
+            let grads = (&y * &r)?.sum_all()?.backward()?;
+            let g = ts
+                .iter()
+                .map(|t| {
+                    grads
+                        .get(t)
+                        .cloned()
+                        .ok_or(candle_core::Error::Msg("no grad".into()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((y.to_dtype(DType::F64)?, g))
+        };
+        let (y32, g32) = run(DType::F32)?;
+        let (y64, g64) = run(DType::F64)?;
+        let max = |t: &Tensor| -> Result<f64> { t.abs()?.max_all()?.to_scalar::<f64>() };
+        let dy = max(&(y32 - &y64)?)? / max(&y64)?.max(1e-30);
+        let mut dg = [0f64; N];
+        for (i, (a, b)) in g32.iter().zip(&g64).enumerate() {
+            dg[i] = max(&(a.to_dtype(DType::F64)? - b)?)? / max(b)?.max(1e-30);
+        }
+        Ok((dy, dg))
+    }
+
+    #[test]
+    fn fused_backwards_match_the_composed_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        // RMSNorm over rows of 576 (lane remainder 0) and 37 (remainder 5).
+        for n in [576, 37] {
+            let x = (Tensor::randn(0f32, 1.0, (3, 5, n), &dev)? * 3.0)?;
+            let w = Tensor::randn(1f32, 0.2, n, &dev)?;
+            let (dy, [dx]) =
+                fused_vs_composed([&x], |[x]| rms_norm(x, &w.to_dtype(x.dtype())?, 1e-5))?;
+            assert!(
+                dy < 1e-5 && dx < 1e-5,
+                "rms_norm n={n}: output {dy:e}, dx {dx:e}"
+            );
+        }
+        // SwiGLU's product, including large |gate| where the sigmoid saturates.
+        let gate = (Tensor::randn(0f32, 1.0, (4, 1000), &dev)? * 6.0)?;
+        let up = Tensor::randn(0f32, 1.0, (4, 1000), &dev)?;
+        let (dy, [dg, du]) = fused_vs_composed([&gate, &up], |[g, u]| silu_mul(g, u))?;
+        assert!(
+            dy < 1e-6 && dg < 1e-5 && du < 1e-5,
+            "silu_mul: {dy:e} {dg:e} {du:e}"
+        );
+        // Attention (the softmax backward), grouped heads, left padding.
+        let (b, nh, nkv, t, hd) = (2, 6, 2, 19, 64);
+        let q = Tensor::randn(0f32, 1.0, (b, nh, t, hd), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (b, nkv, t, hd), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (b, nkv, t, hd), &dev)?;
+        let mask = causal_mask(&[0, 4], t, t)?;
+        let (dy, [dq, dk, dv]) = fused_vs_composed([&q, &k, &v], |[q, k, v]| {
+            attention(q, k, v, &mask.to_dtype(q.dtype())?)
+        })?;
+        assert!(
+            dy < 1e-5 && dq < 1e-5 && dk < 1e-5 && dv < 1e-5,
+            "attention: {dy:e} {dq:e} {dk:e} {dv:e}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn silu_mul_forward_is_candles_to_the_bit() -> Result<()> {
+        let dev = Device::Cpu;
+        let gate = (Tensor::randn(0f32, 1.0, (3, 4097), &dev)? * 8.0)?;
+        let up = Tensor::randn(0f32, 1.0, (3, 4097), &dev)?;
+        let want = (gate.silu()? * &up)?.flatten_all()?.to_vec1::<f32>()?;
+        let got = silu_mul(&gate, &up)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(want
+            .iter()
+            .zip(&got)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
         Ok(())
     }
 }

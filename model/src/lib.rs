@@ -11,7 +11,6 @@
 //! file or request (every bad input is an [`Error`] naming it), and never know about GRPO, HTTP
 //! or the rollout database: those live in the crates above it.
 
-pub mod alloc;
 pub mod bf16;
 pub mod chat;
 pub mod config;
@@ -20,10 +19,10 @@ pub mod error;
 pub mod export;
 pub mod grad;
 pub mod hub;
+mod kernels;
 pub mod loader;
 pub mod lora;
 pub mod sampler;
-pub mod simd;
 pub mod tokenizer;
 pub mod transformer;
 
@@ -32,6 +31,7 @@ pub use config::{Architecture, ModelConfig};
 pub use engine::{Engine, GenerateRequest, Generation, ScoreRequest, TrainLogprobs};
 pub use error::{Error, Result};
 pub use export::{export_merged, ExportReport};
+pub use kernels::{alloc, simd};
 pub use lora::{LoraAdapter, LoraConfig, LoraPair, Proj};
 pub use sampler::{FinishReason, SamplingParams};
 pub use tokenizer::Tokenizer;

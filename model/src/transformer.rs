@@ -521,7 +521,7 @@ impl Transformer {
         let xn = self.rms_norm(&x, &block.post_norm)?.reshape((b * t, h))?;
         let gate = self.proj(l, block, Proj::Gate, &xn, mode)?;
         let up = self.proj(l, block, Proj::Up, &xn, mode)?;
-        let ff = self.proj(l, block, Proj::Down, &(gate.silu()? * up)?, mode)?;
+        let ff = self.proj(l, block, Proj::Down, &grad::silu_mul(&gate, &up)?, mode)?;
         Ok((x + ff.reshape((b, t, h))?)?)
     }
 }

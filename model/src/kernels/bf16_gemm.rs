@@ -1,5 +1,6 @@
-//! The only `unsafe` code of the bf16 path: the CPU feature probes and the AVX512-BF16 GEMM
-//! `C[m, n] (f32) = A[m, k] (bf16) x B[k, n] (bf16)`, f32 accumulation.
+//! The `unsafe` code of the bf16 path: the CPU feature probes and the AVX512-BF16 GEMM
+//! `C[m, n] (f32) = A[m, k] (bf16) x B[k, n] (bf16)`, f32 accumulation, used by
+//! [`crate::bf16`] (which owns the safe packing of B and everything around it).
 //!
 //! Layouts (`kp = ceil(k / 2)` bf16 pairs per row or column; a pair holds element `2q` in its
 //! low half and `2q + 1` in its high half, 0 past `k`):
@@ -7,14 +8,13 @@
 //!   `q` of row `t * MR + i` (0 past `m`). [`pack_a`] builds it from f32 rows; a micro-tile then
 //!   reads A in order, 48 bytes per pair step, instead of 12 rows far apart.
 //! - B: panels of [`NR`] columns, panel `p` at `p * kp * NR`, `[kp][NR]` u32; entry `(q, j)` holds
-//!   (`b[2q][p*NR+j]`, `b[2q+1][p*NR+j]`), 0 past `n` (built by the safe code in [`super`]).
+//!   (`b[2q][p*NR+j]`, `b[2q+1][p*NR+j]`), 0 past `n` (built by the safe code in [`crate::bf16`]).
 //!
 //! `vdpbf16ps` adds to each f32 lane `j` the two products of the bf16 pair in lane `j` of both
 //! operands, so broadcasting A's pair `q` of row `i` against panel row `q` accumulates
 //! `a[i][2q] b[2q][j] + a[i][2q+1] b[2q+1][j]` into column `j`: one instruction, 32 multiply-adds.
 //! A micro-tile keeps [`MR`] x [`NR`] f32 accumulators (24 zmm registers) over a block of
 //! [`KC`] pairs, then stores them (first block) or adds them to C (later blocks).
-#![allow(unsafe_code)]
 
 /// Columns per B panel (two zmm registers of 16 f32).
 pub const NR: usize = 32;

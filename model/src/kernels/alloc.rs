@@ -14,7 +14,6 @@ const TRIM_THRESHOLD: i32 = i32::MAX;
 
 /// Applies the settings (glibc on Linux; elsewhere a no-op). Returns whether they were applied.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
 pub fn tune() -> bool {
     // SAFETY: mallopt only changes glibc's malloc parameters; it is thread-safe (it takes the
     // arena locks) and the values are within the documented ranges.

@@ -10,7 +10,6 @@
 //! Every function is compiled twice, for the baseline target and for AVX-512F, and the copy is
 //! picked at run time. The `unsafe` here: the call into the AVX-512F copy after the CPU was
 //! checked to have it, and the vector loads of the attention dot product.
-#![allow(unsafe_code)]
 
 /// f32 lanes the loops are written over (one zmm register).
 const LANES: usize = 16;
@@ -137,6 +136,70 @@ fn mul_body(x: &mut [f32], factor: f32) {
     }
 }
 
+/// `sum(a * b)` in [`LANES`] f32 partial sums, added up in f64.
+#[inline(always)]
+fn dot_body(a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().map(|&v| v as f64).sum::<f64>() + rest as f64
+}
+
+#[inline(always)]
+fn softmax_backward_body(dp: &mut [f32], p: &[f32], scale: f32) {
+    let dot = dot_body(dp, p) as f32;
+    for (d, &pi) in dp.iter_mut().zip(p) {
+        *d = (*d - dot) * pi * scale;
+    }
+}
+
+#[inline(always)]
+fn rms_norm_backward_body(g: &[f32], x: &[f32], w: &[f32], eps: f32, dx: &mut [f32]) {
+    let n = x.len() as f64;
+    let r = 1.0 / (dot_body(x, x) / n + eps as f64).sqrt();
+    // mean(g w x), with dx holding g w meanwhile.
+    for ((d, &gi), &wi) in dx.iter_mut().zip(g).zip(w) {
+        *d = gi * wi;
+    }
+    let dot = dot_body(dx, x) / n;
+    let (r, r3dot) = (r as f32, (r * r * r * dot) as f32);
+    for (d, &xi) in dx.iter_mut().zip(x) {
+        *d = *d * r - xi * r3dot;
+    }
+}
+
+#[inline(always)]
+fn silu_mul_backward_body(
+    dy: &[f32],
+    gate: &[f32],
+    up: &[f32],
+    dgate: &mut [f32],
+    dup: &mut [f32],
+) {
+    for i in 0..dy
+        .len()
+        .min(gate.len())
+        .min(up.len())
+        .min(dgate.len())
+        .min(dup.len())
+    {
+        let (d, g, u) = (dy[i], gate[i], up[i]);
+        let s = 1.0 / (1.0 + exp(-g));
+        dup[i] = d * g * s;
+        dgate[i] = d * u * s * (1.0 + g * (1.0 - s));
+    }
+}
+
 /// `a * b + c`: fused in the AVX-512F copy (which has FMA), a multiply and an add in the
 /// baseline copy (where `mul_add` would be a libm call).
 #[inline(always)]
@@ -245,6 +308,27 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
+    pub fn softmax_backward(dp: &mut [f32], p: &[f32], scale: f32) {
+        super::softmax_backward_body(dp, p, scale)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub fn rms_norm_backward(g: &[f32], x: &[f32], w: &[f32], eps: f32, dx: &mut [f32]) {
+        super::rms_norm_backward_body(g, x, w, eps, dx)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub fn silu_mul_backward(
+        dy: &[f32],
+        gate: &[f32],
+        up: &[f32],
+        dgate: &mut [f32],
+        dup: &mut [f32],
+    ) {
+        super::silu_mul_backward_body(dy, gate, up, dgate, dup)
+    }
+
+    #[target_feature(enable = "avx512f")]
     pub fn attention<const HD: usize>(
         q: &[f32],
         k: &[f32],
@@ -317,6 +401,38 @@ fn scale_add_max(x: &mut [f32], scale: f32, mask: &[f32]) -> f32 {
 /// `x *= factor` element-wise.
 pub fn mul(x: &mut [f32], factor: f32) {
     dispatch!(mul, mul_body(x, factor))
+}
+
+/// The softmax backward of one row: `dp = (dp - sum(dp * p)) * p * scale`, for the
+/// probabilities `p` and their upstream gradient `dp` (same length).
+pub fn softmax_backward(dp: &mut [f32], p: &[f32], scale: f32) {
+    assert_eq!(dp.len(), p.len(), "softmax_backward: row lengths differ");
+    dispatch!(softmax_backward, softmax_backward_body(dp, p, scale))
+}
+
+/// The RMSNorm backward of one row `x` (weight `w`, upstream gradient `g`, all one length):
+/// `dx = r g w - x r^3 mean(g w x)` with `r = 1 / sqrt(mean(x^2) + eps)`.
+pub fn rms_norm_backward(g: &[f32], x: &[f32], w: &[f32], eps: f32, dx: &mut [f32]) {
+    let n = x.len();
+    assert!(
+        g.len() == n && w.len() == n && dx.len() == n,
+        "rms_norm_backward: lengths differ"
+    );
+    dispatch!(rms_norm_backward, rms_norm_backward_body(g, x, w, eps, dx))
+}
+
+/// The backward of `y = silu(gate) * up` element-wise for the upstream gradient `dy`:
+/// `dup = dy silu(gate)`, `dgate = dy up s (1 + gate (1 - s))` with `s = sigmoid(gate)`.
+pub fn silu_mul_backward(dy: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+    let n = dy.len();
+    assert!(
+        gate.len() == n && up.len() == n && dgate.len() == n && dup.len() == n,
+        "silu_mul_backward: lengths differ"
+    );
+    dispatch!(
+        silu_mul_backward,
+        silu_mul_backward_body(dy, gate, up, dgate, dup)
+    )
 }
 
 /// Attention of one key/value head for query rows that share it, one row at a time (the
