@@ -201,13 +201,21 @@ fn when<T>(cond: bool, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
 pub enum Frozen {
     Dense(Tensor),
     Bf16(Arc<crate::bf16::Bf16Matrix>),
+    /// Dense forward, bf16 backward: `forward` is `W` as in `Dense`, `backward` holds `W^T`
+    /// packed so that its forward is `g @ W^T`. For the lm_head of a bf16 model: the logprobs
+    /// keep f32's precision while the learner's input gradient, where bf16 rounding is
+    /// noise, runs on the bf16 kernel.
+    Split {
+        forward: Tensor,
+        backward: Arc<crate::bf16::Bf16Matrix>,
+    },
 }
 
 impl Frozen {
     /// `x @ W`: `[n, k]` -> `[n, n_out]`.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Frozen::Dense(w) => x.matmul(w),
+            Frozen::Dense(w) | Frozen::Split { forward: w, .. } => x.matmul(w),
             Frozen::Bf16(m) => m.forward(x),
         }
     }
@@ -217,6 +225,7 @@ impl Frozen {
         match self {
             Frozen::Dense(w) => g.matmul(&w.t()?),
             Frozen::Bf16(m) => m.backward(g),
+            Frozen::Split { backward, .. } => backward.forward(g),
         }
     }
 }

@@ -73,7 +73,7 @@ impl Linear {
                     self.merged = Some((base_t + d.to_dtype(base_t.dtype())?)?);
                 }
             }
-            Frozen::Bf16(m) => {
+            Frozen::Bf16(m) | Frozen::Split { backward: m, .. } => {
                 if let Some(pair) = adapter.pairs.get(&(l, proj)) {
                     let scaling = adapter.config.scaling();
                     let a_t = (pair.a.t()?.to_dtype(DType::F32)? * scaling)?.contiguous()?;
@@ -356,13 +356,22 @@ impl Transformer {
     /// dropping their dense copies; activations, norms, the embedding and the lm_head stay in
     /// the model's dtype. The lm_head stays because logprobs need its precision: on the SmolLM2
     /// oracle a bf16 lm_head takes the worst teacher-forced logprob error from 4.5e-2 to 5.6e-2
-    /// (PyTorch's bf16 model: 1.3e-1), over the 5e-2 the engine promises. Any adapter must be
-    /// set again after.
+    /// (PyTorch's bf16 model: 1.3e-1), over the 5e-2 the engine promises. Only its backward
+    /// (the learner's `dlogits @ W^T`, where bf16 rounding is gradient noise) gets a bf16
+    /// packing. Any adapter must be set again after.
     pub fn pack_bf16(&mut self) -> Result<()> {
         for block in &mut self.layers {
             for proj in Proj::ALL {
                 block.linear_mut(proj).pack_bf16()?;
             }
+        }
+        if let Frozen::Dense(w_t) = &self.lm_head {
+            // `w_t` is `[hidden, vocab]`; as an `[out, in]` weight it multiplies `g @ w_t^T`.
+            let backward = Arc::new(Bf16Matrix::from_out_in(w_t)?);
+            self.lm_head = Frozen::Split {
+                forward: w_t.clone(),
+                backward,
+            };
         }
         Ok(())
     }
@@ -371,7 +380,9 @@ impl Transformer {
     /// as `(W @ h^T)^T` with `W` `[vocab, hidden]`, the fast orientation for small `n`.
     pub fn decode_logits(&self, h: &Tensor) -> Result<Tensor> {
         let logits = match &self.lm_head {
-            Frozen::Dense(w_t) => w_t.t()?.matmul(&h.t()?)?.t()?,
+            Frozen::Dense(w_t) | Frozen::Split { forward: w_t, .. } => {
+                w_t.t()?.matmul(&h.t()?)?.t()?
+            }
             Frozen::Bf16(m) => m.forward(h)?,
         };
         Ok(logits.to_dtype(DType::F32)?.contiguous()?)
