@@ -357,24 +357,28 @@ fn silu_mul_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor,
     let dy = dy.contiguous()?;
     let (gc, uc) = (gate.contiguous()?, up.contiguous()?);
     let same = dy.dims() == gate.dims() && gate.dims() == up.dims();
-    let fused = on_cpu_f32s([&gc, &uc, &dy], |[g, u, d]| {
-        use rayon::prelude::*;
-        let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
-        dg.par_chunks_mut(ROW_TASK)
-            .zip(du.par_chunks_mut(ROW_TASK))
-            .zip(d.par_chunks(ROW_TASK))
-            .zip(g.par_chunks(ROW_TASK).zip(u.par_chunks(ROW_TASK)))
-            .for_each(|(((dg, du), d), (g, u))| crate::simd::silu_mul_backward(d, g, u, dg, du));
-        (dg, du)
-    })?;
+    let fused = if !same {
+        None
+    } else {
+        on_cpu_f32s([&gc, &uc, &dy], |[g, u, d]| {
+            use rayon::prelude::*;
+            let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+            dg.par_chunks_mut(ROW_TASK)
+                .zip(du.par_chunks_mut(ROW_TASK))
+                .zip(d.par_chunks(ROW_TASK))
+                .zip(g.par_chunks(ROW_TASK).zip(u.par_chunks(ROW_TASK)))
+                .for_each(|(((dg, du), d), (g, u))| {
+                    crate::simd::silu_mul_backward(d, g, u, dg, du)
+                });
+            (dg, du)
+        })?
+    };
     if let Some((dg, du)) = fused {
-        if same {
-            let dev = gate.device();
-            return Ok((
-                Tensor::from_vec(dg, gate.dims(), dev)?,
-                Tensor::from_vec(du, gate.dims(), dev)?,
-            ));
-        }
+        let dev = gate.device();
+        return Ok((
+            Tensor::from_vec(dg, gate.dims(), dev)?,
+            Tensor::from_vec(du, gate.dims(), dev)?,
+        ));
     }
     // s = sigmoid(gate); d silu / d gate = s (1 + gate (1 - s)).
     let s = (gate.neg()?.exp()? + 1.0)?.recip()?;

@@ -10,6 +10,10 @@
 //! It must never download anything (loading reads local paths only), never panic on a user's
 //! file or request (every bad input is an [`Error`] naming it), and never know about GRPO, HTTP
 //! or the rollout database: those live in the crates above it.
+//!
+//! All of the workspace's `unsafe` code is in one private module, `kernels` (the bf16 GEMM, the
+//! vectorized row kernels, the allocator settings); [`bf16`], [`simd`] and [`alloc`] are its
+//! public faces.
 
 pub mod bf16;
 pub mod chat;

@@ -311,10 +311,12 @@ impl Actor {
                 failed.dedup();
                 for j in failed.into_iter().rev() {
                     if let Some(job) = self.jobs.remove(j) {
+                        // Leave the queue before answering: a client that reads /metrics
+                        // right after its answer must not still count itself.
+                        self.pending.fetch_sub(1, Ordering::SeqCst);
                         let _ = job.reply.send(Err(model::Error::InvalidRequest(format!(
                             "generation failed: {message}"
                         ))));
-                        self.pending.fetch_sub(1, Ordering::SeqCst);
                     }
                 }
                 return;
@@ -330,11 +332,12 @@ impl Actor {
                 break;
             };
             let generations = job.done.into_iter().flatten().collect();
+            // Out of the queue first, then answered (see above).
+            self.pending.fetch_sub(1, Ordering::SeqCst);
             let _ = job.reply.send(Ok(Output {
                 generations,
                 adapter: job.adapter,
             }));
-            self.pending.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
