@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
-use crate::config::{Architecture, ModelConfig};
+use crate::config::{Architecture, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, Proj};
 
@@ -49,6 +49,14 @@ pub fn export_merged(
     let device = Device::Cpu;
     let loaded = crate::loader::load(model, &device, DType::F32)?;
     let cfg = &loaded.config;
+    if let RopeScaling::Divisors { .. } = cfg.rope_scaling {
+        return Err(Error::config(
+            model,
+            "rope_freqs.weight",
+            "this GGUF's scaled RoPE is a table of per-frequency divisors, which a Hugging Face \
+             config.json cannot express: export from the model's Hugging Face folder instead",
+        ));
+    }
     let mut weights = loaded.weights;
     let mut merged = 0;
     if let Some(dir) = adapter {
@@ -190,6 +198,26 @@ fn hf_config(cfg: &ModelConfig, dtype: DType) -> Value {
         },
         "use_cache": true,
     });
+    match &cfg.rope_scaling {
+        RopeScaling::None | RopeScaling::Divisors { .. } => {}
+        RopeScaling::Linear { factor } => {
+            v["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            v["rope_scaling"] = json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            });
+        }
+    }
     if cfg.architecture == Architecture::Llama {
         v["attention_bias"] = false.into();
         v["mlp_bias"] = false.into();

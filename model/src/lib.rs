@@ -31,7 +31,7 @@ pub mod tokenizer;
 pub mod transformer;
 
 pub use chat::{ChatTemplate, Message};
-pub use config::{Architecture, ModelConfig};
+pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use engine::{Engine, GenerateRequest, Generation, ScoreRequest, TrainLogprobs};
 pub use error::{Error, Result};
 pub use export::{export_merged, ExportReport};

@@ -13,7 +13,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use crate::config::{Architecture, ModelConfig};
+use crate::config::{Architecture, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -120,6 +120,7 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
     let token_id = |key: &str| meta_u32(path, &content, key).ok();
     let eos = token_id("tokenizer.ggml.eos_token_id");
     let has_output = content.tensor_infos.contains_key("output.weight");
+    let rope_scaling = gguf_rope_scaling(path, &content, &mut reader, a)?;
     let config = ModelConfig {
         architecture,
         vocab_size: tokens.len(),
@@ -131,6 +132,7 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
         head_dim,
         rope_theta: meta_f32(path, &content, &format!("{a}.rope.freq_base")).unwrap_or(10000.0)
             as f64,
+        rope_scaling,
         rms_norm_eps: meta_f32(
             path,
             &content,
@@ -223,6 +225,54 @@ fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> 
         eos_token: name_of(eos),
         source: path.to_path_buf(),
     })
+}
+
+/// A GGUF's scaled RoPE: llama.cpp writes Llama 3.x's as one divisor per frequency in the tensor
+/// `rope_freqs.weight`, and linear scaling in the metadata. Other kinds (yarn) are refused.
+fn gguf_rope_scaling(
+    path: &Path,
+    content: &gguf_file::Content,
+    reader: &mut BufReader<File>,
+    arch: &str,
+) -> Result<RopeScaling> {
+    const FREQS: &str = "rope_freqs.weight";
+    if content.tensor_infos.contains_key(FREQS) {
+        let bad = |e: candle_core::Error| {
+            Error::bad_file(path, "tensor data", format!("tensor '{FREQS}': {e}"))
+        };
+        let divisors = content
+            .tensor(reader, FREQS, &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|t| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>())
+            .map_err(bad)?;
+        return Ok(RopeScaling::Divisors { divisors });
+    }
+    let key = format!("{arch}.rope.scaling.type");
+    if !content.metadata.contains_key(&key) {
+        return Ok(RopeScaling::None);
+    }
+    let kind = meta(path, content, &key)?
+        .to_string()
+        .map_err(|e| Error::config(path, &key, e.to_string()))?;
+    match kind.as_str() {
+        "none" => Ok(RopeScaling::None),
+        "linear" => {
+            let key = format!("{arch}.rope.scaling.factor");
+            let factor = f64::from(meta_f32(path, content, &key)?);
+            if !(factor.is_finite() && factor > 0.0) {
+                return Err(Error::config(path, key, "must be a positive number"));
+            }
+            Ok(RopeScaling::Linear { factor })
+        }
+        other => Err(Error::config(
+            path,
+            key,
+            format!(
+                "RoPE scaling {other:?} is not supported (none, linear, and Llama 3's \
+                 rope_freqs are); running it as plain RoPE would compute wrong positions"
+            ),
+        )),
+    }
 }
 
 /// llama.cpp stores Q and K rows permuted for its interleaved RoPE:

@@ -537,13 +537,12 @@ impl Transformer {
     }
 }
 
-/// cos/sin of `position * theta^(-2i/hd)` for every position up to the context length.
+/// cos/sin of `position * theta^(-2i/hd)` (after the config's RoPE scaling) for every position
+/// up to the context length.
 fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = cfg.head_dim / 2;
     let n = cfg.max_position_embeddings;
-    let inv: Vec<f32> = (0..half)
-        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64) as f32)
-        .collect();
+    let inv = cfg.rope_scaling.inv_freq(cfg.rope_theta, cfg.head_dim);
     let inv = Tensor::from_vec(inv, (1, half), device)?;
     let pos = Tensor::arange(0u32, n as u32, device)?
         .to_dtype(DType::F32)?
