@@ -56,7 +56,14 @@ fn args() -> Args {
             }
             "--json" => a.json = Some(it.next().expect("--json FILE").into()),
             "--bench" => {}
-            other => panic!("unknown argument {other}"),
+            other => {
+                eprintln!(
+                    "engine bench: unknown argument {other:?}\n\
+                     usage: engine [--model PATH] [--dtype f32|bf16] [--repeats N] [--quick] \
+                     [--only gemm,sample,score,swap,train] [--json FILE]"
+                );
+                std::process::exit(2);
+            }
         }
     }
     a
