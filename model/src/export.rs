@@ -111,7 +111,10 @@ pub fn export_merged(
         let st = tmp.join("model.safetensors");
         candle_core::safetensors::save(&tensors, &st)
             .map_err(|e| Error::bad_file(&st, "merged weights (write)", e))?;
-        write_json(&tmp.join("config.json"), &hf_config(cfg, dtype))?;
+        let config_json = tmp.join("config.json");
+        let config = hf_config(cfg, dtype)
+            .map_err(|e| Error::bad_file(&config_json, "config.json (write)", e))?;
+        write_json(&config_json, &config)?;
         write_json(
             &tmp.join("generation_config.json"),
             &json!({
@@ -164,7 +167,7 @@ pub fn export_merged(
 }
 
 /// The `config.json` of a Llama or Qwen2 model with this shape.
-fn hf_config(cfg: &ModelConfig, dtype: DType) -> Value {
+fn hf_config(cfg: &ModelConfig, dtype: DType) -> serde_json::Result<Value> {
     let (model_type, arch) = match cfg.architecture {
         Architecture::Llama => ("llama", "LlamaForCausalLM"),
         Architecture::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
@@ -198,31 +201,19 @@ fn hf_config(cfg: &ModelConfig, dtype: DType) -> Value {
         },
         "use_cache": true,
     });
-    match &cfg.rope_scaling {
-        RopeScaling::None | RopeScaling::Divisors { .. } => {}
-        RopeScaling::Linear { factor } => {
-            v["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
-        }
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        } => {
-            v["rope_scaling"] = json!({
-                "rope_type": "llama3",
-                "factor": factor,
-                "low_freq_factor": low_freq_factor,
-                "high_freq_factor": high_freq_factor,
-                "original_max_position_embeddings": original_max_position_embeddings,
-            });
-        }
+    // Linear and llama3 serialize as transformers' own `rope_scaling` objects (tagged by
+    // `rope_type`); a divisor table has no such form and is refused before this.
+    if matches!(
+        cfg.rope_scaling,
+        RopeScaling::Linear { .. } | RopeScaling::Llama3 { .. }
+    ) {
+        v["rope_scaling"] = serde_json::to_value(&cfg.rope_scaling)?;
     }
     if cfg.architecture == Architecture::Llama {
         v["attention_bias"] = false.into();
         v["mlp_bias"] = false.into();
     }
-    v
+    Ok(v)
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {

@@ -355,12 +355,9 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// The gradients of [`silu_mul`] wrt gate and up.
 fn silu_mul_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     let dy = dy.contiguous()?;
-    let (gc, uc) = (gate.contiguous()?, up.contiguous()?);
-    let same = dy.dims() == gate.dims() && gate.dims() == up.dims();
-    let fused = if !same {
-        None
-    } else {
-        on_cpu_f32s([&gc, &uc, &dy], |[g, u, d]| {
+    if dy.dims() == gate.dims() && gate.dims() == up.dims() {
+        let (gc, uc) = (gate.contiguous()?, up.contiguous()?);
+        let fused = on_cpu_f32s([&gc, &uc, &dy], |[g, u, d]| {
             use rayon::prelude::*;
             let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
             dg.par_chunks_mut(ROW_TASK)
@@ -371,14 +368,14 @@ fn silu_mul_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor,
                     crate::simd::silu_mul_backward(d, g, u, dg, du)
                 });
             (dg, du)
-        })?
-    };
-    if let Some((dg, du)) = fused {
-        let dev = gate.device();
-        return Ok((
-            Tensor::from_vec(dg, gate.dims(), dev)?,
-            Tensor::from_vec(du, gate.dims(), dev)?,
-        ));
+        })?;
+        if let Some((dg, du)) = fused {
+            let dev = gate.device();
+            return Ok((
+                Tensor::from_vec(dg, gate.dims(), dev)?,
+                Tensor::from_vec(du, gate.dims(), dev)?,
+            ));
+        }
     }
     // s = sigmoid(gate); d silu / d gate = s (1 + gate (1 - s)).
     let s = (gate.neg()?.exp()? + 1.0)?.recip()?;

@@ -68,12 +68,16 @@ impl Linear {
             return Ok(());
         };
         match &self.base {
-            Frozen::Dense(base_t) => {
+            // A split weight's forward is dense: it merges like one.
+            Frozen::Dense(base_t)
+            | Frozen::Split {
+                forward: base_t, ..
+            } => {
                 if let Some(d) = adapter.delta_t(l, proj)? {
                     self.merged = Some((base_t + d.to_dtype(base_t.dtype())?)?);
                 }
             }
-            Frozen::Bf16(m) | Frozen::Split { backward: m, .. } => {
+            Frozen::Bf16(m) => {
                 if let Some(pair) = adapter.pairs.get(&(l, proj)) {
                     let scaling = adapter.config.scaling();
                     let a_t = (pair.a.t()?.to_dtype(DType::F32)? * scaling)?.contiguous()?;
