@@ -30,6 +30,10 @@ of a forward pass over T tokens:
   (forward + backward ~ 2 x forward), the usual convention (LoRA's backward actually skips the frozen
   weights' gradients, so this flatters PyTorch a little).
 
+--device cuda (or cuda:N): the same measures on a GPU (every timing ends with
+torch.cuda.synchronize(); the training step's autocast is on "cuda"; peak GPU memory is reported beside
+the process RSS). scripts/gpu-check runs it that way beside our engine.
+
 Threads: --threads N calls torch.set_num_threads(N). Run with OMP_WAIT_POLICY=passive (this script
 sets it if unset, before torch is imported) so idle OpenMP workers sleep instead of spinning: with 2
 cores shared between processes, spinning workers steal the CPU from the other side of a comparison.
@@ -59,6 +63,15 @@ MEASURES = ("matmul", "sample", "score", "train")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+DEVICE = torch.device("cpu")
+
+
+def sync():
+    """Waits for the work queued on DEVICE (a GPU runs asynchronously)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def log(msg):
     print(f"[bench_torch {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -67,12 +80,15 @@ def timed(fn, repeats, label):
     """One warm-up call, then `repeats` timed calls; returns (median seconds, all timings)."""
     t0 = time.perf_counter()
     fn()
+    sync()
     log(f"{label}: warm-up {time.perf_counter() - t0:.2f} s")
     times = []
     for i in range(repeats):
         gc.collect()
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
         log(f"{label}: run {i + 1}/{repeats} {times[-1]:.2f} s")
     return statistics.median(times), times
@@ -106,9 +122,13 @@ def bench_matmul(n, repeats, min_seconds=0.5):
     C), with iters chosen so a call takes >= min_seconds: one product alone is too short to time."""
     out = {"n": n}
     for name, dt in (("f32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b, c = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt), torch.empty(n, n, dtype=dt)
+        a, b, c = (torch.randn(n, n, dtype=dt, device=DEVICE), torch.randn(n, n, dtype=dt, device=DEVICE),
+                   torch.empty(n, n, dtype=dt, device=DEVICE))
+        torch.mm(a, b, out=c)  # first call: library and kernel setup
+        sync()
         t0 = time.perf_counter()
         torch.mm(a, b, out=c)
+        sync()
         iters = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-4)))
 
         def run():
@@ -138,7 +158,8 @@ def token_logprobs(model, ids):
 
 
 def random_ids(gen, batch, length, vocab):
-    return torch.randint(17, vocab, (batch, length), generator=gen)  # ids 0..16 are special tokens
+    # ids 0..16 are special tokens; drawn on the CPU (same ids on every device), then moved.
+    return torch.randint(17, vocab, (batch, length), generator=gen).to(DEVICE)
 
 
 def bench_sample(model, shape, gen, batches, prompt, new, repeats, repeats_last, peak):
@@ -180,7 +201,7 @@ def bench_train(model_dir, gen, n_seq, length, n_micro, dtype, repeats, peak):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE)
     shape = Shape(base)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
                                             task_type="CAUSAL_LM"))
@@ -188,13 +209,13 @@ def bench_train(model_dir, gen, n_seq, length, n_micro, dtype, repeats, peak):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     ids = random_ids(gen, n_seq, length, shape.vocab)
-    adv = torch.randn(n_seq, generator=gen)
+    adv = torch.randn(n_seq, generator=gen).to(DEVICE)
     micro = n_seq // n_micro
     autocast = dtype == "bf16"
 
     def run():
         for i in range(0, n_seq, micro):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
                 lp = token_logprobs(model, ids[i:i + micro])
             loss = -(lp.float() * adv[i:i + micro, None]).mean() / n_micro
             loss.backward()
@@ -228,6 +249,7 @@ def main():
                     help="Hugging Face folder of SmolLM2-135M-Instruct in f32 (scripts/gguf_to_hf.py)")
     ap.add_argument("--dtype", choices=("f32", "bf16"), default="f32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per measure (median reported)")
     ap.add_argument("--repeats-largest-batch", type=int, default=1,
                     help="timed runs for the largest sampling batch (default 1: it is slow)")
@@ -249,13 +271,19 @@ def main():
     else:
         sizes = dict(mm=2048, batches=[1, 8, 32], prompt=150, new=128, score=(16, 300), train=(16, 300, 4))
 
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch sees no GPU")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     result = {
         "meta": {"torch": torch.__version__, "dtype": args.dtype, "threads": torch.get_num_threads(),
                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpu": cpu_name(), "quick": args.quick,
-                 "repeats": args.repeats, "seed": args.seed, "model_dir": os.path.abspath(args.model_dir)},
+                 "repeats": args.repeats, "seed": args.seed, "model_dir": os.path.abspath(args.model_dir),
+                 "device": str(DEVICE),
+                 "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None},
     }
     import warnings
     import transformers
@@ -273,7 +301,7 @@ def main():
     if only & {"sample", "score"}:
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(
-            args.model_dir, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32).eval()
+            args.model_dir, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32).to(DEVICE).eval()
         shape = Shape(model)
         result["meta"].update(non_embedding_params=shape.n_nonemb, layers=shape.layers, hidden=shape.hidden,
                               vocab=shape.vocab)
@@ -290,6 +318,8 @@ def main():
         result["train"] = bench_train(args.model_dir, gen, n, length, n_micro, args.dtype, args.repeats, peak)
 
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+    if DEVICE.type == "cuda":
+        result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(DEVICE) / 1e9
 
     if args.json:
         print(json.dumps(result, indent=1))

@@ -12,7 +12,7 @@ use rl_core::store::{CheckpointRecord, Store};
 #[derive(Parser)]
 #[command(
     name = "learner",
-    version,
+    version = model::VERSION,
     about = "GRPO on LoRA adapters, one iteration per run"
 )]
 struct Cli {

@@ -1,10 +1,16 @@
 //! `golden/grpo_loss.json`: advantages, the masked per-token loss, the three reductions, mean KL
-//! and clip fraction of every case, in f64 within 1e-9.
+//! and clip fraction of every case, in f64 within 1e-9, on the device `TEST_DEVICE` names
+//! (default cpu).
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
+
+/// The suite's device (`TEST_DEVICE`); one that cannot be opened fails the test.
+fn device() -> Device {
+    model::test_device().unwrap_or_else(|e| panic!("{e}"))
+}
 use learner::grpo::{self, Objective};
 use rl_core::config::{LossType, ScaleRewards};
 
@@ -53,6 +59,7 @@ fn every_case_matches_the_oracle() {
     for l in &lens {
         offsets.push(offsets.last().unwrap() + l);
     }
+    let dev = device();
     let mut checked = 0;
     for case in g["cases"].as_array().unwrap() {
         let scale = match case["scale_rewards"].as_str().unwrap() {
@@ -75,7 +82,7 @@ fn every_case_matches_the_oracle() {
             ("dapo", LossType::Dapo),
         ] {
             let weights = grpo::sequence_weights(&lens, &vec![false; lens.len()], lt);
-            let lp = Tensor::new(logp.as_slice(), &Device::Cpu).unwrap();
+            let lp = Tensor::new(logp.as_slice(), &dev).unwrap();
             let t = grpo::terms(
                 &lp,
                 &old,
@@ -136,13 +143,14 @@ fn micro_batches_sum_to_the_whole_step() {
         epsilon_low: 0.2,
         epsilon_high: 0.28,
     };
+    let dev = device();
     for lt in [LossType::Grpo, LossType::DrGrpo, LossType::Dapo] {
         let w = grpo::sequence_weights(&lens, &[false, false, true, false], lt);
         let run = |from: usize, to: usize| {
             let (a, b) = (offsets[from], offsets[to]);
             let off: Vec<usize> = offsets[from..=to].iter().map(|o| o - a).collect();
             let t = grpo::terms(
-                &Tensor::new(&logp[a..b], &Device::Cpu).unwrap(),
+                &Tensor::new(&logp[a..b], &dev).unwrap(),
                 &old[a..b],
                 &reference[a..b],
                 &grpo::per_token(&adv[from..to], &off),

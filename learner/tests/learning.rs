@@ -1,6 +1,6 @@
 //! The learner end to end on the tiny model: `learner check` against the PyTorch/PEFT oracle, a
 //! finite-difference check of the loss in f64, the direction GRPO moves, exact resume across
-//! processes, and crash safety of checkpoints.
+//! processes, and crash safety of checkpoints. On the device `TEST_DEVICE` names (default cpu).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -15,8 +15,11 @@ use learner::grpo::{self, Objective};
 use model::{LoraAdapter, LoraPair, ScoreRequest};
 use rl_core::config::{Config, LossType, ScaleRewards};
 
-fn learner_bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_learner"))
+/// The learner binary, on the suite's device.
+fn learner_bin(subcommand: &str) -> Command {
+    let mut cmd = Command::new(learner_exe());
+    cmd.arg(subcommand).args(["--device", &device_name()]);
+    cmd
 }
 
 fn l2(t: &Tensor) -> f64 {
@@ -35,8 +38,8 @@ fn l2(t: &Tensor) -> f64 {
 fn check_matches_the_peft_oracle() {
     let dir = tempfile::tempdir().unwrap();
     let grads_out = dir.path().join("grads.safetensors");
-    let out = learner_bin()
-        .args(["check", "--model"])
+    let out = learner_bin("check")
+        .arg("--model")
         .arg(tiny_path())
         .arg("--adapter")
         .arg(golden().join("tiny_adapter"))
@@ -88,7 +91,7 @@ fn loss_gradient_matches_finite_differences_in_f64() {
     let adapter = LoraAdapter::load(
         &golden().join("tiny_adapter"),
         engine.config(),
-        &Device::Cpu,
+        engine.device(),
     )
     .unwrap();
     let mut vars: Vec<(String, Var)> = Vec::new();
@@ -185,11 +188,11 @@ fn loss_gradient_matches_finite_differences_in_f64() {
             let eval = |delta: f64| {
                 let mut p = original.clone();
                 p[idx] += delta;
-                var.set(&Tensor::from_vec(p, var.as_tensor().shape(), &Device::Cpu).unwrap())
+                var.set(&Tensor::from_vec(p, var.as_tensor().shape(), var.device()).unwrap())
                     .unwrap();
                 let l = loss_of(&trainable).loss.to_scalar::<f64>().unwrap();
                 var.set(
-                    &Tensor::from_vec(original.clone(), var.as_tensor().shape(), &Device::Cpu)
+                    &Tensor::from_vec(original.clone(), var.as_tensor().shape(), var.device())
                         .unwrap(),
                 )
                 .unwrap();
@@ -282,8 +285,8 @@ fn train_cli(
     cfg: &Path,
     failpoint: bool,
 ) -> std::process::Output {
-    let mut cmd = learner_bin();
-    cmd.args(["train", "--db"])
+    let mut cmd = learner_bin("train");
+    cmd.arg("--db")
         .arg(db)
         .args(["--iteration", &iteration.to_string(), "--model"])
         .arg(tiny_path());

@@ -4,10 +4,13 @@
 //! 16 x 300 in micro-batches, the peak RSS of each, and model FLOP utilisation against the
 //! measured matmul peak. `scripts/bench` runs it beside the PyTorch reference and prints ratios.
 //!
-//! cargo bench -p model --bench engine -- [--model PATH] [--dtype f32] [--repeats N] [--quick]
-//!     [--only gemm,sample,score,swap,train] [--json FILE]
+//! cargo bench -p model --bench engine -- [--model PATH] [--device cpu|cuda:N] [--dtype f32]
+//!     [--repeats N] [--quick] [--only gemm,sample,score,swap,train] [--json FILE]
 //! With `--dtype bf16` on a CPU with AVX512-BF16 it first runs the bf16 GEMM microbenchmark
-//! (2048^3 and SmolLM2's shapes, GFLOP/s and fraction of the register-only peak).
+//! (2048^3 and SmolLM2's shapes, GFLOP/s and fraction of the register-only peak). On a GPU
+//! (`--device cuda:0`, a `--features cuda` build) every timing ends with a device synchronize, and
+//! the model can be any local folder (`scripts/gpu-check run` benches random SmolLM2- and
+//! Llama-3.2-1B-shaped ones made by transformers).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Instant;
@@ -22,6 +25,7 @@ use serde_json::json;
 
 struct Args {
     model: std::path::PathBuf,
+    device: Device,
     dtype: DType,
     repeats: usize,
     quick: bool,
@@ -33,6 +37,7 @@ fn args() -> Args {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut a = Args {
         model: root.join("assets/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        device: Device::Cpu,
         dtype: DType::F32,
         repeats: 3,
         quick: false,
@@ -44,6 +49,13 @@ fn args() -> Args {
         match arg.as_str() {
             "--model" => a.model = it.next().expect("--model PATH").into(),
             "--dtype" => a.dtype = model::dtype(&it.next().expect("--dtype NAME")).expect("dtype"),
+            "--device" => {
+                let name = it.next().expect("--device NAME");
+                a.device = model::device(&name).unwrap_or_else(|e| {
+                    eprintln!("engine bench: --device {name}: {e}");
+                    std::process::exit(2)
+                })
+            }
             "--repeats" => a.repeats = it.next().expect("--repeats N").parse().expect("a number"),
             "--quick" => a.quick = true,
             "--only" => {
@@ -59,7 +71,8 @@ fn args() -> Args {
             other => {
                 eprintln!(
                     "engine bench: unknown argument {other:?}\n\
-                     usage: engine [--model PATH] [--dtype f32|bf16] [--repeats N] [--quick] \
+                     usage: engine [--model PATH] [--device cpu|cuda:N] [--dtype f32|bf16] \
+                     [--repeats N] [--quick] \
                      [--only gemm,sample,score,swap,train] [--json FILE]"
                 );
                 std::process::exit(2);
@@ -91,14 +104,19 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-/// One warm-up, then the median of `repeats` timings (seconds).
-fn time(repeats: usize, mut f: impl FnMut()) -> f64 {
-    f();
+/// One warm-up, then the median of `repeats` timings (seconds), each ending when `device` has
+/// finished the work queued (a GPU runs asynchronously).
+fn time(device: &Device, repeats: usize, mut f: impl FnMut()) -> f64 {
+    let mut run = || {
+        f();
+        device.synchronize().expect("device synchronize");
+    };
+    run();
     median(
         (0..repeats.max(1))
             .map(|_| {
                 let t = Instant::now();
-                f();
+                run();
                 t.elapsed().as_secs_f64()
             })
             .collect(),
@@ -130,7 +148,7 @@ fn random_ids(rng: &mut rand::rngs::StdRng, n: usize, vocab: usize) -> Vec<u32> 
 fn main() {
     model::alloc::tune();
     let a = args();
-    let device = Device::Cpu;
+    let device = a.device.clone();
     let want = |m: &str| a.only.is_empty() || a.only.iter().any(|o| o == m);
     let mut out = serde_json::Map::new();
     out.insert("impl".into(), json!("candle-engine"));
@@ -142,9 +160,11 @@ fn main() {
         "threads".into(),
         json!(candle_core::utils::get_num_threads()),
     );
+    out.insert("device".into(), json!(format!("{:?}", device.location())));
+    out.insert("model".into(), json!(a.model.display().to_string()));
 
     // bf16 on the CPU: our kernel's GEMMs against the register-only peak of vdpbf16ps.
-    let bf16_kernel = a.dtype == DType::BF16 && model::bf16::available();
+    let bf16_kernel = device.is_cpu() && a.dtype == DType::BF16 && model::bf16::available();
     if a.dtype == DType::BF16 {
         match model::bf16::amx_bf16_status() {
             Ok(()) => {
@@ -181,7 +201,7 @@ fn main() {
             let packed = model::bf16::Packed::from_k_n(&w, k, n);
             let flops = 2.0 * (m * k * n) as f64;
             let reps = ((2e9 / flops) as usize).clamp(a.repeats, 200);
-            let s = time(reps, || {
+            let s = time(&device, reps, || {
                 std::hint::black_box(packed.matmul(&x, m));
             });
             let gflops = flops / s / 1e9;
@@ -211,7 +231,7 @@ fn main() {
         .unwrap()
         .to_dtype(a.dtype)
         .unwrap();
-    let s = time(a.repeats, || {
+    let s = time(&device, a.repeats, || {
         x.matmul(&y).unwrap();
     });
     let mut peak = 2.0 * (n as f64).powi(3) / s;
@@ -258,7 +278,7 @@ fn main() {
                 .collect();
             reset_peak();
             let reps = if batch == 32 { 1 } else { a.repeats };
-            let s = time(reps, || {
+            let s = time(&device, reps, || {
                 let g = engine.generate(&reqs).unwrap();
                 assert!(g.iter().all(|g| g.tokens.len() == new));
             });
@@ -286,7 +306,7 @@ fn main() {
         .collect();
     if want("score") {
         reset_peak();
-        let s = time(a.repeats, || {
+        let s = time(&device, a.repeats, || {
             engine.score(&batch, 1.0).unwrap();
         });
         let tps = (seqs * len) as f64 / s;
@@ -310,13 +330,16 @@ fn main() {
         for _ in 0..a.repeats.max(1) + 1 {
             let t = Instant::now();
             let read = LoraAdapter::load(dir.path(), engine.config(), &device).unwrap();
+            device.synchronize().unwrap();
             reads.push(t.elapsed().as_secs_f64());
             drop(read);
             let t = Instant::now();
             engine.load_adapter(dir.path()).unwrap();
+            device.synchronize().unwrap();
             loads.push(t.elapsed().as_secs_f64());
             let t = Instant::now();
             engine.set_adapter(None).unwrap();
+            device.synchronize().unwrap();
             unloads.push(t.elapsed().as_secs_f64());
         }
         // The first round warms the allocator up.
@@ -372,7 +395,7 @@ fn main() {
             .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
             .collect();
         reset_peak();
-        let s = time(a.repeats, || {
+        let s = time(&device, a.repeats, || {
             let mut total: Option<candle_core::backprop::GradStore> = None;
             for (m, chunk) in batch.chunks(seqs / micro).enumerate() {
                 let out = engine.train_logprobs(chunk, &adapter, 1.0).unwrap();

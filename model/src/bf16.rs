@@ -1,12 +1,18 @@
-//! bf16 weights on the CPU: frozen matrices rounded to bf16 once, packed for an AVX512-BF16
-//! kernel that multiplies them with f32 activations (rounded to bf16 on the way in) and
-//! accumulates in f32. Half the weight memory and, on CPUs with `vdpbf16ps`, twice the f32
-//! multiply-add rate. candle's own CPU bf16 matmul widens both operands to f32 on every call,
-//! which is slower than f32.
+//! bf16 frozen weights: matrices rounded to bf16 once, multiplied with f32 activations (rounded
+//! to bf16 on the way in) with f32 accumulation and an f32 result. Half the weight memory and,
+//! on CPUs with `vdpbf16ps` or on a GPU's tensor cores, a faster multiply-add than f32.
+//! candle's own CPU bf16 matmul widens both operands to f32 on every call, which is slower than
+//! f32, and its CUDA bf16 matmul rounds the result to bf16.
 //!
-//! What it is for: the frozen base weights of the `bf16` CPU dtype (the block projections; the
-//! lm_head stays f32 for the logprobs' precision, see `Transformer::pack_bf16`), forward (`x @ W`) and the backward the learner needs (`g @ W^T`, packed on first
-//! use from the same bf16 values). What it must never do: be used when [`available`] is false
+//! Two homes, one arithmetic: on the CPU the weight is packed for our AVX512-BF16 kernel; on a
+//! CUDA device it stays a bf16 tensor and the products run through cuBLAS with an f32 output
+//! (`kernels::cuda_gemm`). Either way bf16 products are exact in f32 and sums are f32, so the
+//! accuracy rules of the bf16 dtype (see `Transformer::pack_bf16`) are the same on both.
+//!
+//! What it is for: the frozen base weights of the `bf16` dtype (the block projections; the
+//! lm_head stays f32 for the logprobs' precision, see `Transformer::pack_bf16`), forward
+//! (`x @ W`) and the backward the learner needs (`g @ W^T`, on the CPU packed on first use from
+//! the same bf16 values). What it must never do: be used on a CPU where [`available`] is false
 //! (the engine keeps the f32 path then), or hold anything that trains (LoRA and optimizer state
 //! stay f32). All `unsafe` is in [`crate::kernels`].
 //!
@@ -14,6 +20,7 @@
 //! built yet, so CPUs with AMX also run the AVX512-BF16 kernel.
 
 use crate::kernels::bf16_gemm as kernel;
+use crate::kernels::cuda_gemm::{Bf16Gemm, Product};
 
 use std::sync::OnceLock;
 
@@ -169,44 +176,119 @@ impl Packed {
 /// A frozen weight `W` used as `x @ W` (`W` `[k, n]`) with the backward `g @ W^T`, in bf16.
 #[derive(Debug)]
 pub struct Bf16Matrix {
-    fwd: Packed,
-    bwd: OnceLock<Packed>,
+    home: Home,
+}
+
+#[derive(Debug)]
+enum Home {
+    /// Packed for the CPU kernel; the backward's transposed packing is built on first use.
+    Cpu { fwd: Packed, bwd: OnceLock<Packed> },
+    /// On a CUDA device: the weight as stored, `[n, k]` (`[out, in]`), bf16, contiguous.
+    Cuda { w: Tensor },
 }
 
 impl Bf16Matrix {
     /// From a weight as stored, `[out, in]`: multiplies as `x @ weight^T` (`k = in`, `n = out`).
+    /// The weight's device decides where the products run.
     pub fn from_out_in(weight: &Tensor) -> Result<Self> {
         let (n, k) = weight.dims2()?;
+        if weight.device().is_cuda() {
+            // A fresh bf16 copy (never a view of the caller's tensor).
+            let w = weight.to_dtype(DType::BF16)?.contiguous()?.copy()?;
+            return Ok(Self {
+                home: Home::Cuda { w },
+            });
+        }
+        if !weight.device().is_cpu() {
+            candle_core::bail!(
+                "bf16 weights: {:?} is not supported (cpu or cuda)",
+                weight.device().location()
+            );
+        }
         let v = weight
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         Ok(Self {
-            fwd: Packed::from_n_k(&v, n, k),
-            bwd: OnceLock::new(),
+            home: Home::Cpu {
+                fwd: Packed::from_n_k(&v, n, k),
+                bwd: OnceLock::new(),
+            },
         })
     }
 
-    /// `x @ W`: `[.., k]` -> `[.., n]`.
+    /// Input features `k`.
+    pub fn k(&self) -> usize {
+        match &self.home {
+            Home::Cpu { fwd, .. } => fwd.k(),
+            Home::Cuda { w } => w.dims().get(1).copied().unwrap_or(0),
+        }
+    }
+
+    /// Output features `n`.
+    pub fn n(&self) -> usize {
+        match &self.home {
+            Home::Cpu { fwd, .. } => fwd.n(),
+            Home::Cuda { w } => w.dims().first().copied().unwrap_or(0),
+        }
+    }
+
+    /// `x @ W`: `[.., k]` -> `[.., n]`, in x's dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fwd.matmul_tensor(x)
+        match &self.home {
+            Home::Cpu { fwd, .. } => fwd.matmul_tensor(x),
+            Home::Cuda { w } => cuda_product(x, w, Product::XWt, self.k(), self.n()),
+        }
     }
 
-    /// `g @ W^T`: `[.., n]` -> `[.., k]`. The transposed packing is built on first use.
+    /// `g @ W^T`: `[.., n]` -> `[.., k]`, in g's dtype.
     pub fn backward(&self, g: &Tensor) -> Result<Tensor> {
-        self.bwd
-            .get_or_init(|| self.fwd.transposed())
-            .matmul_tensor(g)
+        match &self.home {
+            Home::Cpu { fwd, bwd } => bwd.get_or_init(|| fwd.transposed()).matmul_tensor(g),
+            Home::Cuda { w } => cuda_product(g, w, Product::GW, self.n(), self.k()),
+        }
     }
 
-    pub fn packed(&self) -> &Packed {
-        &self.fwd
+    /// The CPU packing (`None` on a GPU).
+    pub fn packed(&self) -> Option<&Packed> {
+        match &self.home {
+            Home::Cpu { fwd, .. } => Some(fwd),
+            Home::Cuda { .. } => None,
+        }
     }
 
-    /// Bytes held (both packings when the backward one exists).
+    /// Bytes held (on the CPU, both packings when the backward one exists).
     pub fn bytes(&self) -> usize {
-        self.fwd.bytes() + self.bwd.get().map_or(0, Packed::bytes)
+        match &self.home {
+            Home::Cpu { fwd, bwd } => fwd.bytes() + bwd.get().map_or(0, Packed::bytes),
+            Home::Cuda { w } => w.elem_count() * 2,
+        }
     }
+}
+
+/// `x` `[.., inner]` times the bf16 weight `w` `[n, k]` on its CUDA device by cuBLAS
+/// ([`Product::XWt`]: inner = k, out = n; [`Product::GW`]: inner = n, out = k), in x's dtype.
+fn cuda_product(x: &Tensor, w: &Tensor, p: Product, inner: usize, out: usize) -> Result<Tensor> {
+    let dims = x.dims();
+    let last = dims.last().copied().unwrap_or(0);
+    if last != inner {
+        candle_core::bail!("bf16 matmul: input has {last} features, the weight expects {inner}");
+    }
+    if !x.device().same_device(w.device()) {
+        candle_core::bail!(
+            "bf16 matmul: the input is on {:?}, the weight on {:?}",
+            x.device().location(),
+            w.device().location()
+        );
+    }
+    let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+    let xb = x.reshape((m, inner))?.to_dtype(DType::BF16)?.contiguous()?;
+    let y = xb.apply_op2_no_bwd(w, &Bf16Gemm(p))?;
+    let mut shape = dims.to_vec();
+    if let Some(l) = shape.last_mut() {
+        *l = out;
+    }
+    y.reshape(shape)?.to_dtype(x.dtype())
 }
 
 #[cfg(test)]

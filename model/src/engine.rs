@@ -81,17 +81,18 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Loads a `.gguf` file or a Hugging Face folder. On the CPU, `bf16` means frozen weights
-    /// packed in bf16 for the kernel of [`crate::bf16`] with f32 activations, or the f32 path
-    /// when this CPU has no bf16 dot-product instructions (with a warning).
+    /// Loads a `.gguf` file or a Hugging Face folder. `bf16` means frozen block weights in bf16
+    /// with f32 activations, norms, lm_head and adapters (see [`crate::bf16`]): on a CUDA device
+    /// through cuBLAS, on the CPU through our kernel, or the f32 path when this CPU has no bf16
+    /// dot-product instructions (with a warning). Other dtypes load the weights as they are.
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        let cpu_bf16 = device.is_cpu() && dtype == DType::BF16;
-        let load_dtype = if cpu_bf16 { DType::F32 } else { dtype };
+        let bf16 = dtype == DType::BF16;
+        let load_dtype = if bf16 { DType::F32 } else { dtype };
         let loaded = crate::loader::load(path, device, load_dtype)?;
         let mut model =
             Transformer::from_weights(&loaded.config, loaded.weights, &loaded.source, device)?;
-        if cpu_bf16 {
-            if crate::bf16::available() {
+        if bf16 {
+            if device.is_cuda() || crate::bf16::available() {
                 model.pack_bf16()?;
             } else {
                 tracing::warn!(

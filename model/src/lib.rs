@@ -40,15 +40,39 @@ pub use lora::{LoraAdapter, LoraConfig, LoraPair, Proj};
 pub use sampler::{FinishReason, SamplingParams};
 pub use tokenizer::Tokenizer;
 
-/// The device named on a command line: `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature).
+/// The `--version` line of every binary of the workspace: the version and the devices the build
+/// supports, e.g. `0.1.0 (devices: cpu, cuda)`. The orchestrator reads it from the services it
+/// would start, so a run on `cuda` is refused before anything is created when one of them was
+/// built without the feature.
+#[cfg(feature = "cuda")]
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (devices: cpu, cuda)");
+#[cfg(not(feature = "cuda"))]
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (devices: cpu)");
+
+/// Whether a [`VERSION`] line (another binary's `--version` output) names CUDA support.
+pub fn version_supports_cuda(version_line: &str) -> bool {
+    version_line
+        .split_once("(devices:")
+        .is_some_and(|(_, devices)| devices.split([',', ')', ' ']).any(|d| d == "cuda"))
+}
+
+/// The device named on a command line: `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature
+/// and a GPU the driver can open; each error names the fix).
 pub fn device(name: &str) -> Result<candle_core::Device> {
     let cuda = |ordinal: usize| {
         if !candle_core::utils::cuda_is_available() {
             return Err(Error::InvalidRequest(format!(
-                "device '{name}' needs a build with the `cuda` feature and a GPU; use 'cpu'"
+                "device '{name}' needs a build with the `cuda` feature (`cargo build --release \
+                 --features cuda`; scripts/train does it when the config asks for cuda) and a GPU; \
+                 or use 'cpu'"
             )));
         }
-        Ok(candle_core::Device::new_cuda(ordinal)?)
+        candle_core::Device::new_cuda(ordinal).map_err(|e| {
+            Error::InvalidRequest(format!(
+                "device '{name}': no usable CUDA GPU ({e}); check `nvidia-smi` and \
+                 CUDA_VISIBLE_DEVICES, or use 'cpu'"
+            ))
+        })
     };
     match name {
         "cpu" => Ok(candle_core::Device::Cpu),
@@ -60,6 +84,14 @@ pub fn device(name: &str) -> Result<candle_core::Device> {
             ))),
         },
     }
+}
+
+/// The device the oracle test suites and benches run on: the `TEST_DEVICE` environment
+/// variable (`cpu`, `cuda`, `cuda:N`; `cpu` when unset). A device this build or machine cannot
+/// open is an error, never a quiet fallback to the CPU.
+pub fn test_device() -> Result<candle_core::Device> {
+    let name = std::env::var("TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    device(&name).map_err(|e| Error::InvalidRequest(format!("TEST_DEVICE={name}: {e}")))
 }
 
 /// The dtype named on a command line: `f32`, `bf16` or `f16`.
@@ -89,6 +121,17 @@ mod tests {
             assert!(e.contains("`cuda` feature"), "{e}");
         }
         assert_eq!(super::dtype("bf16").unwrap(), candle_core::DType::BF16);
+        assert_eq!(
+            super::version_supports_cuda(super::VERSION),
+            cfg!(feature = "cuda")
+        );
+        assert!(super::version_supports_cuda(
+            "learner 0.1.0 (devices: cpu, cuda)"
+        ));
+        assert!(!super::version_supports_cuda(
+            "learner 0.1.0 (devices: cpu)"
+        ));
+        assert!(!super::version_supports_cuda("learner 0.1.0"));
         let e = super::dtype("f8").unwrap_err().to_string();
         assert!(e.contains("unknown dtype 'f8'"), "{e}");
     }

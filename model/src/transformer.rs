@@ -83,7 +83,7 @@ impl Linear {
                     let a_t = (pair.a.t()?.to_dtype(DType::F32)? * scaling)?.contiguous()?;
                     // A copy: the adapter's tensors may be trained in place later.
                     let b_t = pair.b.t()?.to_dtype(DType::F32)?.contiguous()?.copy()?;
-                    let (k, n) = (m.packed().k(), m.packed().n());
+                    let (k, n) = (m.k(), m.n());
                     if a_t.dim(0)? != k || b_t.dim(1)? != n {
                         return Err(Error::InvalidRequest(format!(
                             "adapter for layer {l} {}: [{}, {}] x [{}, {}] does not fit a [{k}, {n}] weight",
@@ -349,15 +349,16 @@ impl Transformer {
         &self.lm_head
     }
 
-    /// Whether the block projections are bf16 packed for the CPU kernel.
+    /// Whether the block projections are bf16 (packed for the CPU kernel, or bf16 tensors for
+    /// cuBLAS on a GPU).
     pub fn is_bf16_packed(&self) -> bool {
         self.layers
             .first()
             .is_some_and(|b| matches!(b.attn.q.base, Frozen::Bf16(_)))
     }
 
-    /// Packs the projections of every block in bf16 for the CPU kernel of [`crate::bf16`],
-    /// dropping their dense copies; activations, norms, the embedding and the lm_head stay in
+    /// Packs the projections of every block in bf16 for [`crate::bf16`] (our CPU kernel, or
+    /// cuBLAS with an f32 output on a CUDA device), dropping their dense copies; activations, norms, the embedding and the lm_head stay in
     /// the model's dtype. The lm_head stays because logprobs need its precision: on the SmolLM2
     /// oracle a bf16 lm_head takes the worst teacher-forced logprob error from 4.5e-2 to 5.6e-2
     /// (PyTorch's bf16 model: 1.3e-1), over the 5e-2 the engine promises. Only its backward

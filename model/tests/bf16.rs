@@ -1,7 +1,9 @@
-//! The bf16 CPU path: the AVX512-BF16 kernel against f32 matmuls on odd shapes, strided and
-//! batched inputs, and the backward; SmolLM2 with bf16 weights against the transformers oracle
-//! (`../shared/golden/smollm2_reference.json`). On a CPU without AVX512-BF16 the kernel tests
-//! say so and the engine tests check the f32 fallback of dtype bf16 instead.
+//! The bf16 path on the test device (`TEST_DEVICE`, default cpu): the product (our AVX512-BF16
+//! kernel on the CPU, cuBLAS with an f32 output on a GPU) against exact products of the rounded
+//! inputs on odd shapes, strided and batched inputs, and the backward; SmolLM2 with bf16 weights
+//! against the transformers oracle (`../shared/golden/smollm2_reference.json`). On a CPU without
+//! AVX512-BF16 the kernel tests say so and the engine tests check the f32 fallback of dtype
+//! bf16 instead.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -10,6 +12,16 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use model::bf16::{Bf16Matrix, Packed};
 use model::{Engine, ScoreRequest};
+
+/// Whether the bf16 product runs on `dev`: always on a GPU; on the CPU when it has
+/// AVX512-BF16 (said on stderr either way).
+fn bf16_runs(dev: &Device) -> bool {
+    if dev.is_cuda() {
+        eprintln!("bf16 products on {:?}: cuBLAS, f32 output", dev.location());
+        return true;
+    }
+    report_cpu()
+}
 
 fn report_cpu() -> bool {
     let amx = model::bf16::amx_bf16_status();
@@ -60,26 +72,35 @@ fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
     out
 }
 
-/// A tensor's values rounded to bf16 (kept in f32).
+/// A tensor's values rounded to bf16 (kept in f32, on the CPU).
 fn rounded(t: &Tensor) -> Tensor {
     let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     Tensor::from_vec(round_bf16(&v), t.dims(), &Device::Cpu).unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
+/// `x @ w` (`[m, k] x [k, n]`, row-major f32) by the bf16 product on `dev`: the packed kernel
+/// itself on the CPU, [`Bf16Matrix`] (cuBLAS) elsewhere.
+fn product(dev: &Device, x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    if dev.is_cpu() {
+        return Packed::from_k_n(w, k, n).matmul(x, m);
+    }
+    // The weight as stored is [out, in] = w^T.
+    let wt = Tensor::from_vec(w.to_vec(), (k, n), dev)
         .unwrap()
-        .abs()
+        .t()
         .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+        .contiguous()
+        .unwrap();
+    let xt = Tensor::from_vec(x.to_vec(), (m, k), dev).unwrap();
+    let y = Bf16Matrix::from_out_in(&wt).unwrap().forward(&xt).unwrap();
+    assert_eq!(y.dims(), &[m, n]);
+    y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
 #[test]
 fn kernel_matches_f32_on_odd_shapes() {
-    if !report_cpu() {
+    let dev = device();
+    if !bf16_runs(&dev) {
         return;
     }
     let sizes = [1, 7, 33, 577];
@@ -90,7 +111,7 @@ fn kernel_matches_f32_on_odd_shapes() {
             for &n in &widths {
                 let x = values(m * k, (m * 31 + k) as u64);
                 let w = values(k * n, (k * 17 + n) as u64);
-                let got = Packed::from_k_n(&w, k, n).matmul(&x, m);
+                let got = product(&dev, &x, &w, m, k, n);
                 // Exact products of the bf16-rounded inputs, summed in f64: the kernel differs
                 // only by f32 summation order.
                 let exact = reference(&round_bf16(&x), &round_bf16(&w), m, k, n);
@@ -115,44 +136,50 @@ fn kernel_matches_f32_on_odd_shapes() {
 
 #[test]
 fn empty_shapes() {
-    if !report_cpu() {
+    let dev = device();
+    if !bf16_runs(&dev) {
         return;
     }
     // k = 0: a sum of nothing.
-    assert_eq!(Packed::from_k_n(&[], 0, 5).matmul(&[], 3), vec![0.0; 15]);
+    assert_eq!(product(&dev, &[], &[], 3, 0, 5), vec![0.0; 15]);
     // n = 0 and m = 0: nothing to write.
-    assert!(Packed::from_k_n(&[], 4, 0).matmul(&[1.0; 12], 3).is_empty());
-    assert!(Packed::from_k_n(&[0.5; 20], 4, 5).matmul(&[], 0).is_empty());
+    assert!(product(&dev, &[1.0; 12], &[], 3, 4, 0).is_empty());
+    assert!(product(&dev, &[], &[0.5; 20], 0, 4, 5).is_empty());
 }
 
 #[test]
 fn strided_batched_inputs_and_the_backward() {
-    if !report_cpu() {
+    let dev = device();
+    if !bf16_runs(&dev) {
         return;
     }
     let (out, inp) = (45, 33);
     // A weight as stored, [out, in].
-    let w = Tensor::from_vec(values(out * inp, 5), (out, inp), &Device::Cpu).unwrap();
+    let w = Tensor::from_vec(values(out * inp, 5), (out, inp), &dev).unwrap();
     let w_r = rounded(&w);
     let m = Bf16Matrix::from_out_in(&w).unwrap();
     // Batched x [2, 7, in], built transposed so that it is strided.
-    let xt = Tensor::from_vec(values(2 * inp * 7, 9), (2, inp, 7), &Device::Cpu).unwrap();
+    let xt = Tensor::from_vec(values(2 * inp * 7, 9), (2, inp, 7), &dev).unwrap();
     let x = xt.transpose(1, 2).unwrap();
     assert!(!x.is_contiguous());
     let got = m.forward(&x).unwrap();
     assert_eq!(got.dims(), &[2, 7, out]);
+    assert!(
+        got.device().same_device(&dev),
+        "the product stays on its device"
+    );
     let want = rounded(&x).broadcast_matmul(&w_r.t().unwrap()).unwrap();
-    let err = max_abs_diff(&got, &want);
+    let err = max_abs_diff(&got.to_device(&Device::Cpu).unwrap(), &want);
     assert!(err < 1e-4, "forward max error {err}");
     // Backward: g [2, 7, out] @ W -> [2, 7, in].
-    let g = Tensor::from_vec(values(2 * 7 * out, 11), (2, 7, out), &Device::Cpu).unwrap();
+    let g = Tensor::from_vec(values(2 * 7 * out, 11), (2, 7, out), &dev).unwrap();
     let got = m.backward(&g).unwrap();
     assert_eq!(got.dims(), &[2, 7, inp]);
     let want = rounded(&g).broadcast_matmul(&w_r).unwrap();
-    let err = max_abs_diff(&got, &want);
+    let err = max_abs_diff(&got.to_device(&Device::Cpu).unwrap(), &want);
     assert!(err < 1e-4, "backward max error {err}");
     // A wrong feature count is an error, not a panic.
-    let bad = Tensor::zeros((3, inp + 1), DType::F32, &Device::Cpu).unwrap();
+    let bad = Tensor::zeros((3, inp + 1), DType::F32, &dev).unwrap();
     let e = m.forward(&bad).unwrap_err();
     assert!(
         e.to_string()
@@ -165,8 +192,9 @@ fn strided_batched_inputs_and_the_backward() {
 /// equal up to the first step whose top-2 margin (in the oracle) is below 0.1.
 #[test]
 fn smollm2_bf16_matches_the_oracle() {
-    let packed = report_cpu();
-    let engine = Engine::load(&smollm2_gguf(), &Device::Cpu, DType::BF16).unwrap();
+    let dev = device();
+    let packed = bf16_runs(&dev);
+    let engine = Engine::load(&smollm2_gguf(), &dev, DType::BF16).unwrap();
     assert_eq!(engine.transformer().is_bf16_packed(), packed);
     let reference = read_json(&golden_dir().join("smollm2_reference.json"));
     let cases = reference["generation_cases"].as_array().unwrap();

@@ -2,7 +2,8 @@
 //! with a scaled-RoPE config, scored by transformers in float64 (`fixtures/rope_scaling.json`,
 //! made by `fixtures/make_rope_scaling.py`). Also: llama.cpp's per-frequency divisors (how a
 //! GGUF stores Llama 3's scaling) give the same frequencies, sampling uses the scaled positions
-//! too, export writes the scaling back, and unsupported kinds are refused by name.
+//! too, export writes the scaling back, and unsupported kinds are refused by name. The engine runs
+//! on the device `TEST_DEVICE` names (default cpu).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -62,7 +63,7 @@ fn scaled_rope_scores_like_transformers() {
             scaling["rope_theta"] = json!(10000.0);
         }
         let dir = tiny_with(&tmp.path().join(name), key, &scaling);
-        let engine = Engine::load(&dir, &Device::Cpu, DType::F32).unwrap();
+        let engine = Engine::load(&dir, &device(), DType::F32).unwrap();
         let inv = engine
             .config()
             .rope_scaling
@@ -102,7 +103,7 @@ fn sampling_uses_the_scaled_positions() {
         "rope_scaling",
         &f["variants"]["llama3"]["rope_scaling"],
     );
-    let engine = Engine::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    let engine = Engine::load(&dir, &device(), DType::F32).unwrap();
     let prompt = ids(&f["prompt"]);
     let g = engine
         .generate(&[GenerateRequest {
@@ -279,7 +280,7 @@ fn a_gguf_with_rope_freqs_scores_like_transformers() {
     // Without rope_freqs the GGUF is the plain tiny Llama; with them, Llama 3's scaling.
     let plain = tmp.path().join("plain.gguf");
     tiny_gguf(&plain, None);
-    let engine = Engine::load(&plain, &Device::Cpu, DType::F32).unwrap();
+    let engine = Engine::load(&plain, &device(), DType::F32).unwrap();
     assert_eq!(engine.config().rope_scaling, RopeScaling::None);
     let err = max_diff(
         &engine.score(&r, 1.0).unwrap()[0],
@@ -292,7 +293,7 @@ fn a_gguf_with_rope_freqs_scores_like_transformers() {
         &scaled,
         Some(llama_cpp_divisors(&v["rope_scaling"], 10000.0, 8)),
     );
-    let engine = Engine::load(&scaled, &Device::Cpu, DType::F32).unwrap();
+    let engine = Engine::load(&scaled, &device(), DType::F32).unwrap();
     assert!(matches!(
         engine.config().rope_scaling,
         RopeScaling::Divisors { .. }
@@ -324,8 +325,8 @@ fn export_writes_the_scaling_back() {
     model::export_merged(&dir, None, &out, DType::F32).unwrap();
     let written = read_json(&out.join("config.json"));
     assert_eq!(&written["rope_scaling"], scaling);
-    let a = Engine::load(&dir, &Device::Cpu, DType::F32).unwrap();
-    let b = Engine::load(&out, &Device::Cpu, DType::F32).unwrap();
+    let a = Engine::load(&dir, &device(), DType::F32).unwrap();
+    let b = Engine::load(&out, &device(), DType::F32).unwrap();
     assert_eq!(a.config().rope_scaling, b.config().rope_scaling);
     let r = [request(&f)];
     assert_eq!(a.score(&r, 1.0).unwrap(), b.score(&r, 1.0).unwrap());
@@ -368,7 +369,7 @@ fn unsupported_or_incomplete_scaling_is_refused_by_name() {
     ];
     for (i, (key, scaling, want)) in cases.iter().enumerate() {
         let dir = tiny_with(&tmp.path().join(i.to_string()), key, scaling);
-        let e = match Engine::load(&dir, &Device::Cpu, DType::F32) {
+        let e = match Engine::load(&dir, &device(), DType::F32) {
             Ok(_) => panic!("case {i} ({scaling}) loaded but should not"),
             Err(e) => e.to_string(),
         };

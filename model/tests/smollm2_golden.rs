@@ -1,20 +1,20 @@
 //! SmolLM2-135M-Instruct (the Q4_1 GGUF fetched by `scripts/fetch-assets`) against the
 //! transformers oracle `../shared/golden/smollm2_reference.json`: tokenizer ids, chat template
 //! rendering, greedy ids (up to the first near-tie), teacher-forced logprobs and the first step's
-//! top-5, one by one and batched.
+//! top-5, one by one and batched. On the device `TEST_DEVICE` names (default cpu).
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use common::*;
 use model::{Engine, GenerateRequest, Message, SamplingParams, ScoreRequest};
 
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(|| Engine::load(&smollm2_gguf(), &Device::Cpu, DType::F32).unwrap())
+    ENGINE.get_or_init(|| Engine::load(&smollm2_gguf(), &device(), DType::F32).unwrap())
 }
 
 fn reference() -> &'static serde_json::Value {
@@ -221,7 +221,7 @@ fn exported_hf_folder_keeps_tokenizer_template_and_logprobs() {
         "{}",
         report.parameters
     );
-    let exported = Engine::load(&out, &Device::Cpu, DType::F32).unwrap();
+    let exported = Engine::load(&out, &device(), DType::F32).unwrap();
     assert_eq!(exported.config(), engine().config());
     let tok = exported.tokenizer().unwrap();
     for (i, case) in reference()["tokenizer_cases"]

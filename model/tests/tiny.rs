@@ -1,6 +1,7 @@
 //! The engine on the tiny seeded Llama of `../shared/golden/tiny_llama` against the PyTorch/PEFT
 //! oracle `tiny_grpo_step.json` + `tiny_lora_grads.safetensors`, plus sampling determinism,
-//! batching invariance, adapter round trips and the error messages for bad inputs.
+//! batching invariance, adapter round trips and the error messages for bad inputs. On the device
+//! `TEST_DEVICE` names (default cpu), with the same tolerances everywhere.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -12,7 +13,7 @@ use common::*;
 use model::{Engine, GenerateRequest, LoraAdapter, LoraPair, SamplingParams, ScoreRequest};
 
 fn tiny() -> Engine {
-    Engine::load(&golden_dir().join("tiny_llama"), &Device::Cpu, DType::F32).unwrap()
+    Engine::load(&golden_dir().join("tiny_llama"), &device(), DType::F32).unwrap()
 }
 
 fn step() -> serde_json::Value {
@@ -93,10 +94,10 @@ fn scoring_in_a_batch_equals_one_by_one() {
 fn adapter_save_and_reload_is_bit_identical() {
     let engine = tiny();
     let src = golden_dir().join("tiny_adapter");
-    let adapter = LoraAdapter::load(&src, engine.config(), &Device::Cpu).unwrap();
+    let adapter = LoraAdapter::load(&src, engine.config(), engine.device()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     adapter.save(dir.path()).unwrap();
-    let again = LoraAdapter::load(dir.path(), engine.config(), &Device::Cpu).unwrap();
+    let again = LoraAdapter::load(dir.path(), engine.config(), engine.device()).unwrap();
     assert_eq!(adapter.config, again.config);
     assert_eq!(adapter.pairs.len(), 14);
     let original =
@@ -136,7 +137,7 @@ fn grpo_loss(g: &serde_json::Value, logp: &Tensor, offsets: &[usize]) -> Tensor 
         let f32s = |v: Vec<f64>| {
             Tensor::new(
                 v.iter().map(|&x| x as f32).collect::<Vec<_>>(),
-                &Device::Cpu,
+                logp.device(),
             )
             .unwrap()
         };
@@ -194,12 +195,13 @@ fn lora_gradients_match_peft() {
     check_lora_gradients(&tiny(), 1e-5, 1e-3);
 }
 
-/// The same step with the frozen weights in bf16 (the CPU kernel, or the f32 path on a CPU
-/// without AVX512-BF16): logprobs and loss within 5e-2, gradients within 2e-2 relative.
+/// The same step with the frozen weights in bf16 (cuBLAS on a GPU, the CPU kernel, or the f32
+/// path on a CPU without AVX512-BF16): logprobs and loss within 5e-2, gradients within 2e-2
+/// relative.
 #[test]
 fn lora_gradients_match_peft_in_bf16() {
-    let engine = Engine::load(&golden_dir().join("tiny_llama"), &Device::Cpu, DType::BF16).unwrap();
-    if model::bf16::available() {
+    let engine = Engine::load(&golden_dir().join("tiny_llama"), &device(), DType::BF16).unwrap();
+    if engine.device().is_cuda() || model::bf16::available() {
         assert!(engine.transformer().is_bf16_packed());
     } else {
         eprintln!("this CPU has no AVX512-BF16: the f32 fallback of dtype bf16 is what was tested");
@@ -213,7 +215,7 @@ fn check_lora_gradients(engine: &Engine, logp_tol: f64, grad_tol: f32) {
     let adapter = LoraAdapter::load(
         &golden_dir().join("tiny_adapter"),
         engine.config(),
-        &Device::Cpu,
+        engine.device(),
     )
     .unwrap();
     let (vars, named) = as_vars(&adapter);
@@ -238,7 +240,7 @@ fn check_lora_gradients(engine: &Engine, logp_tol: f64, grad_tol: f32) {
     let grads = loss.backward().unwrap();
     let reference: HashMap<String, Tensor> = candle_core::safetensors::load(
         golden_dir().join("tiny_lora_grads.safetensors"),
-        &Device::Cpu,
+        engine.device(),
     )
     .unwrap();
     assert_eq!(reference.len(), named.len());
@@ -378,11 +380,11 @@ fn finish_reasons() {
 fn lora_gradients_match_finite_differences_in_f64() {
     let g = step();
     let reqs = step_requests(&g);
-    let engine = Engine::load(&golden_dir().join("tiny_llama"), &Device::Cpu, DType::F64).unwrap();
+    let engine = Engine::load(&golden_dir().join("tiny_llama"), &device(), DType::F64).unwrap();
     let adapter = LoraAdapter::load(
         &golden_dir().join("tiny_adapter"),
         engine.config(),
-        &Device::Cpu,
+        engine.device(),
     )
     .unwrap();
     let to64 = |a: &LoraAdapter| LoraAdapter {
@@ -407,7 +409,7 @@ fn lora_gradients_match_finite_differences_in_f64() {
     let w: Vec<f64> = (0..n)
         .map(|i| ((i * 7 % 5) as f64 - 2.0) * 0.3 + 0.1)
         .collect();
-    let w = Tensor::new(w, &Device::Cpu).unwrap();
+    let w = Tensor::new(w, engine.device()).unwrap();
     let objective = |a: &LoraAdapter| -> f64 {
         let out = engine.train_logprobs(&reqs, a, 1.0).unwrap();
         (&out.logprobs * &w)
@@ -450,7 +452,7 @@ fn lora_gradients_match_finite_differences_in_f64() {
                 let t = if ab == 'A' { &mut pair.a } else { &mut pair.b };
                 let mut v = t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
                 v[idx] += delta;
-                *t = Tensor::from_vec(v, shape.clone(), &Device::Cpu).unwrap();
+                *t = Tensor::from_vec(v, shape.clone(), engine.device()).unwrap();
                 objective(&a)
             };
             let numeric = (perturbed(eps) - perturbed(-eps)) / (2.0 * eps);
@@ -555,7 +557,7 @@ fn exported_merged_folder_scores_like_base_plus_adapter() {
     let report = model::export_merged(&tiny_dir, Some(&adapter), &merged, DType::F32).unwrap();
     assert!(report.merged > 0, "the adapter's projections were merged");
     assert!(!report.tokenizer, "tiny_llama has no tokenizer to copy");
-    let engine = Engine::load(&merged, &Device::Cpu, DType::F32).unwrap();
+    let engine = Engine::load(&merged, &device(), DType::F32).unwrap();
     assert!(engine.adapter().is_none());
     assert_scores(
         &engine.score(&reqs, 1.0).unwrap(),
@@ -571,7 +573,7 @@ fn exported_merged_folder_scores_like_base_plus_adapter() {
     let base = dir.path().join("base");
     let report = model::export_merged(&tiny_dir, None, &base, DType::F32).unwrap();
     assert_eq!(report.merged, 0);
-    let engine = Engine::load(&base, &Device::Cpu, DType::F32).unwrap();
+    let engine = Engine::load(&base, &device(), DType::F32).unwrap();
     assert_eq!(engine.config(), tiny().config());
     assert_scores(
         &engine.score(&reqs, 1.0).unwrap(),
@@ -587,7 +589,7 @@ fn exported_merged_folder_scores_like_base_plus_adapter() {
         read_json(&half.join("config.json"))["torch_dtype"],
         "bfloat16"
     );
-    let engine = Engine::load(&half, &Device::Cpu, DType::F32).unwrap();
+    let engine = Engine::load(&half, &device(), DType::F32).unwrap();
     assert_scores(
         &engine.score(&reqs, 1.0).unwrap(),
         &g,
@@ -627,7 +629,7 @@ fn bf16_engine_applies_the_adapter_unmerged() {
     let g = step();
     let reqs = step_requests(&g);
     let mut engine =
-        Engine::load(&golden_dir().join("tiny_llama"), &Device::Cpu, DType::BF16).unwrap();
+        Engine::load(&golden_dir().join("tiny_llama"), &device(), DType::BF16).unwrap();
     let base = engine.score(&reqs, 1.0).unwrap();
     engine
         .load_adapter(&golden_dir().join("tiny_adapter"))

@@ -87,6 +87,8 @@ pub async fn command(
         "train" => config.data.train.clone(),
         other => anyhow::bail!("--split {other}: use test or train"),
     };
+    let server = crate::run::bin_dir()?.join("rollout-server");
+    crate::device::preflight(&config.model.device, &[&server])?;
     let mut problems = rl_core::tasks::load_gsm8k(&data)?;
     if let Some(l) = limit {
         problems.truncate(l);
@@ -106,7 +108,7 @@ pub async fn command(
     }
     let spec = ChildSpec {
         name: "rollout-server",
-        program: crate::run::bin_dir()?.join("rollout-server"),
+        program: server,
         args,
     };
     let timeout = Duration::from_secs(u64::from(config.services.request_timeout_s));

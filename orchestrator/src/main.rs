@@ -12,7 +12,7 @@ use rl_core::config::Config;
 #[derive(Parser)]
 #[command(
     name = "orchestrate",
-    version,
+    version = model::VERSION,
     about = "GRPO on GSM8K: sample, score, train, evaluate; resumable"
 )]
 struct Cli {

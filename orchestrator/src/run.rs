@@ -143,6 +143,20 @@ impl Run {
         let cwd = std::env::current_dir()?;
         config.resolve_paths(&cwd);
         check_ports(&config)?;
+        let bins = bin_dir()?;
+        {
+            // The services this run starts itself (the learner always) must run on its device.
+            let s = &config.services;
+            let mut local = vec![bins.join("learner")];
+            if s.rollout.endpoints.is_empty() {
+                local.push(bins.join("rollout-server"));
+            }
+            if s.ref_scorer.endpoint.is_none() {
+                local.push(bins.join("ref-scorer"));
+            }
+            let local: Vec<&Path> = local.iter().map(PathBuf::as_path).collect();
+            crate::device::preflight(&config.model.device, &local)?;
+        }
         let dir = config.output_dir.clone();
         std::fs::create_dir_all(dir.join("checkpoints"))
             .with_context(|| format!("creating the run directory {}", dir.display()))?;
@@ -174,7 +188,6 @@ impl Run {
         let s = &config.services;
         let timeout = Duration::from_secs(u64::from(s.request_timeout_s));
         let startup = Duration::from_secs(u64::from(s.startup_timeout_s));
-        let bins = bin_dir()?;
         let common = |port: u16| {
             let mut a = vec![
                 "--model".to_string(),

@@ -389,3 +389,42 @@ fn bad_configs_fail_before_any_work() {
     );
     assert!(!dir.path().join("run").exists(), "nothing was created");
 }
+
+#[test]
+fn an_unusable_device_fails_before_anything_is_created() {
+    let bins = build_services();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), "");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_orchestrate"));
+    // A CPU-only build lacks the feature; a CUDA build is shown no GPU.
+    cmd.args(["run", cfg.to_str().unwrap(), "model.device=cuda"])
+        .env("ORCHESTRATE_BIN_DIR", &bins)
+        .env("CUDA_VISIBLE_DEVICES", "");
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    if cfg!(feature = "cuda") {
+        assert!(err.contains("no usable CUDA GPU"), "{err}");
+    } else {
+        assert!(
+            err.contains("`model.device: cuda` needs CUDA")
+                && err.contains("was built without it")
+                && err.contains("--features cuda"),
+            "{err}"
+        );
+    }
+    assert!(!dir.path().join("run").exists(), "nothing was created");
+    // `orchestrate eval` checks the same before it starts a server.
+    let out = Command::new(env!("CARGO_BIN_EXE_orchestrate"))
+        .args(["eval", "--model", "unused", "--output"])
+        .arg(dir.path().join("eval.json"))
+        .args(["--config", cfg.to_str().unwrap(), "model.device=cuda:0"])
+        .env("ORCHESTRATE_BIN_DIR", &bins)
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`model.device: cuda:0`"), "{err}");
+    assert!(!dir.path().join("eval.json").exists());
+}

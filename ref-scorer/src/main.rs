@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "ref-scorer",
-    version,
+    version = model::VERSION,
     about = "Per-token logprobs of completions under a frozen model"
 )]
 #[command(args_conflicts_with_subcommands = true)]

@@ -9,7 +9,7 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(
     name = "rollout-server",
-    version,
+    version = model::VERSION,
     about = "Serve a model (+ LoRA adapter) for sampling over HTTP"
 )]
 struct Args {

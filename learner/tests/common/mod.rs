@@ -1,4 +1,5 @@
-//! Test support: the tiny model and a rollout database of real samples from it.
+//! Test support: the tiny model (on the device `TEST_DEVICE` names, default cpu), the learner
+//! binary, and a rollout database of real samples from the model.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -16,12 +17,32 @@ pub fn golden() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden"))
 }
 
+/// The device name of the suite (`TEST_DEVICE`, default cpu), for the learner's `--device`.
+pub fn device_name() -> String {
+    std::env::var("TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
+
+/// The device of the suite; one that cannot be opened fails the test.
+pub fn device() -> Device {
+    let d = model::test_device().unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("test device: {:?}", d.location());
+    d
+}
+
+/// The learner binary: the one cargo built beside this test, or `CARGO_BIN_EXE_learner` from
+/// the environment (`scripts/gpu-check run`, where the build folder is elsewhere).
+pub fn learner_exe() -> PathBuf {
+    std::env::var_os("CARGO_BIN_EXE_learner")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_learner")))
+}
+
 pub fn tiny_path() -> PathBuf {
     golden().join("tiny_llama")
 }
 
 pub fn tiny(dtype: DType) -> Engine {
-    Engine::load(&tiny_path(), &Device::Cpu, dtype).unwrap()
+    Engine::load(&tiny_path(), &device(), dtype).unwrap()
 }
 
 pub const PROMPTS: [&[u32]; 2] = [&[1, 10, 11, 12, 13], &[1, 20, 21, 22]];

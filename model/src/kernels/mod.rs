@@ -5,6 +5,8 @@
 //! - [`bf16_gemm`]: the AVX512-BF16 matrix multiply (bf16 inputs, f32 accumulation), its CPU
 //!   feature probes (AVX512-BF16, AMX) and the packing of its left operand. [`crate::bf16`] is
 //!   the safe layer over it.
+//! - [`cuda_gemm`]: the same product on an NVIDIA GPU (`cublasGemmEx`, bf16 in, f32 out), the
+//!   `cuda` feature's counterpart of the CPU kernel, behind the same safe layer.
 //! - [`simd`]: the row kernels (exp, softmax, log-sum-exp, their backwards, decode attention),
 //!   each compiled for the baseline target and for AVX-512F and picked at run time.
 //! - [`alloc`]: the glibc `mallopt` settings that keep big tensor buffers in the heap.
@@ -15,4 +17,5 @@
 
 pub mod alloc;
 pub mod bf16_gemm;
+pub mod cuda_gemm;
 pub mod simd;

@@ -1,11 +1,18 @@
-//! Paths shared by the engine's integration tests: the oracle fixtures in `../shared/golden`
-//! (override with `GOLDEN_DIR`) and the fetched assets (override with `ASSETS_DIR`).
+//! Paths and the device shared by the engine's integration tests: the oracle fixtures in
+//! `../shared/golden` (override with `GOLDEN_DIR`), the fetched assets (override with
+//! `ASSETS_DIR`), the crate's folder (`CARGO_MANIFEST_DIR` at run time when set, as cargo and
+//! `scripts/gpu-check run` set it, else where it was built) and the device the oracle suites run
+//! on (`TEST_DEVICE`, default cpu).
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 
+use candle_core::Device;
+
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .parent()
         .expect("model crate sits in the workspace")
         .to_path_buf()
@@ -51,4 +58,27 @@ pub fn floats(v: &serde_json::Value) -> Vec<f64> {
         .iter()
         .map(|x| x.as_f64().expect("number"))
         .collect()
+}
+
+/// The device of the oracle suites (`TEST_DEVICE`; see [`model::test_device`]). Printed once per
+/// test so that a log shows where each ran; a device that cannot be opened fails the test.
+pub fn device() -> Device {
+    let d = model::test_device().unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("test device: {:?}", d.location());
+    d
+}
+
+/// The largest absolute difference between two tensors of the same shape, in f64 (on any
+/// device).
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
+    (a.to_dtype(candle_core::DType::F64).unwrap() - b.to_dtype(candle_core::DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
