@@ -510,7 +510,7 @@ pub fn target_logprobs(
                     continue;
                 }
             }
-            let p = candle_nn::ops::softmax_last_dim(&(logits / temperature)?)?;
+            let p = softmax_last_dim(&(logits / temperature)?)?;
             let ids = Tensor::new(&targets[start..start + len], h.device())?.unsqueeze(1)?;
             // -(g_i / T) * p, plus g_i / T at the target column.
             let gi = g.narrow(0, start, len)?.unsqueeze(1)?; // [len, 1]
@@ -740,7 +740,18 @@ fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, t: usize) -> Resul
     let scores = (scores * scale)?
         .reshape((b, nkv, rows / t, t, s))?
         .broadcast_add(mask)?;
-    candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, rows, s))
+    softmax_last_dim(&scores)?.reshape((b, nkv, rows, s))
+}
+
+/// Softmax over the last dim: candle's fused op, or for f64 the same steps composed (max, exp
+/// of the difference, sum, divide: what candle's CPU kernel does), because candle's CUDA softmax
+/// has no f64 kernel and the f64 gradient checks run on every test device.
+fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() != DType::F64 {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    let e = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
 /// `log softmax(logits / temperature)` at `targets`, one per row: `[n, vocab]` -> `[n]` f32, on
