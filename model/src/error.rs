@@ -49,6 +49,9 @@ pub enum Error {
     /// A request that cannot be served (bad sampling parameter, empty or too long prompt, bad id).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A device that cannot be used: an unknown name, a build without its feature, no GPU.
+    #[error("{0}")]
+    Device(String),
     /// Tokenizer failure.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

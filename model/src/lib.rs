@@ -61,14 +61,19 @@ pub fn version_supports_cuda(version_line: &str) -> bool {
 pub fn device(name: &str) -> Result<candle_core::Device> {
     let cuda = |ordinal: usize| {
         if !candle_core::utils::cuda_is_available() {
-            return Err(Error::InvalidRequest(format!(
+            return Err(Error::Device(format!(
                 "device '{name}' needs a build with the `cuda` feature (`cargo build --release \
                  --features cuda`; scripts/train does it when the config asks for cuda) and a GPU; \
                  or use 'cpu'"
             )));
         }
         candle_core::Device::new_cuda(ordinal).map_err(|e| {
-            Error::InvalidRequest(format!(
+            // The driver's answer without the backtrace candle may have attached to it.
+            let e = match e {
+                candle_core::Error::WithBacktrace { inner, .. } => *inner,
+                e => e,
+            };
+            Error::Device(format!(
                 "device '{name}': no usable CUDA GPU ({e}); check `nvidia-smi` and \
                  CUDA_VISIBLE_DEVICES, or use 'cpu'"
             ))
@@ -79,7 +84,7 @@ pub fn device(name: &str) -> Result<candle_core::Device> {
         "cuda" => cuda(0),
         other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
             Some(n) => cuda(n),
-            None => Err(Error::InvalidRequest(format!(
+            None => Err(Error::Device(format!(
                 "unknown device '{other}': use cpu, cuda or cuda:N"
             ))),
         },
@@ -91,7 +96,7 @@ pub fn device(name: &str) -> Result<candle_core::Device> {
 /// open is an error, never a quiet fallback to the CPU.
 pub fn test_device() -> Result<candle_core::Device> {
     let name = std::env::var("TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
-    device(&name).map_err(|e| Error::InvalidRequest(format!("TEST_DEVICE={name}: {e}")))
+    device(&name).map_err(|e| Error::Device(format!("TEST_DEVICE={name}: {e}")))
 }
 
 /// The dtype named on a command line: `f32`, `bf16` or `f16`.
