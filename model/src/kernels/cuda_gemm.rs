@@ -187,3 +187,36 @@ impl CustomOp2 for Bf16Gemm {
         Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Tensor};
+
+    /// The shape rules hold on every build: the op checks them before anything else, and on
+    /// the CPU it then refuses (the CPU has its own kernel).
+    #[test]
+    fn sizes_are_checked_for_both_products() -> Result<()> {
+        let w = Tensor::zeros((5, 3), DType::BF16, &Device::Cpu)?; // [n, k]
+        let x = Tensor::zeros((2, 3), DType::BF16, &Device::Cpu)?; // [m, k]
+        let g = Tensor::zeros((2, 5), DType::BF16, &Device::Cpu)?; // [m, n]
+        assert_eq!(sizes(Product::XWt, x.layout(), w.layout())?, (2, 3, 5));
+        assert_eq!(sizes(Product::GW, g.layout(), w.layout())?, (2, 3, 5));
+        let e = sizes(Product::GW, x.layout(), w.layout()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("activations [2, 3] do not fit the weight [5, 3] (GW)"),
+            "{e}"
+        );
+        let e = sizes(Product::XWt, x.layout(), w.t()?.layout()).unwrap_err();
+        assert!(e.to_string().contains("do not fit"), "{e}");
+        let e = sizes(Product::XWt, x.layout(), w.t()?.t()?.layout());
+        assert!(e.is_ok(), "a transposed-back view is contiguous again");
+        let strided = Tensor::zeros((3, 2), DType::BF16, &Device::Cpu)?.t()?; // [2, 3] view
+        let e = sizes(Product::XWt, strided.layout(), w.layout()).unwrap_err();
+        assert!(e.to_string().contains("contiguous"), "{e}");
+        let e = x.apply_op2_no_bwd(&w, &Bf16Gemm(Product::XWt)).unwrap_err();
+        assert!(e.to_string().contains("CUDA tensors only"), "{e}");
+        Ok(())
+    }
+}
