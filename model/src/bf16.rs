@@ -249,14 +249,6 @@ impl Bf16Matrix {
         }
     }
 
-    /// The CPU packing (`None` on a GPU).
-    pub fn packed(&self) -> Option<&Packed> {
-        match &self.home {
-            Home::Cpu { fwd, .. } => Some(fwd),
-            Home::Cuda { .. } => None,
-        }
-    }
-
     /// Bytes held (on the CPU, both packings when the backward one exists).
     pub fn bytes(&self) -> usize {
         match &self.home {
