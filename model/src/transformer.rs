@@ -359,9 +359,10 @@ impl Transformer {
 
     /// Packs the projections of every block in bf16 for [`crate::bf16`] (our CPU kernel, or
     /// cuBLAS with an f32 output on a CUDA device), dropping their dense copies; activations,
-    /// norms, the embedding and the lm_head stay in the model's dtype. The lm_head stays because logprobs need its precision: on the SmolLM2
-    /// oracle a bf16 lm_head takes the worst teacher-forced logprob error from 4.5e-2 to 5.6e-2
-    /// (PyTorch's bf16 model: 1.3e-1), over the 5e-2 the engine promises. Only its backward
+    /// norms, the embedding and the lm_head stay in the model's dtype. The lm_head stays because
+    /// logprobs need its precision: on the SmolLM2 oracle a bf16 lm_head takes the worst
+    /// teacher-forced logprob error from 4.5e-2 to 5.6e-2 (PyTorch's bf16 model: 1.3e-1), over
+    /// the 5e-2 the engine promises. Only its backward
     /// (the learner's `dlogits @ W^T`, where bf16 rounding is gradient noise) gets a bf16
     /// packing. Any adapter must be set again after.
     pub fn pack_bf16(&mut self) -> Result<()> {

@@ -125,8 +125,9 @@ impl CustomOp2 for Bf16Gemm {
             let stream = dev.cuda_stream();
             let blas = dev.cublas_handle();
             let (alpha, beta) = (1f32, 0f32);
-            let i = |v: usize| v as i32; // checked to fit by `sizes`
-                                         // (transa, transb, m', n', k', lda, ldb, ldc) of the column-major call.
+            // Sizes were checked to fit an i32 by `sizes`.
+            let i = |v: usize| v as i32;
+            // (transa, transb, m', n', k', lda, ldb, ldc) of the column-major call.
             let (ta, tb, mm, nn, kk, lda, ldb, ldc) = match self.0 {
                 Product::XWt => (
                     sys::cublasOperation_t::CUBLAS_OP_T,
