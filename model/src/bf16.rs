@@ -142,35 +142,42 @@ impl Packed {
     /// [`Packed::matmul`] on a tensor `[.., k]` (any layout, any float dtype) -> `[.., n]` in
     /// x's dtype.
     pub fn matmul_tensor(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let k = dims.last().copied().unwrap_or(0);
-        if k != self.k {
-            candle_core::bail!(
-                "bf16 matmul: input has {k} features, the weight expects {}",
-                self.k
-            );
-        }
-        if !x.device().is_cpu() {
-            candle_core::bail!("bf16 matmul: packed weights live on the CPU");
-        }
-        let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-        // Read in place (no copy) when x is already contiguous f32, the usual case.
-        let xs = x.to_dtype(DType::F32)?.contiguous()?;
-        let out = {
-            let (storage, layout) = xs.storage_and_layout();
-            match (&*storage, layout.contiguous_offsets()) {
-                (Storage::Cpu(cpu), Some((from, to))) => {
-                    self.matmul(&cpu.as_slice::<f32>()?[from..to], m)
-                }
-                _ => candle_core::bail!("bf16 matmul: the input is not a contiguous CPU tensor"),
-            }
-        };
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = self.n;
-        }
-        Tensor::from_vec(out, shape, x.device())?.to_dtype(x.dtype())
+        cpu_product(x, self.k, self.n, |xs, m| Ok(self.matmul(xs, m)))
     }
+}
+
+/// A CPU product of `x` `[.., k]` (any layout, any float dtype) by a frozen weight: `f` gets x
+/// as `[m, k]` row-major f32 and returns `[m, n]` row-major f32; the result is `[.., n]` in
+/// x's dtype. Shared by the CPU backends ([`Packed`], [`crate::onednn::DnnlMatrix`]).
+pub(crate) fn cpu_product(
+    x: &Tensor,
+    k: usize,
+    n: usize,
+    f: impl FnOnce(&[f32], usize) -> Result<Vec<f32>>,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    let last = dims.last().copied().unwrap_or(0);
+    if last != k {
+        candle_core::bail!("matmul: input has {last} features, the weight expects {k}");
+    }
+    if !x.device().is_cpu() {
+        candle_core::bail!("matmul: this weight lives on the CPU, the input does not");
+    }
+    let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+    // Read in place (no copy) when x is already contiguous f32, the usual case.
+    let xs = x.to_dtype(DType::F32)?.contiguous()?;
+    let out = {
+        let (storage, layout) = xs.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(cpu), Some((from, to))) => f(&cpu.as_slice::<f32>()?[from..to], m)?,
+            _ => candle_core::bail!("matmul: the input is not a contiguous CPU tensor"),
+        }
+    };
+    let mut shape = dims.to_vec();
+    if let Some(l) = shape.last_mut() {
+        *l = n;
+    }
+    Tensor::from_vec(out, shape, x.device())?.to_dtype(x.dtype())
 }
 
 /// A frozen weight `W` used as `x @ W` (`W` `[k, n]`) with the backward `g @ W^T`, in bf16.

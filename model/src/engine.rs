@@ -82,16 +82,32 @@ impl std::fmt::Debug for Engine {
 
 impl Engine {
     /// Loads a `.gguf` file or a Hugging Face folder. `bf16` means frozen block weights in bf16
-    /// with f32 activations, norms, lm_head and adapters (see [`crate::bf16`]): on a CUDA device
-    /// through cuBLAS, on the CPU through our kernel, or the f32 path when this CPU has no bf16
-    /// dot-product instructions (with a warning). Other dtypes load the weights as they are.
+    /// with f32 activations, norms, lm_head and adapters (see [`crate::bf16`]). On a CUDA device
+    /// the products run through cuBLAS; on the CPU through oneDNN when this process uses it
+    /// ([`crate::onednn`], f32 and bf16 alike), else through our bf16 kernel, or the f32 path
+    /// when this CPU has no bf16 dot-product instructions (with a warning). Other dtypes load
+    /// the weights as they are.
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let bf16 = dtype == DType::BF16;
         let load_dtype = if bf16 { DType::F32 } else { dtype };
+        let onednn = if device.is_cpu() && (bf16 || dtype == DType::F32) {
+            crate::onednn::library().map_err(Error::Device)?
+        } else {
+            None
+        };
         let loaded = crate::loader::load(path, device, load_dtype)?;
         let mut model =
             Transformer::from_weights(&loaded.config, loaded.weights, &loaded.source, device)?;
-        if bf16 {
+        if let Some(lib) = onednn {
+            let bf16_kernel = crate::onednn::bf16_kernel();
+            if bf16 && bf16_kernel.is_none() {
+                tracing::warn!(
+                    "oneDNN has no bf16 matmul kernel for this CPU ({}): dtype bf16 runs in f32",
+                    crate::onednn::status().description
+                );
+            }
+            model.pack_onednn(lib, bf16 && bf16_kernel.is_some())?;
+        } else if bf16 {
             if device.is_cuda() || crate::bf16::available() {
                 model.pack_bf16()?;
             } else {
@@ -102,6 +118,13 @@ impl Engine {
                         .unwrap_or_else(|| "AMX-BF16 present but no AMX kernel yet".into())
                 );
             }
+        }
+        if device.is_cpu() {
+            tracing::info!(
+                "matmul backend: {} (block projections: {})",
+                crate::onednn::status().description,
+                model.matmul_backend()
+            );
         }
         if let Some(tok) = &loaded.tokenizer {
             if tok.vocab_size() > loaded.config.vocab_size {

@@ -196,18 +196,20 @@ fn when<T>(cond: bool, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
 }
 
 /// A frozen weight `W` `[k, n]`, used as `x @ W`, with the backward `g @ W^T`: a dense tensor
-/// (any layout, e.g. a transposed view) or bf16 packed for the CPU kernel of [`crate::bf16`].
+/// (any layout, e.g. a transposed view), bf16 packed for the kernel of [`crate::bf16`], or
+/// reordered for oneDNN ([`crate::onednn`]).
 #[derive(Debug, Clone)]
 pub enum Frozen {
     Dense(Tensor),
     Bf16(Arc<crate::bf16::Bf16Matrix>),
-    /// Dense forward, bf16 backward: `forward` is `W` as in `Dense`, `backward` holds `W^T`
-    /// packed so that its forward is `g @ W^T`. For the lm_head of a bf16 model: the logprobs
-    /// keep f32's precision while the learner's input gradient, where bf16 rounding is
-    /// noise, runs on the bf16 kernel.
+    Dnnl(Arc<crate::onednn::DnnlMatrix>),
+    /// Forward and backward held apart: `forward` is `W` as above, `backward` holds `W^T` so
+    /// that its forward is `g @ W^T`. For the lm_head of a bf16 model: the logprobs keep f32's
+    /// precision while the learner's input gradient, where bf16 rounding is noise, runs in
+    /// bf16.
     Split {
-        forward: Tensor,
-        backward: Arc<crate::bf16::Bf16Matrix>,
+        forward: Box<Frozen>,
+        backward: Box<Frozen>,
     },
 }
 
@@ -215,8 +217,10 @@ impl Frozen {
     /// `x @ W`: `[n, k]` -> `[n, n_out]`.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Frozen::Dense(w) | Frozen::Split { forward: w, .. } => x.matmul(w),
+            Frozen::Dense(w) => x.matmul(w),
             Frozen::Bf16(m) => m.forward(x),
+            Frozen::Dnnl(m) => m.forward(x),
+            Frozen::Split { forward, .. } => forward.matmul(x),
         }
     }
 
@@ -225,7 +229,8 @@ impl Frozen {
         match self {
             Frozen::Dense(w) => g.matmul(&w.t()?),
             Frozen::Bf16(m) => m.backward(g),
-            Frozen::Split { backward, .. } => backward.forward(g),
+            Frozen::Dnnl(m) => m.backward(g),
+            Frozen::Split { backward, .. } => backward.matmul(g),
         }
     }
 }

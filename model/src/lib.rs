@@ -12,8 +12,8 @@
 //! or the rollout database: those live in the crates above it.
 //!
 //! All of the workspace's `unsafe` code is in one private module, `kernels` (the bf16 GEMM, the
-//! vectorized row kernels, the allocator settings); [`bf16`], [`simd`] and [`alloc`] are its
-//! public faces.
+//! oneDNN bindings, the vectorized row kernels, the allocator settings); [`bf16`], [`onednn`],
+//! [`simd`] and [`alloc`] are its public faces.
 
 pub mod bf16;
 pub mod chat;
@@ -26,6 +26,7 @@ pub mod hub;
 mod kernels;
 pub mod loader;
 pub mod lora;
+pub mod onednn;
 pub mod sampler;
 pub mod tokenizer;
 pub mod transformer;

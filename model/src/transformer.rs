@@ -19,18 +19,20 @@ use crate::bf16::Bf16Matrix;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::grad::{self, Frozen};
+use crate::onednn::{Dnnl, DnnlMatrix};
 use crate::lora::{LoraAdapter, Proj};
 
-/// A projection: frozen base weight, the adapter for inference (merged into a dense weight, or
-/// kept apart next to a bf16 one), optional bias.
+/// A projection: frozen base weight, the adapter for inference (kept apart from the base, in
+/// f32), optional bias.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// Used as `x @ base`, `[in, out]`: the frozen weight transposed (dense), or bf16 packed.
+    /// Used as `x @ base`, `[in, out]`: the frozen weight transposed (dense), bf16 packed, or
+    /// reordered for oneDNN.
     base: Frozen,
-    /// Dense base only: `(base + scaling * B @ A)^T` `[in, out]` while an adapter is merged.
-    merged: Option<Tensor>,
-    /// bf16 base only: the adapter unmerged in f32 (merged into bf16 weights, its small delta
-    /// would be mostly rounded away): `scaling * A^T` `[in, r]` and `B^T` `[r, out]`.
+    /// The adapter unmerged, in f32: `scaling * A^T` `[in, r]` and `B^T` `[r, out]`. Never
+    /// merged into the base: a swap then costs copies of the small factors, not a pass over
+    /// every weight (and merged into bf16 weights, its small delta would be mostly rounded
+    /// away); the training forward applies it the same way.
     unmerged: Option<(Tensor, Tensor)>,
     bias: Option<Tensor>,
 }
@@ -42,7 +44,6 @@ impl Linear {
     fn new(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
         Ok(Self {
             base: Frozen::Dense(weight.t()?.contiguous()?),
-            merged: None,
             unmerged: None,
             bias,
         })
@@ -54,65 +55,73 @@ impl Linear {
             let m = Bf16Matrix::from_out_in(&base_t.t()?)?;
             self.base = Frozen::Bf16(Arc::new(m));
         }
-        self.merged = None;
         self.unmerged = None;
         Ok(())
+    }
+
+    /// Replaces a dense base by its oneDNN layout, f32 or bf16 (any adapter must be set again).
+    fn pack_onednn(&mut self, lib: &'static Dnnl, bf16: bool) -> Result<()> {
+        if let Frozen::Dense(base_t) = &self.base {
+            let m = DnnlMatrix::from_out_in(lib, &base_t.t()?, bf16)?;
+            self.base = Frozen::Dnnl(Arc::new(m));
+        }
+        self.unmerged = None;
+        Ok(())
+    }
+
+    /// `(k, n)` of the base: `x` `[.., k]` -> `[.., n]`.
+    fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match &self.base {
+            Frozen::Dense(w) => w.dims2()?,
+            Frozen::Bf16(m) => (m.k(), m.n()),
+            Frozen::Dnnl(m) => (m.k(), m.n()),
+            Frozen::Split { forward, .. } => match forward.as_ref() {
+                Frozen::Dense(w) => w.dims2()?,
+                _ => return Err(Error::InvalidRequest("nested split weight".into())),
+            },
+        })
     }
 
     /// Sets the inference adapter of this projection (layer `l`): `None`, or an adapter without
     /// a pair here, leaves the base alone.
     fn set_adapter(&mut self, adapter: Option<&LoraAdapter>, l: usize, proj: Proj) -> Result<()> {
-        self.merged = None;
         self.unmerged = None;
         let Some(adapter) = adapter else {
             return Ok(());
         };
-        match &self.base {
-            // A split weight's forward is dense: it merges like one.
-            Frozen::Dense(base_t)
-            | Frozen::Split {
-                forward: base_t, ..
-            } => {
-                if let Some(d) = adapter.delta_t(l, proj)? {
-                    self.merged = Some((base_t + d.to_dtype(base_t.dtype())?)?);
-                }
-            }
-            Frozen::Bf16(m) => {
-                if let Some(pair) = adapter.pairs.get(&(l, proj)) {
-                    let scaling = adapter.config.scaling();
-                    let a_t = (pair.a.t()?.to_dtype(DType::F32)? * scaling)?.contiguous()?;
-                    // A copy: the adapter's tensors may be trained in place later.
-                    let b_t = pair.b.t()?.to_dtype(DType::F32)?.contiguous()?.copy()?;
-                    let (k, n) = (m.k(), m.n());
-                    if a_t.dim(0)? != k || b_t.dim(1)? != n {
-                        return Err(Error::InvalidRequest(format!(
-                            "adapter for layer {l} {}: [{}, {}] x [{}, {}] does not fit a [{k}, {n}] weight",
-                            proj.name(),
-                            a_t.dim(0)?,
-                            a_t.dim(1)?,
-                            b_t.dim(0)?,
-                            b_t.dim(1)?
-                        )));
-                    }
-                    self.unmerged = Some((a_t, b_t));
-                }
-            }
+        let Some(pair) = adapter.pairs.get(&(l, proj)) else {
+            return Ok(());
+        };
+        let scaling = adapter.config.scaling();
+        let a_t = (pair.a.t()?.to_dtype(DType::F32)? * scaling)?.contiguous()?;
+        // A copy: the adapter's tensors may be trained in place later.
+        let b_t = pair.b.t()?.to_dtype(DType::F32)?.contiguous()?.copy()?;
+        let (k, n) = self.dims()?;
+        if a_t.dim(0)? != k || b_t.dim(1)? != n {
+            return Err(Error::InvalidRequest(format!(
+                "adapter for layer {l} {}: [{}, {}] x [{}, {}] does not fit a [{k}, {n}] weight",
+                proj.name(),
+                a_t.dim(0)?,
+                a_t.dim(1)?,
+                b_t.dim(0)?,
+                b_t.dim(1)?
+            )));
         }
+        self.unmerged = Some((a_t, b_t));
         Ok(())
     }
 
     /// x: `[n, in]` -> `[n, out]`. `train`: the adapter pair applied unmerged, with its scaling.
     fn forward(&self, x: &Tensor, train: Option<(&crate::lora::LoraPair, f64)>) -> Result<Tensor> {
-        let y = match (train, &self.merged, &self.unmerged) {
-            (Some((pair, scaling)), _, _) => {
+        let y = match (train, &self.unmerged) {
+            (Some((pair, scaling)), _) => {
                 grad::lora_linear(x, &self.base, &pair.a, &pair.b, scaling)?
             }
-            (None, Some(merged), _) => x.matmul(merged)?,
-            (None, None, Some((a_t, b_t))) => {
+            (None, Some((a_t, b_t))) => {
                 let delta = x.to_dtype(DType::F32)?.matmul(a_t)?.matmul(b_t)?;
                 (self.base.matmul(x)? + delta.to_dtype(x.dtype())?)?
             }
-            (None, None, None) => self.base.matmul(x)?,
+            (None, None) => self.base.matmul(x)?,
         };
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(b)?),
@@ -349,12 +358,24 @@ impl Transformer {
         &self.lm_head
     }
 
-    /// Whether the block projections are bf16 (packed for the CPU kernel, or bf16 tensors for
-    /// cuBLAS on a GPU).
+    /// Whether the block projections are bf16 (packed for the CPU kernel or oneDNN, or bf16
+    /// tensors for cuBLAS on a GPU).
     pub fn is_bf16_packed(&self) -> bool {
-        self.layers
-            .first()
-            .is_some_and(|b| matches!(b.attn.q.base, Frozen::Bf16(_)))
+        self.layers.first().is_some_and(|b| match &b.attn.q.base {
+            Frozen::Bf16(_) => true,
+            Frozen::Dnnl(m) => m.is_bf16(),
+            _ => false,
+        })
+    }
+
+    /// Which kernels run the block projections: `onednn`, `bf16-kernel` (ours or cuBLAS), or
+    /// `candle`.
+    pub fn matmul_backend(&self) -> &'static str {
+        match self.layers.first().map(|b| &b.attn.q.base) {
+            Some(Frozen::Dnnl(_)) => "onednn",
+            Some(Frozen::Bf16(_)) => "bf16-kernel",
+            _ => "candle",
+        }
     }
 
     /// Packs the projections of every block in bf16 for [`crate::bf16`] (our CPU kernel, or
@@ -373,10 +394,38 @@ impl Transformer {
         }
         if let Frozen::Dense(w_t) = &self.lm_head {
             // `w_t` is `[hidden, vocab]`; as an `[out, in]` weight it multiplies `g @ w_t^T`.
-            let backward = Arc::new(Bf16Matrix::from_out_in(w_t)?);
+            let backward = Frozen::Bf16(Arc::new(Bf16Matrix::from_out_in(w_t)?));
             self.lm_head = Frozen::Split {
-                forward: w_t.clone(),
-                backward,
+                forward: Box::new(Frozen::Dense(w_t.clone())),
+                backward: Box::new(backward),
+            };
+        }
+        Ok(())
+    }
+
+    /// Reorders every frozen matrix for oneDNN ([`crate::onednn`]), dropping the dense copies of
+    /// the block projections: in f32, or with `bf16` the block projections in bf16 and the
+    /// lm_head as [`Transformer::pack_bf16`] keeps it (f32 forward for the logprobs' precision,
+    /// bf16 backward). Any adapter must be set again after.
+    pub fn pack_onednn(&mut self, lib: &'static Dnnl, bf16: bool) -> Result<()> {
+        for block in &mut self.layers {
+            for proj in Proj::ALL {
+                block.linear_mut(proj).pack_onednn(lib, bf16)?;
+            }
+        }
+        if let Frozen::Dense(w_t) = &self.lm_head {
+            // `w_t` is `[hidden, vocab]`, the transposed view of `E` `[vocab, hidden]`: the
+            // forward `h @ E^T` packs `E` as an `[out, in]` weight, the backward `g @ E` packs
+            // `w_t` as one.
+            let forward = Frozen::Dnnl(Arc::new(DnnlMatrix::from_out_in(lib, &w_t.t()?, false)?));
+            self.lm_head = if bf16 {
+                let backward = DnnlMatrix::from_out_in(lib, w_t, true)?;
+                Frozen::Split {
+                    forward: Box::new(forward),
+                    backward: Box::new(Frozen::Dnnl(Arc::new(backward))),
+                }
+            } else {
+                forward
             };
         }
         Ok(())
@@ -385,13 +434,16 @@ impl Transformer {
     /// Logits of a few rows (decoding): `h` `[n, hidden]` -> `[n, vocab]` f32. Dense, computed
     /// as `(W @ h^T)^T` with `W` `[vocab, hidden]`, the fast orientation for small `n`.
     pub fn decode_logits(&self, h: &Tensor) -> Result<Tensor> {
-        let logits = match &self.lm_head {
-            Frozen::Dense(w_t) | Frozen::Split { forward: w_t, .. } => {
-                w_t.t()?.matmul(&h.t()?)?.t()?
+        fn logits(w: &Frozen, h: &Tensor) -> candle_core::Result<Tensor> {
+            match w {
+                Frozen::Dense(w_t) => w_t.t()?.matmul(&h.t()?)?.t(),
+                Frozen::Split { forward, .. } => logits(forward, h),
+                other => other.matmul(h),
             }
-            Frozen::Bf16(m) => m.forward(h)?,
-        };
-        Ok(logits.to_dtype(DType::F32)?.contiguous()?)
+        }
+        Ok(logits(&self.lm_head, h)?
+            .to_dtype(DType::F32)?
+            .contiguous()?)
     }
 
     /// Sets `adapter` for inference (replacing any set before): merged into dense weights, kept

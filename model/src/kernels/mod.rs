@@ -7,6 +7,8 @@
 //!   the safe layer over it.
 //! - [`cuda_gemm`]: the same product on an NVIDIA GPU (`cublasGemmEx`, bf16 in, f32 out), the
 //!   `cuda` feature's counterpart of the CPU kernel, behind the same safe layer.
+//! - [`dnnl`]: oneDNN's matmul, opened at run time (`libdnnl.so.2`) through a hand-written
+//!   declaration of the few C functions used; [`crate::onednn`] is its safe layer.
 //! - [`simd`]: the row kernels (exp, softmax, log-sum-exp, their backwards, decode attention),
 //!   each compiled for the baseline target and for AVX-512F and picked at run time.
 //! - [`alloc`]: the glibc `mallopt` settings that keep big tensor buffers in the heap.
@@ -18,4 +20,5 @@
 pub mod alloc;
 pub mod bf16_gemm;
 pub mod cuda_gemm;
+pub mod dnnl;
 pub mod simd;
