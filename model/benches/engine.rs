@@ -6,8 +6,10 @@
 //!
 //! cargo bench -p model --bench engine -- [--model PATH] [--device cpu|cuda:N] [--dtype f32]
 //!     [--repeats N] [--quick] [--only gemm,sample,score,swap,train] [--json FILE]
-//! With `--dtype bf16` on a CPU with AVX512-BF16 it first runs the bf16 GEMM microbenchmark
-//! (2048^3 and SmolLM2's shapes, GFLOP/s and fraction of the register-only peak). On a GPU
+//! On the CPU it first runs the GEMM microbenchmark of the matmul backend in use (oneDNN, in the
+//! dtype's weights; else our bf16 kernel with `--dtype bf16` on a CPU with AVX512-BF16): 2048^3
+//! and SmolLM2's shapes, GFLOP/s and fraction of the `vdpbf16ps` register-only peak; the JSON
+//! names the backend and oneDNN's ISA (`matmul_backend`). On a GPU
 //! (`--device cuda:0`, a `--features cuda` build) every timing ends with a device synchronize, and
 //! the model can be any local folder (`scripts/gpu-check run` benches random SmolLM2- and
 //! Llama-3.2-1B-shaped ones made by transformers).
@@ -163,25 +165,45 @@ fn main() {
     out.insert("device".into(), json!(format!("{:?}", device.location())));
     out.insert("model".into(), json!(a.model.display().to_string()));
 
-    // bf16 on the CPU: our kernel's GEMMs against the register-only peak of vdpbf16ps.
-    let bf16_kernel = device.is_cpu() && a.dtype == DType::BF16 && model::bf16::available();
+    // The CPU matmul backend (oneDNN or ours) and, for it, the GEMMs of SmolLM2's shapes.
+    let onednn = if device.is_cpu() && matches!(a.dtype, DType::F32 | DType::BF16) {
+        model::onednn::library().expect("MATMUL_BACKEND")
+    } else {
+        None
+    };
+    let onednn_bf16 = a.dtype == DType::BF16 && model::onednn::bf16_kernel().is_some();
+    let status = model::onednn::status();
+    eprintln!("matmul backend: {}", status.description);
+    out.insert(
+        "matmul_backend".into(),
+        json!({"backend": if onednn.is_some() { "onednn" } else { "native" },
+               "description": status.description, "isa": status.isa,
+               "bf16_kernel": model::onednn::bf16_kernel()}),
+    );
+    let bf16_kernel =
+        onednn.is_none() && device.is_cpu() && a.dtype == DType::BF16 && model::bf16::available();
     if a.dtype == DType::BF16 {
         match model::bf16::amx_bf16_status() {
+            Ok(()) if onednn_bf16 => eprintln!("AMX-BF16 present: oneDNN dispatches to it"),
             Ok(()) => {
-                eprintln!("AMX-BF16 present, but no AMX kernel yet: the AVX512-BF16 one runs")
+                eprintln!("AMX-BF16 present, but our kernel has no AMX path: AVX512-BF16 runs")
             }
             Err(why) => eprintln!("no AMX: {why}"),
         }
     }
-    let mut bf16_peak = None;
-    if bf16_kernel && want("gemm") {
-        let peak = model::bf16::peak_gflops(1.0);
+    let mut backend_peak = None;
+    if (bf16_kernel || onednn.is_some()) && want("gemm") {
+        let peak = if model::bf16::available() {
+            model::bf16::peak_gflops(1.0)
+        } else {
+            f64::NAN
+        };
         eprintln!("bf16 register-only peak (vdpbf16ps): {peak:.1} GFLOP/s");
         let big = if a.quick { 1024 } else { 2048 };
         let mut rows = vec![];
         // (name, m, k, n): the square reference, then SmolLM2's projections on a 16 x 300
         // scoring batch, a batch-32 decode step, and a 256-row chunk of the vocabulary head.
-        let shapes: [(&str, usize, usize, usize); 8] = [
+        let shapes: [(&str, usize, usize, usize); 9] = [
             ("square", big, big, big),
             ("q/o proj 4800x576x576", 4800, 576, 576),
             ("k/v proj 4800x576x192", 4800, 576, 192),
@@ -189,8 +211,14 @@ fn main() {
             ("down 4800x1536x576", 4800, 1536, 576),
             ("decode gate/up 32x576x1536", 32, 576, 1536),
             ("decode q 32x576x576", 32, 576, 576),
+            ("decode gate/up 1x576x1536", 1, 576, 1536),
             ("lm_head chunk 256x576x49152", 256, 576, 49152),
         ];
+        let which = if onednn.is_some() {
+            "onednn"
+        } else {
+            "bf16 kernel"
+        };
         for (name, m, k, n) in shapes {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i % 97) as f32 - 48.0) / 64.0)
@@ -198,15 +226,30 @@ fn main() {
             let w: Vec<f32> = (0..k * n)
                 .map(|i| ((i % 89) as f32 - 44.0) / 64.0)
                 .collect();
-            let packed = model::bf16::Packed::from_k_n(&w, k, n);
             let flops = 2.0 * (m * k * n) as f64;
             let reps = ((2e9 / flops) as usize).clamp(a.repeats, 200);
-            let s = time(&device, reps, || {
-                std::hint::black_box(packed.matmul(&x, m));
-            });
+            let s = match onednn {
+                Some(lib) => {
+                    // The weight as stored, [out, in] = w^T, and x as a tensor: what the
+                    // engine calls, conversions included.
+                    let wt = Tensor::from_vec(w, (k, n), &device).unwrap().t().unwrap();
+                    let mat =
+                        model::onednn::DnnlMatrix::from_out_in(lib, &wt, onednn_bf16).unwrap();
+                    let xt = Tensor::from_vec(x, (m, k), &device).unwrap();
+                    time(&device, reps, || {
+                        std::hint::black_box(mat.forward(&xt).unwrap());
+                    })
+                }
+                None => {
+                    let packed = model::bf16::Packed::from_k_n(&w, k, n);
+                    time(&device, reps, || {
+                        std::hint::black_box(packed.matmul(&x, m));
+                    })
+                }
+            };
             let gflops = flops / s / 1e9;
             eprintln!(
-                "bf16 gemm {name}: {gflops:.1} GFLOP/s ({:.0}% of peak)",
+                "{which} gemm {name}: {gflops:.1} GFLOP/s ({:.0}% of the vdpbf16ps peak)",
                 100.0 * gflops / peak
             );
             rows.push(
@@ -215,10 +258,11 @@ fn main() {
             );
         }
         out.insert(
-            "gemm_bf16".into(),
-            json!({"peak_gflops": peak, "shapes": rows}),
+            "gemm".into(),
+            json!({"backend": which, "dtype": format!("{:?}", a.dtype).to_lowercase(),
+                   "peak_gflops": peak, "shapes": rows}),
         );
-        bf16_peak = Some(rows[0]["gflops"].as_f64().unwrap_or(peak));
+        backend_peak = Some(rows[0]["gflops"].as_f64().unwrap_or(peak));
     }
 
     // Matmul peak.
@@ -240,8 +284,8 @@ fn main() {
         a.dtype,
         peak / 1e9
     );
-    if let Some(g) = bf16_peak {
-        // With bf16 weights the model's matmuls run on our kernel: MFU is against its peak.
+    if let Some(g) = backend_peak {
+        // The model's matmuls run on oneDNN or our bf16 kernel: MFU is against its peak.
         peak = g * 1e9;
     }
     out.insert(
@@ -321,7 +365,7 @@ fn main() {
 
     if want("swap") {
         // What `POST /v1/adapters` does in the rollout server: read a PEFT folder (r 8, every
-        // projection) and merge it into the inference weights; then unload back to the base.
+        // projection) and set it next to the inference weights; then unload back to the base.
         let cfg = LoraConfig::new(8, 16.0, Proj::ALL.to_vec());
         let adapter = LoraAdapter::init(cfg, engine.config(), 1, &device).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -351,8 +395,8 @@ fn main() {
                    "unload_ms": unload * 1e3}),
         );
         eprintln!(
-            "adapter swap (r8, all projections): load {:.1} ms (of which reading the files {:.1} ms, \
-             the rest merging), unload {:.1} ms",
+            "adapter swap (r8, all projections): load {:.1} ms (of which reading the files {:.1} ms), \
+             unload {:.1} ms",
             load * 1e3,
             read * 1e3,
             unload * 1e3

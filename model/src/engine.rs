@@ -196,6 +196,17 @@ impl Engine {
         &self.model
     }
 
+    /// Who runs this model's block projections (`onednn`, `bf16-kernel`: ours or cuBLAS,
+    /// `candle`) and, for oneDNN, the instruction set it dispatches to: what the services'
+    /// `/metrics` and logs say.
+    pub fn matmul_backend(&self) -> (&'static str, Option<&'static str>) {
+        let kernels = self.model.matmul_backend();
+        let isa = (kernels == "onednn")
+            .then(|| crate::onednn::status().isa)
+            .flatten();
+        (kernels, isa)
+    }
+
     /// The inference adapter, if any.
     pub fn adapter(&self) -> Option<&LoraAdapter> {
         self.adapter.as_ref()

@@ -197,8 +197,7 @@ impl DnnlMatrix {
             }
         };
         crate::bf16::cpu_product(g, self.n(), self.k(), |gs, m| {
-            bwd.matmul(gs, m, rayon::current_num_threads())
-                .map_err(err)
+            bwd.matmul(gs, m, rayon::current_num_threads()).map_err(err)
         })
     }
 }

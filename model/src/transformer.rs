@@ -19,8 +19,8 @@ use crate::bf16::Bf16Matrix;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::grad::{self, Frozen};
-use crate::onednn::{Dnnl, DnnlMatrix};
 use crate::lora::{LoraAdapter, Proj};
+use crate::onednn::{Dnnl, DnnlMatrix};
 
 /// A projection: frozen base weight, the adapter for inference (kept apart from the base, in
 /// f32), optional bias.

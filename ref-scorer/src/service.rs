@@ -16,7 +16,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use model::{Engine, ScoreRequest as EngineScore};
 use rl_core::service::{
-    no_route, prom, prom_response, require_key, rss_bytes, wrong_method, ApiError, ApiJson, ApiKey,
+    no_route, prom, prom_info, prom_response, require_key, rss_bytes, wrong_method, ApiError,
+    ApiJson, ApiKey,
 };
 use rl_core::wire::{Health, ScoreRequest, ScoreResponse, SequenceLogprobs};
 use serde_json::json;
@@ -52,6 +53,8 @@ pub struct ScorerState {
     rejected: AtomicU64,
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     started: Instant,
+    /// The engine's matmul kernels and oneDNN's ISA ([`model::Engine::matmul_backend`]).
+    matmul: (&'static str, Option<&'static str>),
 }
 
 type Shared = State<Arc<ScorerState>>;
@@ -70,6 +73,7 @@ const ROUTES: &[(&str, &str, &str)] = &[
 /// Builds the router; the engine is frozen from here on.
 pub fn app(engine: Engine, opts: &Options) -> (Router, Arc<ScorerState>) {
     let adapter = engine.adapter().map(|_| "loaded at start".to_string());
+    let matmul = engine.matmul_backend();
     let state = Arc::new(ScorerState {
         engine: Arc::new(Mutex::new(engine)),
         model_name: opts.model_name.clone(),
@@ -81,6 +85,7 @@ pub fn app(engine: Engine, opts: &Options) -> (Router, Arc<ScorerState>) {
         rejected: AtomicU64::new(0),
         requests: Mutex::new(BTreeMap::new()),
         started: Instant::now(),
+        matmul,
     });
     let key = ApiKey(opts.api_key.as_deref().map(Arc::from));
     let router = Router::new()
@@ -182,6 +187,15 @@ async fn health(State(state): Shared) -> Json<Health> {
 async fn metrics(State(state): Shared) -> Response {
     use std::fmt::Write;
     let mut out = String::new();
+    prom_info(
+        &mut out,
+        "scorer_matmul_backend_info",
+        "Who runs the model's matrix products (onednn, bf16-kernel, candle) and oneDNN's ISA.",
+        &[
+            ("kernels", state.matmul.0),
+            ("isa", state.matmul.1.unwrap_or("none")),
+        ],
+    );
     prom(
         &mut out,
         "scorer_queue_depth",

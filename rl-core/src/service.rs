@@ -189,6 +189,26 @@ pub fn prom(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
     );
 }
 
+/// Appends an info metric: one sample of value 1 whose labels carry the facts.
+pub fn prom_info(out: &mut String, name: &str, help: &str, labels: &[(&str, &str)]) {
+    use std::fmt::Write;
+    let labels: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| {
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            format!("{k}=\"{v}\"")
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{}}} 1",
+        labels.join(",")
+    );
+}
+
 /// A `/metrics` response in Prometheus' text format.
 pub fn prom_response(body: String) -> Response {
     (

@@ -75,6 +75,7 @@ pub fn app(engine: Engine, opts: &Options) -> anyhow::Result<(Router, Arc<AppSta
     let cfg = engine.config();
     let (vocab, context) = (cfg.vocab_size, cfg.max_position_embeddings);
     let eos_ids = cfg.eos_token_ids.clone();
+    let matmul = engine.matmul_backend();
     let batcher = Batcher::start(engine, opts.max_batch, opts.max_queue)?;
     let state = Arc::new(AppState {
         batcher,
@@ -88,6 +89,7 @@ pub fn app(engine: Engine, opts: &Options) -> anyhow::Result<(Router, Arc<AppSta
         max_n: opts.max_n,
         requests: Mutex::new(Default::default()),
         started: Instant::now(),
+        matmul,
     });
     let key = ApiKey(opts.api_key.as_deref().map(Arc::from));
     let router = Router::new()

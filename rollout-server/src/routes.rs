@@ -13,7 +13,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use model::{ChatTemplate, GenerateRequest, Generation, Message, SamplingParams, Tokenizer};
-use rl_core::service::{prom, prom_response, rss_bytes, ApiError, ApiJson};
+use rl_core::service::{prom, prom_info, prom_response, rss_bytes, ApiError, ApiJson};
 use rl_core::wire::{
     AdapterRequest, AdapterResponse, FinishReason, GenerateResponse, GeneratedChoice, Health,
     TokenizeRequest, TokenizeResponse,
@@ -39,6 +39,8 @@ pub struct AppState {
     pub max_n: u32,
     pub requests: Mutex<BTreeMap<(String, u16), u64>>,
     pub started: Instant,
+    /// The engine's matmul kernels and oneDNN's ISA ([`model::Engine::matmul_backend`]).
+    pub matmul: (&'static str, Option<&'static str>),
 }
 
 type Shared = State<Arc<AppState>>;
@@ -698,6 +700,15 @@ pub async fn metrics(State(state): Shared) -> Response {
     let st = &state.batcher.stats;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
     let mut out = String::new();
+    prom_info(
+        &mut out,
+        "rollout_matmul_backend_info",
+        "Who runs the model's matrix products (onednn, bf16-kernel, candle) and oneDNN's ISA.",
+        &[
+            ("kernels", state.matmul.0),
+            ("isa", state.matmul.1.unwrap_or("none")),
+        ],
+    );
     prom(
         &mut out,
         "rollout_queue_depth",

@@ -264,6 +264,19 @@ async fn concurrent_clients_are_batched_and_the_queue_is_bounded() {
     );
     let rss = metric(&metrics, "process_resident_memory_bytes");
     assert!(rss > 0.0 && rss < 4e9, "rss {rss}");
+    // The matmul backend of this process (the server runs in it): oneDNN with its ISA, or
+    // candle's f32 gemm when MATMUL_BACKEND=native.
+    let want = match model::onednn::library().expect("MATMUL_BACKEND") {
+        Some(lib) => format!(
+            "rollout_matmul_backend_info{{kernels=\"onednn\",isa=\"{}\"}} 1",
+            lib.isa()
+        ),
+        None => "rollout_matmul_backend_info{kernels=\"candle\",isa=\"none\"} 1".to_string(),
+    };
+    assert!(
+        metrics.lines().any(|l| l == want),
+        "{want} not in\n{metrics}"
+    );
 
     // The typed client waits out the 503s (Retry-After) and gets every answer.
     let client = ServiceClient::new(&server.url, None, Duration::from_secs(60))

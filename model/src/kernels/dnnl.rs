@@ -79,7 +79,8 @@ struct Api {
     stream_create: unsafe extern "C" fn(*mut Handle, Handle, c_uint) -> Status,
     stream_wait: unsafe extern "C" fn(Handle) -> Status,
     stream_destroy: unsafe extern "C" fn(Handle) -> Status,
-    md_init_by_tag: unsafe extern "C" fn(*mut MemoryDesc, c_int, *const i64, c_int, c_int) -> Status,
+    md_init_by_tag:
+        unsafe extern "C" fn(*mut MemoryDesc, c_int, *const i64, c_int, c_int) -> Status,
     md_get_size: unsafe extern "C" fn(*const MemoryDesc) -> usize,
     matmul_desc_init: unsafe extern "C" fn(
         *mut OpDesc,
@@ -281,7 +282,14 @@ impl Dnnl {
 
     /// A primitive descriptor of `src [m, k] (ab) @ weights [k, n] -> dst [m, n] f32 (ab)`,
     /// the weights described by `weights` (`format_tag::any` to let oneDNN choose).
-    fn matmul_pd(&'static self, m: usize, weights: &MemoryDesc, k: usize, n: usize, dt: Dt) -> Result<Pd, String> {
+    fn matmul_pd(
+        &'static self,
+        m: usize,
+        weights: &MemoryDesc,
+        k: usize,
+        n: usize,
+        dt: Dt,
+    ) -> Result<Pd, String> {
         let src = self.md([m, k], dt, TAG_AB)?;
         let dst = self.md([m, n], Dt::F32, TAG_AB)?;
         let mut op = OpDesc([0; 4096]);
@@ -313,7 +321,10 @@ impl Dnnl {
         })
     }
 
-    fn with_user_scratchpad<T>(&self, f: impl FnOnce(Handle) -> Result<T, String>) -> Result<T, String> {
+    fn with_user_scratchpad<T>(
+        &self,
+        f: impl FnOnce(Handle) -> Result<T, String>,
+    ) -> Result<T, String> {
         let mut attr: Handle = std::ptr::null_mut();
         // SAFETY: out-pointer to a local.
         check(unsafe { (self.api.attr_create)(&mut attr) }, "attributes")?;
@@ -329,15 +340,25 @@ impl Dnnl {
     }
 
     /// The cached primitive for `key`, made by `make` on first use.
-    fn primitive(&self, key: Key, make: impl FnOnce() -> Result<Pd, String>) -> Result<Arc<Primitive>, String> {
-        let mut cache = self.cache.lock().map_err(|_| "oneDNN cache poisoned".to_string())?;
+    fn primitive(
+        &self,
+        key: Key,
+        make: impl FnOnce() -> Result<Pd, String>,
+    ) -> Result<Arc<Primitive>, String> {
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| "oneDNN cache poisoned".to_string())?;
         if let Some(p) = cache.get(&key) {
             return Ok(p.clone());
         }
         let pd = make()?;
         let mut prim: Handle = std::ptr::null_mut();
         // SAFETY: `pd` is a live primitive descriptor.
-        check(unsafe { (self.api.primitive_create)(&mut prim, pd.pd) }, "primitive")?;
+        check(
+            unsafe { (self.api.primitive_create)(&mut prim, pd.pd) },
+            "primitive",
+        )?;
         let p = Arc::new(Primitive { prim, pd });
         // Bounded: shapes with many distinct row counts (prefills) must not grow it forever.
         if cache.len() >= 1024 {
@@ -353,9 +374,18 @@ impl Dnnl {
     /// # Safety
     /// Each pointer must be valid for the size its descriptor says, the destination writable
     /// and not aliased by the others, for the whole call.
-    unsafe fn execute(&self, p: &Primitive, args: &[(c_int, *const MemoryDesc, *mut c_void)], threads: usize) -> Result<(), String> {
+    unsafe fn execute(
+        &self,
+        p: &Primitive,
+        args: &[(c_int, *const MemoryDesc, *mut c_void)],
+        threads: usize,
+    ) -> Result<(), String> {
         let scratch_md = (self.api.pd_query_md)(p.pd.pd, QUERY_SCRATCHPAD_MD, 0);
-        let scratch_len = if scratch_md.is_null() { 0 } else { (self.api.md_get_size)(scratch_md) };
+        let scratch_len = if scratch_md.is_null() {
+            0
+        } else {
+            (self.api.md_get_size)(scratch_md)
+        };
         // u64s: 8-byte aligned, which oneDNN's scratchpad users need at least.
         let mut scratch = vec![0u64; scratch_len.div_ceil(8)];
         let mut all: Vec<(c_int, *const MemoryDesc, *mut c_void)> = args.to_vec();
@@ -378,11 +408,17 @@ impl Dnnl {
                 set(c_int::try_from(threads.max(1)).unwrap_or(1));
             }
             let mut stream: Handle = std::ptr::null_mut();
-            result = check((self.api.stream_create)(&mut stream, self.engine, STREAM_DEFAULT_FLAGS), "stream");
+            result = check(
+                (self.api.stream_create)(&mut stream, self.engine, STREAM_DEFAULT_FLAGS),
+                "stream",
+            );
             if result.is_ok() {
                 let n = c_int::try_from(mems.len()).unwrap_or(0);
-                result = check((self.api.primitive_execute)(p.prim, stream, n, mems.as_ptr()), "execute")
-                    .and_then(|()| check((self.api.stream_wait)(stream), "stream wait"));
+                result = check(
+                    (self.api.primitive_execute)(p.prim, stream, n, mems.as_ptr()),
+                    "execute",
+                )
+                .and_then(|()| check((self.api.stream_wait)(stream), "stream wait"));
                 (self.api.stream_destroy)(stream);
             }
         }
@@ -413,7 +449,12 @@ impl Dt {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Key {
     /// `[m, k] @ [k, n]` with a weight in the layout oneDNN chose for `(k, n, dt)`.
-    Matmul { m: usize, k: usize, n: usize, dt: Dt },
+    Matmul {
+        m: usize,
+        k: usize,
+        n: usize,
+        dt: Dt,
+    },
     /// `[m, k]` f32 -> bf16, both row-major.
     ToBf16 { m: usize, k: usize },
 }
@@ -439,7 +480,12 @@ impl Pd {
         let mut s: *const c_char = std::ptr::null();
         // SAFETY: the implementation string query writes a `const char*` owned by the pd.
         let ok = unsafe {
-            (self.dnnl.api.pd_query)(self.pd, QUERY_IMPL_INFO_STR, 0, (&mut s as *mut *const c_char).cast())
+            (self.dnnl.api.pd_query)(
+                self.pd,
+                QUERY_IMPL_INFO_STR,
+                0,
+                (&mut s as *mut *const c_char).cast(),
+            )
         };
         if ok != SUCCESS || s.is_null() {
             return "unknown".into();
@@ -538,9 +584,19 @@ impl Weight {
     /// Reorders `B` into oneDNN's preferred layout. `src` is f32, `B` given as `[k, n]`
     /// row-major, or as `[n, k]` row-major (`B = W^T` for a weight `W` stored `[out, in]`) when
     /// `n_by_k`.
-    pub fn pack(dnnl: &'static Dnnl, src: &[f32], k: usize, n: usize, n_by_k: bool, dt: Dt) -> Result<Self, String> {
+    pub fn pack(
+        dnnl: &'static Dnnl,
+        src: &[f32],
+        k: usize,
+        n: usize,
+        n_by_k: bool,
+        dt: Dt,
+    ) -> Result<Self, String> {
         if Some(src.len()) != k.checked_mul(n) {
-            return Err(format!("oneDNN weight: {} values for [{k}, {n}]", src.len()));
+            return Err(format!(
+                "oneDNN weight: {} values for [{k}, {n}]",
+                src.len()
+            ));
         }
         let any = dnnl.md([k, n], dt, TAG_ANY)?;
         let layout = dnnl.matmul_pd(LAYOUT_ROWS, &any, k, n, dt)?;
@@ -552,7 +608,10 @@ impl Weight {
         let reorder = dnnl.reorder_pd(&user, wmd)?;
         let mut prim: Handle = std::ptr::null_mut();
         // SAFETY: `reorder` is a live pd.
-        check(unsafe { (dnnl.api.primitive_create)(&mut prim, reorder.pd) }, "reorder primitive")?;
+        check(
+            unsafe { (dnnl.api.primitive_create)(&mut prim, reorder.pd) },
+            "reorder primitive",
+        )?;
         let p = Primitive { prim, pd: reorder };
         let threads = rayon::current_num_threads();
         // SAFETY: `src` holds k*n f32 as `user` describes (length checked above); `data` holds
@@ -560,11 +619,21 @@ impl Weight {
         unsafe {
             dnnl.execute(
                 &p,
-                &[(ARG_SRC, &user, src.as_ptr() as *mut c_void), (ARG_DST, wmd, data.ptr.cast())],
+                &[
+                    (ARG_SRC, &user, src.as_ptr() as *mut c_void),
+                    (ARG_DST, wmd, data.ptr.cast()),
+                ],
                 threads,
             )?;
         }
-        Ok(Self { k, n, dt, layout, data, bytes })
+        Ok(Self {
+            k,
+            n,
+            dt,
+            layout,
+            data,
+            bytes,
+        })
     }
 
     pub fn k(&self) -> usize {
@@ -594,7 +663,10 @@ impl Weight {
         let reorder = dnnl.reorder_pd(unsafe { &*wmd }, &plain)?;
         let mut prim: Handle = std::ptr::null_mut();
         // SAFETY: `reorder` is a live pd.
-        check(unsafe { (dnnl.api.primitive_create)(&mut prim, reorder.pd) }, "reorder primitive")?;
+        check(
+            unsafe { (dnnl.api.primitive_create)(&mut prim, reorder.pd) },
+            "reorder primitive",
+        )?;
         let p = Primitive { prim, pd: reorder };
         let mut out = vec![0f32; self.k * self.n];
         // SAFETY: the weight holds `bytes` in `wmd`'s layout and is only read; `out` holds
@@ -602,7 +674,10 @@ impl Weight {
         unsafe {
             dnnl.execute(
                 &p,
-                &[(ARG_SRC, wmd, self.data.ptr.cast()), (ARG_DST, &plain, out.as_mut_ptr().cast())],
+                &[
+                    (ARG_SRC, wmd, self.data.ptr.cast()),
+                    (ARG_DST, &plain, out.as_mut_ptr().cast()),
+                ],
                 rayon::current_num_threads(),
             )?;
         }
@@ -628,7 +703,11 @@ impl Weight {
     /// f32.
     pub fn matmul(&self, x: &[f32], m: usize, threads: usize) -> Result<Vec<f32>, String> {
         if Some(x.len()) != m.checked_mul(self.k) {
-            return Err(format!("oneDNN matmul: {} values are not [{m}, {}]", x.len(), self.k));
+            return Err(format!(
+                "oneDNN matmul: {} values are not [{m}, {}]",
+                x.len(),
+                self.k
+            ));
         }
         let mut out = vec![0f32; m * self.n];
         if m == 0 || self.n == 0 {
@@ -659,7 +738,10 @@ impl Weight {
                 unsafe {
                     dnnl.execute(
                         &conv,
-                        &[(ARG_SRC, from, x.as_ptr() as *mut c_void), (ARG_DST, to, converted.as_mut_ptr().cast())],
+                        &[
+                            (ARG_SRC, from, x.as_ptr() as *mut c_void),
+                            (ARG_DST, to, converted.as_mut_ptr().cast()),
+                        ],
                         threads,
                     )?;
                 }
