@@ -29,6 +29,19 @@ use rayon::prelude::*;
 
 pub use kernel::{amx_bf16 as amx_bf16_status, avx512_bf16 as available, peak_gflops, NR};
 
+/// Whether [`crate::Engine::load`] keeps bf16 weights for dtype bf16 on `device`: always on a
+/// GPU; on the CPU when the matmul backend in use has a bf16 kernel here (oneDNN's, see
+/// [`crate::onednn::bf16_kernel`], or ours with AVX512-BF16). Otherwise dtype bf16 runs in f32.
+pub fn runs_on(device: &candle_core::Device) -> bool {
+    if device.is_cuda() {
+        return true;
+    }
+    match crate::onednn::library() {
+        Ok(Some(_)) => crate::onednn::bf16_kernel().is_some(),
+        _ => available(),
+    }
+}
+
 /// A matrix `B` `[k, n]` rounded to bf16 and packed in panels of [`NR`] columns for the kernel.
 pub struct Packed {
     k: usize,

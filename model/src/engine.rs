@@ -98,17 +98,17 @@ impl Engine {
         let loaded = crate::loader::load(path, device, load_dtype)?;
         let mut model =
             Transformer::from_weights(&loaded.config, loaded.weights, &loaded.source, device)?;
+        let bf16_runs = bf16 && crate::bf16::runs_on(device);
         if let Some(lib) = onednn {
-            let bf16_kernel = crate::onednn::bf16_kernel();
-            if bf16 && bf16_kernel.is_none() {
+            if bf16 && !bf16_runs {
                 tracing::warn!(
                     "oneDNN has no bf16 matmul kernel for this CPU ({}): dtype bf16 runs in f32",
                     crate::onednn::status().description
                 );
             }
-            model.pack_onednn(lib, bf16 && bf16_kernel.is_some())?;
+            model.pack_onednn(lib, bf16_runs)?;
         } else if bf16 {
-            if device.is_cuda() || crate::bf16::available() {
+            if bf16_runs {
                 model.pack_bf16()?;
             } else {
                 tracing::warn!(

@@ -176,9 +176,7 @@ impl DnnlMatrix {
     /// `x @ W`: `[.., k]` -> `[.., n]`, in x's dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::bf16::cpu_product(x, self.k(), self.n(), |xs, m| {
-            self.fwd
-                .matmul(xs, m, rayon::current_num_threads())
-                .map_err(err)
+            self.fwd.matmul(xs, m).map_err(err)
         })
     }
 
@@ -197,7 +195,7 @@ impl DnnlMatrix {
             }
         };
         crate::bf16::cpu_product(g, self.n(), self.k(), |gs, m| {
-            bwd.matmul(gs, m, rayon::current_num_threads()).map_err(err)
+            bwd.matmul(gs, m).map_err(err)
         })
     }
 }

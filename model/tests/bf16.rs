@@ -193,7 +193,8 @@ fn strided_batched_inputs_and_the_backward() {
 #[test]
 fn smollm2_bf16_matches_the_oracle() {
     let dev = device();
-    let packed = bf16_runs(&dev);
+    bf16_runs(&dev);
+    let packed = model::bf16::runs_on(&dev);
     let engine = Engine::load(&smollm2_gguf(), &dev, DType::BF16).unwrap();
     assert_eq!(engine.transformer().is_bf16_packed(), packed);
     let reference = read_json(&golden_dir().join("smollm2_reference.json"));

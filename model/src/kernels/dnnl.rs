@@ -280,8 +280,18 @@ impl Dnnl {
         Ok(md)
     }
 
+    /// A primitive of `pd`, outside the cache (used once, e.g. a weight's reorder).
+    fn bare_primitive(&self, pd: Pd) -> Result<Primitive, String> {
+        let mut prim: Handle = std::ptr::null_mut();
+        // SAFETY: `pd` is a live primitive descriptor.
+        check(unsafe { (self.api.primitive_create)(&mut prim, pd.pd) }, "primitive")?;
+        Ok(Primitive { prim, pd })
+    }
+
     /// A primitive descriptor of `src [m, k] (ab) @ weights [k, n] -> dst [m, n] f32 (ab)`,
-    /// the weights described by `weights` (`format_tag::any` to let oneDNN choose).
+    /// the weights described by `weights` (`format_tag::any` to let oneDNN choose). The
+    /// destination must be dense: with a row stride, oneDNN 2.6 leaves its brgemm kernels for
+    /// slower ones (a reference loop for a blocked bf16 weight).
     fn matmul_pd(
         &'static self,
         m: usize,
@@ -386,8 +396,10 @@ impl Dnnl {
         } else {
             (self.api.md_get_size)(scratch_md)
         };
-        // u64s: 8-byte aligned, which oneDNN's scratchpad users need at least.
-        let mut scratch = vec![0u64; scratch_len.div_ceil(8)];
+        // u64s: 8-byte aligned, which oneDNN's scratchpad users need at least. Left
+        // uninitialised (only oneDNN writes and reads it; Rust never does), so that a
+        // megabytes-large scratchpad costs no memset per call.
+        let mut scratch: Vec<u64> = Vec::with_capacity(scratch_len.div_ceil(8));
         let mut all: Vec<(c_int, *const MemoryDesc, *mut c_void)> = args.to_vec();
         if scratch_len > 0 {
             all.push((ARG_SCRATCHPAD, scratch_md, scratch.as_mut_ptr().cast()));
@@ -449,14 +461,7 @@ impl Dt {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Key {
     /// `[m, k] @ [k, n]` with a weight in the layout oneDNN chose for `(k, n, dt)`.
-    Matmul {
-        m: usize,
-        k: usize,
-        n: usize,
-        dt: Dt,
-    },
-    /// `[m, k]` f32 -> bf16, both row-major.
-    ToBf16 { m: usize, k: usize },
+    Matmul { m: usize, k: usize, n: usize, dt: Dt },
 }
 
 /// An owned primitive descriptor.
@@ -524,6 +529,21 @@ impl Drop for Primitive {
     }
 }
 
+/// `x` rounded to bf16 as little-endian pairs, on the rayon pool when large (the conversion is
+/// memory-bound: a few threads saturate it).
+fn to_bf16_pairs(x: &[f32], out: &mut [u32]) {
+    use rayon::prelude::*;
+    // Even-sized chunks, so that each chunk's pairs are whole.
+    const CHUNK: usize = 1 << 16;
+    if x.len() <= CHUNK {
+        super::bf16_gemm::pairs_from_f32(x, out);
+    } else {
+        x.par_chunks(CHUNK)
+            .zip(out.par_chunks_mut(CHUNK / 2))
+            .for_each(|(s, d)| super::bf16_gemm::pairs_from_f32(s, d));
+    }
+}
+
 /// A bytes buffer aligned for oneDNN's blocked weights (64 bytes: one cache line).
 struct Aligned {
     ptr: *mut u8,
@@ -556,6 +576,11 @@ unsafe impl Send for Aligned {}
 unsafe impl Sync for Aligned {}
 
 /// A frozen weight `B` `[k, n]` in the layout oneDNN's matmul chose for it, f32 or bf16.
+///
+/// Threads: a product of many rows is cut into row blocks, one per thread of the rayon pool,
+/// each a single-threaded oneDNN call, so the engine's own parallel work and oneDNN's share one
+/// set of threads instead of two pools competing for the cores. A product of few rows (a decode
+/// step) runs as one call on oneDNN's OpenMP threads, which then split the columns.
 pub struct Weight {
     k: usize,
     n: usize,
@@ -580,23 +605,31 @@ impl std::fmt::Debug for Weight {
 /// depend on it; every product then runs with the layout fixed).
 const LAYOUT_ROWS: usize = 128;
 
+/// Products of at least this many rows per thread are cut into row blocks on the rayon pool.
+const ROWS_PER_THREAD: usize = 64;
+
+/// A raw pointer shared by the row blocks of one product, each using a disjoint region.
+#[derive(Clone, Copy)]
+struct SharedPtr(*mut c_void);
+// SAFETY: only used for regions that the blocks of one call read, or write disjointly.
+unsafe impl Send for SharedPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SharedPtr {}
+
+impl SharedPtr {
+    /// The pointer (a method, so that closures capture the whole `Send + Sync` wrapper).
+    fn get(self) -> *mut c_void {
+        self.0
+    }
+}
+
 impl Weight {
     /// Reorders `B` into oneDNN's preferred layout. `src` is f32, `B` given as `[k, n]`
     /// row-major, or as `[n, k]` row-major (`B = W^T` for a weight `W` stored `[out, in]`) when
     /// `n_by_k`.
-    pub fn pack(
-        dnnl: &'static Dnnl,
-        src: &[f32],
-        k: usize,
-        n: usize,
-        n_by_k: bool,
-        dt: Dt,
-    ) -> Result<Self, String> {
+    pub fn pack(dnnl: &'static Dnnl, src: &[f32], k: usize, n: usize, n_by_k: bool, dt: Dt) -> Result<Self, String> {
         if Some(src.len()) != k.checked_mul(n) {
-            return Err(format!(
-                "oneDNN weight: {} values for [{k}, {n}]",
-                src.len()
-            ));
+            return Err(format!("oneDNN weight: {} values for [{k}, {n}]", src.len()));
         }
         let any = dnnl.md([k, n], dt, TAG_ANY)?;
         let layout = dnnl.matmul_pd(LAYOUT_ROWS, &any, k, n, dt)?;
@@ -605,35 +638,17 @@ impl Weight {
         let bytes = unsafe { (dnnl.api.md_get_size)(wmd) };
         let data = Aligned::new(bytes)?;
         let user = dnnl.md([k, n], Dt::F32, if n_by_k { TAG_BA } else { TAG_AB })?;
-        let reorder = dnnl.reorder_pd(&user, wmd)?;
-        let mut prim: Handle = std::ptr::null_mut();
-        // SAFETY: `reorder` is a live pd.
-        check(
-            unsafe { (dnnl.api.primitive_create)(&mut prim, reorder.pd) },
-            "reorder primitive",
-        )?;
-        let p = Primitive { prim, pd: reorder };
-        let threads = rayon::current_num_threads();
+        let p = dnnl.bare_primitive(dnnl.reorder_pd(&user, wmd)?)?;
         // SAFETY: `src` holds k*n f32 as `user` describes (length checked above); `data` holds
         // `bytes`, the size of `wmd`, and is written only here.
         unsafe {
             dnnl.execute(
                 &p,
-                &[
-                    (ARG_SRC, &user, src.as_ptr() as *mut c_void),
-                    (ARG_DST, wmd, data.ptr.cast()),
-                ],
-                threads,
+                &[(ARG_SRC, &user, src.as_ptr() as *mut c_void), (ARG_DST, wmd, data.ptr.cast())],
+                rayon::current_num_threads(),
             )?;
         }
-        Ok(Self {
-            k,
-            n,
-            dt,
-            layout,
-            data,
-            bytes,
-        })
+        Ok(Self { k, n, dt, layout, data, bytes })
     }
 
     pub fn k(&self) -> usize {
@@ -653,6 +668,11 @@ impl Weight {
         self.layout.dnnl
     }
 
+    /// Bytes of the packed weight.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// The weight back in f32 as `[n, k]` row-major (`B^T`): exact for f32 and bf16 alike.
     pub fn to_f32_n_by_k(&self) -> Result<Vec<f32>, String> {
         let dnnl = self.layout.dnnl;
@@ -660,33 +680,18 @@ impl Weight {
         // `[k, n]` dims laid out `ba`: row-major `[n, k]`.
         let plain = dnnl.md([self.k, self.n], Dt::F32, TAG_BA)?;
         // SAFETY: `wmd` points into `self.layout`, alive here.
-        let reorder = dnnl.reorder_pd(unsafe { &*wmd }, &plain)?;
-        let mut prim: Handle = std::ptr::null_mut();
-        // SAFETY: `reorder` is a live pd.
-        check(
-            unsafe { (dnnl.api.primitive_create)(&mut prim, reorder.pd) },
-            "reorder primitive",
-        )?;
-        let p = Primitive { prim, pd: reorder };
+        let p = dnnl.bare_primitive(dnnl.reorder_pd(unsafe { &*wmd }, &plain)?)?;
         let mut out = vec![0f32; self.k * self.n];
         // SAFETY: the weight holds `bytes` in `wmd`'s layout and is only read; `out` holds
         // k*n f32 as `plain` says.
         unsafe {
             dnnl.execute(
                 &p,
-                &[
-                    (ARG_SRC, wmd, self.data.ptr.cast()),
-                    (ARG_DST, &plain, out.as_mut_ptr().cast()),
-                ],
+                &[(ARG_SRC, wmd, self.data.ptr.cast()), (ARG_DST, &plain, out.as_mut_ptr().cast())],
                 rayon::current_num_threads(),
             )?;
         }
         Ok(out)
-    }
-
-    /// Bytes of the packed weight.
-    pub fn bytes(&self) -> usize {
-        self.bytes
     }
 
     /// The implementation oneDNN runs for `m` rows times this weight (e.g. `brg:avx512_core_bf16`).
@@ -698,70 +703,73 @@ impl Weight {
         Ok(pd.impl_name())
     }
 
-    /// `x @ B`: `x` `[m, k]` row-major f32 -> `[m, n]` row-major f32, with `threads` threads.
-    /// For a bf16 weight, `x` is rounded to bf16 (to nearest even) and products accumulate in
-    /// f32.
-    pub fn matmul(&self, x: &[f32], m: usize, threads: usize) -> Result<Vec<f32>, String> {
+    /// `x @ B`: `x` `[m, k]` row-major f32 -> `[m, n]` row-major f32. For a bf16 weight, `x` is
+    /// rounded to bf16 (to nearest even) and products accumulate in f32.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>, String> {
+        use rayon::prelude::*;
         if Some(x.len()) != m.checked_mul(self.k) {
-            return Err(format!(
-                "oneDNN matmul: {} values are not [{m}, {}]",
-                x.len(),
-                self.k
-            ));
+            return Err(format!("oneDNN matmul: {} values are not [{m}, {}]", x.len(), self.k));
         }
-        let mut out = vec![0f32; m * self.n];
-        if m == 0 || self.n == 0 {
-            return Ok(out);
+        let len = m * self.n;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        if self.k == 0 {
+            return Ok(vec![0.0; len]);
         }
         let dnnl = self.layout.dnnl;
-        let wmd = self.layout.md(QUERY_WEIGHTS_MD)?;
         let (k, n, dt) = (self.k, self.n, self.dt);
-        // SAFETY (for the derefs of `wmd` below): it points into `self.layout`, alive here.
-        let prim = dnnl.primitive(Key::Matmul { m, k, n, dt }, || {
-            dnnl.matmul_pd(m, unsafe { &*wmd }, k, n, dt)
-        })?;
-        let src_md = prim.pd.md(QUERY_SRC_MD)?;
-        let dst_md = prim.pd.md(QUERY_DST_MD)?;
-        let mut converted: Vec<u16> = Vec::new();
-        let src_ptr: *mut c_void = match dt {
-            Dt::F32 => x.as_ptr() as *mut c_void,
+        // bf16 weight: x rounded to bf16 (to nearest even) as row-major [m, k] bf16, written as
+        // little-endian pairs (`u32` = two consecutive values; one spare half when m*k is odd).
+        let mut converted: Vec<u32> = Vec::new();
+        let (src, elem) = match dt {
+            Dt::F32 => (SharedPtr(x.as_ptr() as *mut c_void), 4),
             Dt::Bf16 => {
-                converted = vec![0u16; m * k];
-                let conv = dnnl.primitive(Key::ToBf16 { m, k }, || {
-                    let from = dnnl.md([m, k], Dt::F32, TAG_AB)?;
-                    let to = dnnl.md([m, k], Dt::Bf16, TAG_AB)?;
-                    dnnl.reorder_pd(&from, &to)
-                })?;
-                let (from, to) = (conv.pd.md(QUERY_SRC_MD)?, conv.pd.md(QUERY_DST_MD)?);
-                // SAFETY: `x` is m*k f32 (checked above), `converted` m*k u16 (bf16), both
-                // row-major as the reorder's descriptors say.
-                unsafe {
-                    dnnl.execute(
-                        &conv,
-                        &[
-                            (ARG_SRC, from, x.as_ptr() as *mut c_void),
-                            (ARG_DST, to, converted.as_mut_ptr().cast()),
-                        ],
-                        threads,
-                    )?;
-                }
-                converted.as_mut_ptr().cast()
+                converted = vec![0u32; x.len().div_ceil(2)];
+                to_bf16_pairs(x, &mut converted);
+                (SharedPtr(converted.as_mut_ptr().cast()), 2)
             }
         };
-        // SAFETY: the source is [m, k] in the primitive's source type (x itself, or its bf16
-        // copy), the weight is `bytes` in the layout of `wmd`, `out` is [m, n] f32, and only
-        // `out` is written.
-        unsafe {
-            dnnl.execute(
-                &prim,
-                &[
-                    (ARG_SRC, src_md, src_ptr),
-                    (ARG_WEIGHTS, wmd, self.data.ptr.cast()),
-                    (ARG_DST, dst_md, out.as_mut_ptr().cast()),
-                ],
-                threads,
-            )?;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        let dst = SharedPtr(out.as_mut_ptr().cast());
+        let threads = rayon::current_num_threads().max(1);
+        // Rows r0..r0+rows, on `omp` OpenMP threads.
+        let run = |r0: usize, rows: usize, omp: usize| -> Result<(), String> {
+            let wmd = self.layout.md(QUERY_WEIGHTS_MD)?;
+            // SAFETY: `wmd` points into `self.layout`, alive for this call.
+            let prim = dnnl.primitive(Key::Matmul { m: rows, k, n, dt }, || {
+                dnnl.matmul_pd(rows, unsafe { &*wmd }, k, n, dt)
+            })?;
+            let src_md = prim.pd.md(QUERY_SRC_MD)?;
+            let dst_md = prim.pd.md(QUERY_DST_MD)?;
+            // SAFETY: the source is rows r0.. of [m, k] in the primitive's source type (x
+            // itself, or its bf16 copy: `elem` bytes a value), read only; the weight is `bytes`
+            // in `wmd`'s layout; the destination is rows r0..r0+rows of the [m, n] f32 output,
+            // inside its capacity and disjoint from every other block's.
+            unsafe {
+                dnnl.execute(
+                    &prim,
+                    &[
+                        (ARG_SRC, src_md, src.get().cast::<u8>().add(r0 * k * elem).cast()),
+                        (ARG_WEIGHTS, wmd, self.data.ptr.cast()),
+                        (ARG_DST, dst_md, dst.get().cast::<f32>().add(r0 * n).cast()),
+                    ],
+                    omp,
+                )
+            }
+        };
+        if threads > 1 && m >= threads * ROWS_PER_THREAD {
+            let block = m.div_ceil(threads);
+            (0..threads)
+                .into_par_iter()
+                .map(|t| (t * block, block.min(m.saturating_sub(t * block))))
+                .filter(|&(_, rows)| rows > 0)
+                .try_for_each(|(r0, rows)| run(r0, rows, 1))?;
+        } else {
+            run(0, m, threads)?;
         }
+        // SAFETY: the blocks tile the rows 0..m, and each call wrote all n columns of its rows.
+        unsafe { out.set_len(len) };
         drop(converted);
         Ok(out)
     }
