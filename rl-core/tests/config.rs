@@ -21,7 +21,7 @@ fn shipped_configs_load() {
     let cpu = Config::load(&configs_dir().join("rl_gsm8k.yaml"), &[]).expect("cpu config");
     let c = &cpu.config;
     assert_eq!(c.model.device, "cpu");
-    assert_eq!(c.model.dtype, Dtype::F32);
+    assert_eq!(c.model.dtype, Dtype::Bf16);
     assert!(c.model.path.ends_with("SmolLM2-135M-Instruct.Q4_1.gguf"));
     assert_eq!(c.prompt.style, PromptStyle::Boxed);
     assert_eq!(c.rewards.get(&RewardKind::Tapeagents), Some(&1.0));

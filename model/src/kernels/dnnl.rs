@@ -169,7 +169,9 @@ impl Dnnl {
     fn load(path: &str) -> Result<Self, String> {
         // libgomp reads its wait policy once, when it is loaded (here, as oneDNN's dependency):
         // threads that spin after each parallel region would take the cores the engine's own
-        // threads need between oneDNN calls. A policy the user set is kept.
+        // threads need between oneDNN calls. A policy the user set is kept. This runs once
+        // (under `open`'s OnceLock); the services reach it from `Engine::load` in `main`, before
+        // their async runtime starts threads that might read the environment meanwhile.
         if std::env::var_os("OMP_WAIT_POLICY").is_none() {
             std::env::set_var("OMP_WAIT_POLICY", "passive");
         }
@@ -284,7 +286,10 @@ impl Dnnl {
     fn bare_primitive(&self, pd: Pd) -> Result<Primitive, String> {
         let mut prim: Handle = std::ptr::null_mut();
         // SAFETY: `pd` is a live primitive descriptor.
-        check(unsafe { (self.api.primitive_create)(&mut prim, pd.pd) }, "primitive")?;
+        check(
+            unsafe { (self.api.primitive_create)(&mut prim, pd.pd) },
+            "primitive",
+        )?;
         Ok(Primitive { prim, pd })
     }
 
@@ -461,7 +466,12 @@ impl Dt {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Key {
     /// `[m, k] @ [k, n]` with a weight in the layout oneDNN chose for `(k, n, dt)`.
-    Matmul { m: usize, k: usize, n: usize, dt: Dt },
+    Matmul {
+        m: usize,
+        k: usize,
+        n: usize,
+        dt: Dt,
+    },
 }
 
 /// An owned primitive descriptor.
@@ -627,9 +637,19 @@ impl Weight {
     /// Reorders `B` into oneDNN's preferred layout. `src` is f32, `B` given as `[k, n]`
     /// row-major, or as `[n, k]` row-major (`B = W^T` for a weight `W` stored `[out, in]`) when
     /// `n_by_k`.
-    pub fn pack(dnnl: &'static Dnnl, src: &[f32], k: usize, n: usize, n_by_k: bool, dt: Dt) -> Result<Self, String> {
+    pub fn pack(
+        dnnl: &'static Dnnl,
+        src: &[f32],
+        k: usize,
+        n: usize,
+        n_by_k: bool,
+        dt: Dt,
+    ) -> Result<Self, String> {
         if Some(src.len()) != k.checked_mul(n) {
-            return Err(format!("oneDNN weight: {} values for [{k}, {n}]", src.len()));
+            return Err(format!(
+                "oneDNN weight: {} values for [{k}, {n}]",
+                src.len()
+            ));
         }
         let any = dnnl.md([k, n], dt, TAG_ANY)?;
         let layout = dnnl.matmul_pd(LAYOUT_ROWS, &any, k, n, dt)?;
@@ -644,11 +664,21 @@ impl Weight {
         unsafe {
             dnnl.execute(
                 &p,
-                &[(ARG_SRC, &user, src.as_ptr() as *mut c_void), (ARG_DST, wmd, data.ptr.cast())],
+                &[
+                    (ARG_SRC, &user, src.as_ptr() as *mut c_void),
+                    (ARG_DST, wmd, data.ptr.cast()),
+                ],
                 rayon::current_num_threads(),
             )?;
         }
-        Ok(Self { k, n, dt, layout, data, bytes })
+        Ok(Self {
+            k,
+            n,
+            dt,
+            layout,
+            data,
+            bytes,
+        })
     }
 
     pub fn k(&self) -> usize {
@@ -687,7 +717,10 @@ impl Weight {
         unsafe {
             dnnl.execute(
                 &p,
-                &[(ARG_SRC, wmd, self.data.ptr.cast()), (ARG_DST, &plain, out.as_mut_ptr().cast())],
+                &[
+                    (ARG_SRC, wmd, self.data.ptr.cast()),
+                    (ARG_DST, &plain, out.as_mut_ptr().cast()),
+                ],
                 rayon::current_num_threads(),
             )?;
         }
@@ -708,7 +741,11 @@ impl Weight {
     pub fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>, String> {
         use rayon::prelude::*;
         if Some(x.len()) != m.checked_mul(self.k) {
-            return Err(format!("oneDNN matmul: {} values are not [{m}, {}]", x.len(), self.k));
+            return Err(format!(
+                "oneDNN matmul: {} values are not [{m}, {}]",
+                x.len(),
+                self.k
+            ));
         }
         let len = m * self.n;
         if len == 0 {
@@ -750,7 +787,11 @@ impl Weight {
                 dnnl.execute(
                     &prim,
                     &[
-                        (ARG_SRC, src_md, src.get().cast::<u8>().add(r0 * k * elem).cast()),
+                        (
+                            ARG_SRC,
+                            src_md,
+                            src.get().cast::<u8>().add(r0 * k * elem).cast(),
+                        ),
                         (ARG_WEIGHTS, wmd, self.data.ptr.cast()),
                         (ARG_DST, dst_md, dst.get().cast::<f32>().add(r0 * n).cast()),
                     ],
