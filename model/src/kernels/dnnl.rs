@@ -73,7 +73,6 @@ type Dims = [i64; MAX_NDIMS];
 
 /// The C functions used, resolved once.
 struct Api {
-    version: unsafe extern "C" fn() -> *const Version,
     effective_cpu_isa: unsafe extern "C" fn() -> c_int,
     engine_create: unsafe extern "C" fn(*mut Handle, c_int, usize) -> Status,
     stream_create: unsafe extern "C" fn(*mut Handle, Handle, c_uint) -> Status,
@@ -152,7 +151,7 @@ macro_rules! sym {
         // SAFETY: the symbol is a function of oneDNN 2.x's C API and the type it is read as is
         // its declaration in `dnnl.h` (checked against 2.6); `_lib` keeps it mapped.
         let f = unsafe { $lib.get(concat!($name, "\0").as_bytes()) }
-            .map_err(|e| format!("{}: no symbol {} ({e})", SONAME, $name))?;
+            .map_err(|e| format!("oneDNN: no symbol {} ({e})", $name))?;
         *f
     }};
 }
@@ -179,8 +178,20 @@ impl Dnnl {
         // runtime's only set up their own state.
         let lib = unsafe { libloading::Library::new(path) }
             .map_err(|e| format!("cannot open {path}: {e}"))?;
+        // The version first: oneDNN 3.x removed functions used below (its descriptors are
+        // opaque handles), and says so better than a missing symbol would.
+        let version_fn: unsafe extern "C" fn() -> *const Version = sym!(lib, "dnnl_version");
+        // SAFETY: `dnnl_version` returns a pointer to a static struct of the library.
+        let v = unsafe { &*version_fn() };
+        let version = (v.major, v.minor, v.patch);
+        if v.major != 2 {
+            return Err(format!(
+                "{path} is oneDNN {}.{}.{}; this build speaks oneDNN 2.x's C API \
+                 (Debian/Ubuntu: libdnnl2)",
+                v.major, v.minor, v.patch
+            ));
+        }
         let api = Api {
-            version: sym!(lib, "dnnl_version"),
             effective_cpu_isa: sym!(lib, "dnnl_get_effective_cpu_isa"),
             engine_create: sym!(lib, "dnnl_engine_create"),
             stream_create: sym!(lib, "dnnl_stream_create"),
@@ -203,15 +214,6 @@ impl Dnnl {
             memory_create: sym!(lib, "dnnl_memory_create"),
             memory_destroy: sym!(lib, "dnnl_memory_destroy"),
         };
-        // SAFETY: `dnnl_version` returns a pointer to a static struct of the library.
-        let v = unsafe { &*(api.version)() };
-        let version = (v.major, v.minor, v.patch);
-        if v.major != 2 {
-            return Err(format!(
-                "{path} is oneDNN {}.{}.{}; this build speaks oneDNN 2.x's C API",
-                v.major, v.minor, v.patch
-            ));
-        }
         // OpenMP runtime (DNNL_RUNTIME_OMP = 2): its thread count is per calling thread.
         let omp = if v.cpu_runtime == 2 {
             // SAFETY: libgomp is already loaded as oneDNN's dependency; this only takes a
