@@ -227,9 +227,8 @@ impl Engine {
         }
     }
 
-    /// Replaces the adapter (merged into dense inference weights, kept apart next to bf16 ones);
-    /// `None` returns to the base.
-    /// The base weights stay loaded: a swap costs one `B @ A` per adapted projection.
+    /// Replaces the adapter (kept apart from the frozen weights, in f32); `None` returns to the
+    /// base. The base weights stay loaded: a swap copies the adapter's small factors.
     pub fn set_adapter(&mut self, adapter: Option<LoraAdapter>) -> Result<()> {
         self.model.set_adapter(adapter.as_ref())?;
         self.adapter = adapter;

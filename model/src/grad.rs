@@ -203,13 +203,13 @@ pub enum Frozen {
     Dense(Tensor),
     Bf16(Arc<crate::bf16::Bf16Matrix>),
     Dnnl(Arc<crate::onednn::DnnlMatrix>),
-    /// Forward and backward held apart: `forward` is `W` as above, `backward` holds `W^T` so
-    /// that its forward is `g @ W^T`. For the lm_head of a bf16 model: the logprobs keep f32's
-    /// precision while the learner's input gradient, where bf16 rounding is noise, runs in
-    /// bf16.
+    /// Dense forward, bf16 backward: `forward` is `W` as in `Dense`, `backward` holds `W^T`
+    /// packed so that its forward is `g @ W^T`. For the lm_head of a bf16 model on our kernel:
+    /// the logprobs keep f32's precision while the learner's input gradient, where bf16
+    /// rounding is noise, runs on the bf16 kernel.
     Split {
-        forward: Box<Frozen>,
-        backward: Box<Frozen>,
+        forward: Tensor,
+        backward: Arc<crate::bf16::Bf16Matrix>,
     },
 }
 
@@ -217,10 +217,9 @@ impl Frozen {
     /// `x @ W`: `[n, k]` -> `[n, n_out]`.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Frozen::Dense(w) => x.matmul(w),
+            Frozen::Dense(w) | Frozen::Split { forward: w, .. } => x.matmul(w),
             Frozen::Bf16(m) => m.forward(x),
             Frozen::Dnnl(m) => m.forward(x),
-            Frozen::Split { forward, .. } => forward.matmul(x),
         }
     }
 
@@ -230,7 +229,7 @@ impl Frozen {
             Frozen::Dense(w) => g.matmul(&w.t()?),
             Frozen::Bf16(m) => m.backward(g),
             Frozen::Dnnl(m) => m.backward(g),
-            Frozen::Split { backward, .. } => backward.matmul(g),
+            Frozen::Split { backward, .. } => backward.forward(g),
         }
     }
 }

@@ -401,18 +401,6 @@ impl LoraAdapter {
         }
     }
 
-    /// The transposed delta `(scaling * B @ A)^T = scaling * A^T @ B^T`, `[in, out]` and
-    /// contiguous: the layout the inference weights are kept in, so merging is a plain add.
-    pub fn delta_t(&self, layer: usize, proj: Proj) -> Result<Option<Tensor>> {
-        match self.pairs.get(&(layer, proj)) {
-            Some(p) => {
-                let d = p.a.t()?.matmul(&p.b.t()?)?;
-                Ok(Some((d * self.config.scaling())?))
-            }
-            None => Ok(None),
-        }
-    }
-
     /// All tensors under PEFT key names (for gradients and optimizer state files).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();

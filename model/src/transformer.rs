@@ -72,13 +72,9 @@ impl Linear {
     /// `(k, n)` of the base: `x` `[.., k]` -> `[.., n]`.
     fn dims(&self) -> Result<(usize, usize)> {
         Ok(match &self.base {
-            Frozen::Dense(w) => w.dims2()?,
+            Frozen::Dense(w) | Frozen::Split { forward: w, .. } => w.dims2()?,
             Frozen::Bf16(m) => (m.k(), m.n()),
             Frozen::Dnnl(m) => (m.k(), m.n()),
-            Frozen::Split { forward, .. } => match forward.as_ref() {
-                Frozen::Dense(w) => w.dims2()?,
-                _ => return Err(Error::InvalidRequest("nested split weight".into())),
-            },
         })
     }
 
@@ -394,10 +390,10 @@ impl Transformer {
         }
         if let Frozen::Dense(w_t) = &self.lm_head {
             // `w_t` is `[hidden, vocab]`; as an `[out, in]` weight it multiplies `g @ w_t^T`.
-            let backward = Frozen::Bf16(Arc::new(Bf16Matrix::from_out_in(w_t)?));
+            let backward = Arc::new(Bf16Matrix::from_out_in(w_t)?);
             self.lm_head = Frozen::Split {
-                forward: Box::new(Frozen::Dense(w_t.clone())),
-                backward: Box::new(backward),
+                forward: w_t.clone(),
+                backward,
             };
         }
         Ok(())
@@ -429,20 +425,17 @@ impl Transformer {
     /// Logits of a few rows (decoding): `h` `[n, hidden]` -> `[n, vocab]` f32. Dense, computed
     /// as `(W @ h^T)^T` with `W` `[vocab, hidden]`, the fast orientation for small `n`.
     pub fn decode_logits(&self, h: &Tensor) -> Result<Tensor> {
-        fn logits(w: &Frozen, h: &Tensor) -> candle_core::Result<Tensor> {
-            match w {
-                Frozen::Dense(w_t) => w_t.t()?.matmul(&h.t()?)?.t(),
-                Frozen::Split { forward, .. } => logits(forward, h),
-                other => other.matmul(h),
+        let logits = match &self.lm_head {
+            Frozen::Dense(w_t) | Frozen::Split { forward: w_t, .. } => {
+                w_t.t()?.matmul(&h.t()?)?.t()?
             }
-        }
-        Ok(logits(&self.lm_head, h)?
-            .to_dtype(DType::F32)?
-            .contiguous()?)
+            other => other.matmul(h)?,
+        };
+        Ok(logits.to_dtype(DType::F32)?.contiguous()?)
     }
 
-    /// Sets `adapter` for inference (replacing any set before): merged into dense weights, kept
-    /// apart next to bf16 ones. `None` returns to the base weights, which are never modified.
+    /// Sets `adapter` for inference (replacing any set before), applied unmerged next to the
+    /// frozen weights. `None` returns to the base weights, which are never modified.
     pub fn set_adapter(&mut self, adapter: Option<&LoraAdapter>) -> Result<()> {
         for (l, block) in self.layers.iter_mut().enumerate() {
             for proj in Proj::ALL {

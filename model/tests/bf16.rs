@@ -39,19 +39,6 @@ fn report_cpu() -> bool {
     model::bf16::available()
 }
 
-/// Deterministic values in [-1, 1].
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
 fn round_bf16(v: &[f32]) -> Vec<f32> {
     v.iter()
         .map(|&x| half::bf16::from_f32(x).to_f32())

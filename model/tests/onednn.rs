@@ -6,7 +6,10 @@
 //! check that the decision says so.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{max_abs_diff, values};
 use model::onednn::{self, Backend, DnnlMatrix};
 
 /// oneDNN when this process uses it; `None` (said on stderr, and checked to be what the
@@ -28,18 +31,6 @@ fn lib() -> Option<&'static onednn::Dnnl> {
         }
         Err(e) => panic!("{e}"),
     }
-}
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
 }
 
 fn round(v: &[f32], bf16: bool) -> Vec<f32> {
@@ -168,14 +159,4 @@ fn the_backend_names_its_isa_and_kernels() {
     // On the x86-64 CPUs this project runs on (AVX2 at least), oneDNN has a JIT kernel for f32
     // and a run on its reference loop would be a silent slowdown.
     assert!(!f32_impl.starts_with("ref"), "{f32_impl}");
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }

@@ -16,8 +16,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use model::{Engine, ScoreRequest as EngineScore};
 use rl_core::service::{
-    no_route, prom, prom_info, prom_response, require_key, rss_bytes, wrong_method, ApiError,
-    ApiJson, ApiKey,
+    no_route, prom, prom_matmul_backend, prom_response, require_key, rss_bytes, wrong_method,
+    ApiError, ApiJson, ApiKey,
 };
 use rl_core::wire::{Health, ScoreRequest, ScoreResponse, SequenceLogprobs};
 use serde_json::json;
@@ -187,15 +187,7 @@ async fn health(State(state): Shared) -> Json<Health> {
 async fn metrics(State(state): Shared) -> Response {
     use std::fmt::Write;
     let mut out = String::new();
-    prom_info(
-        &mut out,
-        "scorer_matmul_backend_info",
-        "Who runs the model's matrix products (onednn, bf16-kernel, candle) and oneDNN's ISA.",
-        &[
-            ("kernels", state.matmul.0),
-            ("isa", state.matmul.1.unwrap_or("none")),
-        ],
-    );
+    prom_matmul_backend(&mut out, "scorer", state.matmul);
     prom(
         &mut out,
         "scorer_queue_depth",

@@ -209,6 +209,18 @@ pub fn prom_info(out: &mut String, name: &str, help: &str, labels: &[(&str, &str
     );
 }
 
+/// Appends `{prefix}_matmul_backend_info{kernels="...",isa="..."} 1`: who runs the model's
+/// matrix products (`model::Engine::matmul_backend`: onednn, bf16-kernel or candle) and the
+/// instruction set oneDNN dispatches to (`none` otherwise).
+pub fn prom_matmul_backend(out: &mut String, prefix: &str, matmul: (&str, Option<&str>)) {
+    prom_info(
+        out,
+        &format!("{prefix}_matmul_backend_info"),
+        "Who runs the model's matrix products (onednn, bf16-kernel, candle) and oneDNN's ISA.",
+        &[("kernels", matmul.0), ("isa", matmul.1.unwrap_or("none"))],
+    );
+}
+
 /// A `/metrics` response in Prometheus' text format.
 pub fn prom_response(body: String) -> Response {
     (

@@ -13,7 +13,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use model::{ChatTemplate, GenerateRequest, Generation, Message, SamplingParams, Tokenizer};
-use rl_core::service::{prom, prom_info, prom_response, rss_bytes, ApiError, ApiJson};
+use rl_core::service::{prom, prom_matmul_backend, prom_response, rss_bytes, ApiError, ApiJson};
 use rl_core::wire::{
     AdapterRequest, AdapterResponse, FinishReason, GenerateResponse, GeneratedChoice, Health,
     TokenizeRequest, TokenizeResponse,
@@ -700,15 +700,7 @@ pub async fn metrics(State(state): Shared) -> Response {
     let st = &state.batcher.stats;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
     let mut out = String::new();
-    prom_info(
-        &mut out,
-        "rollout_matmul_backend_info",
-        "Who runs the model's matrix products (onednn, bf16-kernel, candle) and oneDNN's ISA.",
-        &[
-            ("kernels", state.matmul.0),
-            ("isa", state.matmul.1.unwrap_or("none")),
-        ],
-    );
+    prom_matmul_backend(&mut out, "rollout", state.matmul);
     prom(
         &mut out,
         "rollout_queue_depth",
