@@ -1,11 +1,13 @@
-//! Checkpoints: a PEFT adapter folder (`adapter_model.safetensors`, `adapter_config.json`) plus
-//! the optimizer's moments (`optimizer.safetensors`) and `training_state.json` (step, iteration).
-//! Written into a hidden temporary folder beside the target, every file fsynced, then renamed into
-//! place and the parent fsynced: a crash leaves either the whole checkpoint or a `.NAME.tmp-PID`
-//! folder that [`clean_partials`] removes and nothing reads.
+//! The checkpoint layout, in one place for the learner that writes checkpoints and the
+//! orchestrator and export that find, record and verify them: `RUN/checkpoints/iter_N/` holds a
+//! PEFT adapter folder (`adapter_model.safetensors`, `adapter_config.json`) plus the optimizer's
+//! moments (`optimizer.safetensors`) and `training_state.json` (step, iteration), written last.
+//! A folder is written whole through [`rl_core::files::write_dir_with`] (hidden temporary,
+//! fsynced, renamed): a crash leaves either the whole checkpoint or a temporary that
+//! [`clean_partials`] removes and nothing reads. Its identity is the sha256 of the adapter
+//! weights, recorded in the run's database and checked by [`verify`].
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -17,7 +19,7 @@ use crate::optim::{AdamW, Moments};
 
 pub const STATE_FILE: &str = "training_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
+pub use model::lora::{CONFIG_FILE as ADAPTER_CONFIG_FILE, WEIGHTS_FILE as ADAPTER_FILE};
 
 /// Environment variable naming a point at which the learner aborts, to test crash safety:
 /// `checkpoint-before-rename` aborts after the temporary folder is written, before the rename.
@@ -35,41 +37,45 @@ pub struct TrainingState {
     pub base_model: String,
 }
 
-fn fsync(path: &Path) -> anyhow::Result<()> {
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("fsync {}", path.display()))
+/// The folder of all checkpoints of the run in `run_dir`.
+pub fn root(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
 }
 
-/// The temporary folder a checkpoint of `dir` is written in.
-fn temp_dir_for(dir: &Path) -> anyhow::Result<PathBuf> {
-    let name = dir
-        .file_name()
-        .with_context(|| format!("{} is not a folder path", dir.display()))?;
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    Ok(parent.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    )))
+/// The checkpoint folder of `iteration` of the run in `run_dir`.
+pub fn dir(run_dir: &Path, iteration: u32) -> PathBuf {
+    root(run_dir).join(format!("iter_{iteration}"))
 }
 
-/// Removes the partial checkpoints (`.NAME.tmp-PID`) a crash left in `parent`; returns how many.
-pub fn clean_partials(parent: &Path) -> anyhow::Result<usize> {
-    let Ok(entries) = std::fs::read_dir(parent) else {
-        return Ok(0);
-    };
-    let mut removed = 0;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.contains(".tmp-") && entry.path().is_dir() {
-            std::fs::remove_dir_all(entry.path()).with_context(|| {
-                format!("removing the partial checkpoint {}", entry.path().display())
-            })?;
-            removed += 1;
-        }
+/// Whether `dir` holds a finished checkpoint (its state file is written last).
+pub fn is_complete(dir: &Path) -> bool {
+    dir.join(STATE_FILE).exists()
+}
+
+/// The sha256 of the checkpoint's adapter weights (what the run's database records).
+pub fn weights_sha256(dir: &Path) -> anyhow::Result<String> {
+    let weights = dir.join(ADAPTER_FILE);
+    Ok(rl_core::files::sha256(&weights)?)
+}
+
+/// Checks that the adapter weights in `dir` are the ones recorded (`sha256`).
+pub fn verify(dir: &Path, iteration: u32, sha256: &str) -> anyhow::Result<()> {
+    let on_disk = weights_sha256(dir)?;
+    if on_disk != sha256 {
+        bail!(
+            "{} does not match the sha256 recorded for iteration {iteration} ({} on disk, {} recorded): \
+             the checkpoint was changed or damaged after training",
+            dir.join(ADAPTER_FILE).display(),
+            &on_disk[..12],
+            &sha256[..12.min(sha256.len())]
+        );
     }
-    Ok(removed)
+    Ok(())
+}
+
+/// Removes the partial checkpoints a crash left in `parent`; returns how many.
+pub fn clean_partials(parent: &Path) -> anyhow::Result<usize> {
+    Ok(rl_core::files::remove_partials(parent)?)
 }
 
 /// Writes a checkpoint to `dir` atomically; returns the sha256 of its adapter weights.
@@ -85,56 +91,41 @@ pub fn save(
             dir.display()
         );
     }
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = temp_dir_for(dir)?;
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
-    adapter
-        .save(&tmp)
-        .with_context(|| format!("writing the adapter into {}", tmp.display()))?;
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (name, m) in &opt.moments {
-        let n = m.m.len();
-        tensors.insert(
-            format!("{name}.exp_avg"),
-            Tensor::from_vec(m.m.clone(), n, &Device::Cpu)?,
-        );
-        tensors.insert(
-            format!("{name}.exp_avg_sq"),
-            Tensor::from_vec(m.v.clone(), n, &Device::Cpu)?,
-        );
-    }
-    candle_core::safetensors::save(&tensors, tmp.join(OPTIMIZER_FILE))?;
-    let mut st = serde_json::to_value(state)?;
-    st["optimizer_step"] = serde_json::json!(opt.step);
-    std::fs::write(
-        tmp.join(STATE_FILE),
-        serde_json::to_string_pretty(&st)? + "\n",
-    )?;
-    for f in [
-        "adapter_config.json",
-        ADAPTER_FILE,
-        OPTIMIZER_FILE,
-        STATE_FILE,
-    ] {
-        fsync(&tmp.join(f))?;
-    }
-    fsync(&tmp)?;
-    if std::env::var(FAILPOINT_ENV).as_deref() == Ok("checkpoint-before-rename") {
-        eprintln!(
-            "{FAILPOINT_ENV}: aborting before renaming {} into place",
-            tmp.display()
-        );
-        std::process::abort();
-    }
-    std::fs::rename(&tmp, dir)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
-    fsync(parent)?;
-    let weights = dir.join(ADAPTER_FILE);
-    rl_core::store::sha256_file(&weights).with_context(|| format!("hashing {}", weights.display()))
+    let fill = |tmp: &Path| -> anyhow::Result<()> {
+        adapter
+            .save(tmp)
+            .with_context(|| format!("writing the adapter into {}", tmp.display()))?;
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for (name, m) in &opt.moments {
+            let n = m.m.len();
+            tensors.insert(
+                format!("{name}.exp_avg"),
+                Tensor::from_vec(m.m.clone(), n, &Device::Cpu)?,
+            );
+            tensors.insert(
+                format!("{name}.exp_avg_sq"),
+                Tensor::from_vec(m.v.clone(), n, &Device::Cpu)?,
+            );
+        }
+        candle_core::safetensors::save(&tensors, tmp.join(OPTIMIZER_FILE))?;
+        let mut st = serde_json::to_value(state)?;
+        st["optimizer_step"] = serde_json::json!(opt.step);
+        let path = tmp.join(STATE_FILE);
+        std::fs::write(&path, serde_json::to_string_pretty(&st)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    };
+    let failpoint = |tmp: &Path| {
+        if std::env::var(FAILPOINT_ENV).as_deref() == Ok("checkpoint-before-rename") {
+            eprintln!(
+                "{FAILPOINT_ENV}: aborting before renaming {} into place",
+                tmp.display()
+            );
+            std::process::abort();
+        }
+    };
+    rl_core::files::write_dir_with(dir, fill, failpoint)?;
+    weights_sha256(dir)
 }
 
 /// Reads a checkpoint written by [`save`]: the adapter (checked against `model`), the optimizer

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rl_core::config::Config;
-use rl_core::store::{CheckpointRecord, Store};
+use rl_store::{CheckpointRecord, Store};
 
 #[derive(Parser)]
 #[command(

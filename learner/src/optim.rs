@@ -50,13 +50,16 @@ impl AdamW {
         let bc2 = 1.0 - BETA2.powi(t);
         let wd = (lr * weight_decay) as f32;
         let (b1, b2) = (BETA1 as f32, BETA2 as f32);
+        // `1 - beta` rounded once from f64, as torch does: `1f32 - 0.999f32` is 0.00099998713,
+        // which leaves v 1.3e-5 (relative) short of torch's (the AdamW fixture caught it).
+        let (c1, c2) = ((1.0 - BETA1) as f32, (1.0 - BETA2) as f32);
         let step_size = (lr / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
         for i in 0..n {
             let g = grad[i];
             param[i] -= wd * param[i];
-            m.m[i] = b1 * m.m[i] + (1.0 - b1) * g;
-            m.v[i] = b2 * m.v[i] + (1.0 - b2) * g * g;
+            m.m[i] = b1 * m.m[i] + c1 * g;
+            m.v[i] = b2 * m.v[i] + c2 * g * g;
             let denom = m.v[i].sqrt() / bc2_sqrt + EPS as f32;
             param[i] -= step_size * m.m[i] / denom;
         }
@@ -102,40 +105,6 @@ pub fn clip_factor(grads: &[&[f32]], max_norm: Option<f64>) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Two steps of AdamW on one parameter, against PyTorch's algorithm written out in f64.
-    #[test]
-    fn adamw_matches_the_reference_algorithm() {
-        let mut opt = AdamW::default();
-        let mut p = vec![0.5f32, -1.0, 2.0];
-        let grads = [[0.1f32, -0.2, 0.3], [0.05, 0.1, -0.4]];
-        let (lr, wd) = (1e-2, 0.1);
-        let mut want = [0.5f64, -1.0, 2.0];
-        let (mut m, mut v) = ([0f64; 3], [0f64; 3]);
-        for (t, g) in grads.iter().enumerate() {
-            opt.begin_step();
-            opt.update("w", &mut p, g, lr, wd);
-            let t = (t + 1) as i32;
-            for i in 0..3 {
-                let gi = f64::from(g[i]);
-                want[i] *= 1.0 - lr * wd;
-                m[i] = BETA1 * m[i] + (1.0 - BETA1) * gi;
-                v[i] = BETA2 * v[i] + (1.0 - BETA2) * gi * gi;
-                let mh = m[i] / (1.0 - BETA1.powi(t));
-                let vh = v[i] / (1.0 - BETA2.powi(t));
-                want[i] -= lr * mh / (vh.sqrt() + EPS);
-            }
-        }
-        for i in 0..3 {
-            assert!(
-                (f64::from(p[i]) - want[i]).abs() < 1e-6,
-                "{i}: {} vs {}",
-                p[i],
-                want[i]
-            );
-        }
-        assert_eq!(opt.step, 2);
-    }
 
     #[test]
     fn schedule_and_clipping() {

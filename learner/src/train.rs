@@ -10,8 +10,8 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Tensor, Var};
 use model::{Engine, LoraAdapter, LoraPair, Proj, ScoreRequest};
 use rl_core::config::Config;
-use rl_core::store::{Store, TrainMetrics};
 use rl_core::wire::FinishReason;
+use rl_store::{Store, TrainMetrics};
 
 use crate::checkpoint::{self, TrainingState};
 use crate::grpo::{self, Objective};

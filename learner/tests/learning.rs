@@ -420,7 +420,7 @@ async fn resuming_between_iterations_is_bit_identical_and_crashes_leave_no_half_
 
     // The store has every step's metrics (as the uninterrupted run computed them) and the
     // checkpoints with their sha256.
-    let store = rl_core::store::Store::open(&db).await.unwrap();
+    let store = rl_store::Store::open(&db).await.unwrap();
     let mut stored = Vec::new();
     for it in 0..3 {
         stored.extend(store.train_metrics(it).await.unwrap());
@@ -439,7 +439,7 @@ async fn resuming_between_iterations_is_bit_identical_and_crashes_leave_no_half_
     );
     assert_eq!(
         ckpts[2].sha256,
-        rl_core::store::sha256_file(&it2.join("adapter_model.safetensors")).unwrap()
+        rl_core::files::sha256(&it2.join("adapter_model.safetensors")).unwrap()
     );
     // Odd iterations had a zero-variance group: it was filtered and reported.
     assert!(steps.iter().any(|m| m.zero_std_fraction == 0.5));

@@ -6,8 +6,8 @@
 //! once), `generation_config.json`, and when the base has one, `tokenizer.json`,
 //! `tokenizer_config.json` and `chat_template.jinja`.
 //!
-//! It never overwrites: the folder is written under a temporary name next to `out` and renamed
-//! into place, and an existing non-empty `out` is refused.
+//! It never overwrites: an existing non-empty `out` is refused. Writing it whole or not at all is
+//! the caller's part (`orchestrate export` writes into a temporary folder renamed into place).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -102,21 +102,17 @@ pub fn export_merged(
         tensors.insert(name, t.to_dtype(dtype)?.contiguous()?);
     }
 
-    let tmp = sibling(out, &format!(".tmp-export-{}", std::process::id()))?;
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = (|| -> Result<bool> {
-        let st = tmp.join("model.safetensors");
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let tokenizer = (|| -> Result<bool> {
+        let st = out.join("model.safetensors");
         candle_core::safetensors::save(&tensors, &st)
             .map_err(|e| Error::bad_file(&st, "merged weights (write)", e))?;
-        let config_json = tmp.join("config.json");
+        let config_json = out.join("config.json");
         let config = hf_config(cfg, dtype)
             .map_err(|e| Error::bad_file(&config_json, "config.json (write)", e))?;
         write_json(&config_json, &config)?;
         write_json(
-            &tmp.join("generation_config.json"),
+            &out.join("generation_config.json"),
             &json!({
                 "bos_token_id": cfg.bos_token_id,
                 "eos_token_id": cfg.eos_token_ids,
@@ -126,7 +122,7 @@ pub fn export_merged(
         let Some(tok) = &loaded.tokenizer else {
             return Ok(false);
         };
-        tok.save(&tmp.join("tokenizer.json"))?;
+        tok.save(&out.join("tokenizer.json"))?;
         let mut tc = json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": loaded.bos_token,
@@ -139,24 +135,12 @@ pub fn export_merged(
         }
         if let Some(template) = &loaded.chat_template {
             tc["chat_template"] = template.clone().into();
-            let path = tmp.join("chat_template.jinja");
+            let path = out.join("chat_template.jinja");
             std::fs::write(&path, template).map_err(|e| Error::io(&path, e))?;
         }
-        write_json(&tmp.join("tokenizer_config.json"), &tc)?;
+        write_json(&out.join("tokenizer_config.json"), &tc)?;
         Ok(true)
-    })();
-    let tokenizer = match result {
-        Ok(t) => t,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    if out.exists() {
-        // Empty (checked above): replaced by the finished folder.
-        std::fs::remove_dir(out).map_err(|e| Error::io(out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    })()?;
     Ok(ExportReport {
         out: out.to_path_buf(),
         tensors: tensors.len(),
@@ -240,17 +224,4 @@ fn refuse_existing(out: &Path) -> Result<()> {
             out.display()
         )))
     }
-}
-
-/// `out` with `suffix` appended to its last component (same parent, so the rename is atomic).
-fn sibling(out: &Path, suffix: &str) -> Result<PathBuf> {
-    let name = out.file_name().ok_or_else(|| {
-        Error::InvalidRequest(format!(
-            "{} is not a folder name to export to",
-            out.display()
-        ))
-    })?;
-    let mut name = name.to_os_string();
-    name.push(suffix);
-    Ok(out.with_file_name(name))
 }

@@ -85,6 +85,10 @@ impl Proj {
     }
 }
 
+/// The file names of a PEFT adapter folder.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
 /// Rank, alpha and targets of an adapter (the fields of PEFT's `adapter_config.json` we use).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraConfig {
@@ -230,7 +234,7 @@ impl LoraAdapter {
             path: dir.to_path_buf(),
             reason,
         };
-        let cfg_path = dir.join("adapter_config.json");
+        let cfg_path = dir.join(CONFIG_FILE);
         if !cfg_path.exists() {
             return Err(Error::MissingFile {
                 path: cfg_path,
@@ -294,7 +298,7 @@ impl LoraAdapter {
             use_rslora: file.use_rslora,
             base_model: file.base_model_name_or_path,
         };
-        let st_path = dir.join("adapter_model.safetensors");
+        let st_path = dir.join(WEIGHTS_FILE);
         let tensors = crate::loader::read_safetensors(&st_path, device, DType::F32)?;
         let mut halves: BTreeMap<(usize, Proj), (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
         // Sorted, so that the first problem reported is always the same one.
@@ -360,7 +364,7 @@ impl LoraAdapter {
             map.insert(peft_key(layer, proj, 'A'), pair.a.clone());
             map.insert(peft_key(layer, proj, 'B'), pair.b.clone());
         }
-        let st_path = dir.join("adapter_model.safetensors");
+        let st_path = dir.join(WEIGHTS_FILE);
         candle_core::safetensors::save(&map, &st_path)
             .map_err(|e| Error::bad_file(&st_path, "adapter weights (write)", e))?;
         let file = PeftConfigFile {
@@ -387,7 +391,7 @@ impl LoraAdapter {
             inference_mode: true,
             init_lora_weights: serde_json::Value::Bool(true),
         };
-        let cfg_path = dir.join("adapter_config.json");
+        let cfg_path = dir.join(CONFIG_FILE);
         let text = serde_json::to_string_pretty(&file)
             .map_err(|e| Error::bad_file(&cfg_path, "adapter config (write)", e))?;
         std::fs::write(&cfg_path, text).map_err(|e| Error::io(&cfg_path, e))

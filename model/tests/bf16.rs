@@ -88,7 +88,10 @@ fn product(dev: &Device, x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> 
 fn kernel_matches_f32_on_odd_shapes() {
     let dev = device();
     if !bf16_runs(&dev) {
-        return;
+        return skipped(
+            "bf16::kernel_matches_f32_on_odd_shapes",
+            "this CPU has no AVX512-BF16 (the f32 fallback is tested)",
+        );
     }
     let sizes = [1, 7, 33, 577];
     // Last panels 1, 7, 24, 1, 18 and 1 columns wide: both halves of the column mask.
@@ -125,7 +128,10 @@ fn kernel_matches_f32_on_odd_shapes() {
 fn empty_shapes() {
     let dev = device();
     if !bf16_runs(&dev) {
-        return;
+        return skipped(
+            "bf16::empty_shapes",
+            "this CPU has no AVX512-BF16 (the f32 fallback is tested)",
+        );
     }
     // k = 0: a sum of nothing.
     assert_eq!(product(&dev, &[], &[], 3, 0, 5), vec![0.0; 15]);
@@ -138,7 +144,10 @@ fn empty_shapes() {
 fn strided_batched_inputs_and_the_backward() {
     let dev = device();
     if !bf16_runs(&dev) {
-        return;
+        return skipped(
+            "bf16::strided_batched_inputs_and_the_backward",
+            "this CPU has no AVX512-BF16 (the f32 fallback is tested)",
+        );
     }
     let (out, inp) = (45, 33);
     // A weight as stored, [out, in].

@@ -2,7 +2,7 @@
 //! the same values (rounded to bf16 for bf16 weights) on odd shapes, strided and batched inputs,
 //! and the backward; and the backend decision itself. Runs where oneDNN opens (scripts/test
 //! installs it and sets `MATMUL_BACKEND=onednn`, so a missing library fails there); with
-//! `MATMUL_BACKEND=native` the product tests say on stderr that they have nothing to test and
+//! `MATMUL_BACKEND=native` the product tests report themselves skipped (`common::skipped`) and
 //! check that the decision says so.
 #![allow(clippy::unwrap_used)]
 
@@ -12,9 +12,9 @@ use candle_core::{DType, Device, Tensor};
 use common::{max_abs_diff, values};
 use model::onednn::{self, Backend, DnnlMatrix};
 
-/// oneDNN when this process uses it; `None` (said on stderr, and checked to be what the
-/// environment asked for) otherwise.
-fn lib() -> Option<&'static onednn::Dnnl> {
+/// oneDNN when this process uses it; `None` (`test` reported as skipped, and checked to be what
+/// the environment asked for) otherwise.
+fn lib(test: &str) -> Option<&'static onednn::Dnnl> {
     let status = onednn::status();
     eprintln!("matmul backend: {}", status.description);
     match onednn::library() {
@@ -26,7 +26,13 @@ fn lib() -> Option<&'static onednn::Dnnl> {
                 "the fallback says why: {}",
                 status.description
             );
-            eprintln!("oneDNN is not used in this process: these products are not tested here");
+            common::skipped(
+                &format!("onednn::{test}"),
+                &format!(
+                    "oneDNN is not used in this process ({})",
+                    status.description
+                ),
+            );
             None
         }
         Err(e) => panic!("{e}"),
@@ -60,7 +66,9 @@ fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
 
 #[test]
 fn products_match_f64_on_odd_shapes_in_f32_and_bf16() {
-    let Some(lib) = lib() else { return };
+    let Some(lib) = lib("products_match_f64_on_odd_shapes_in_f32_and_bf16") else {
+        return;
+    };
     let sizes = [1, 7, 33, 577];
     for bf16 in [false, true] {
         for &m in &sizes {
@@ -93,7 +101,9 @@ fn products_match_f64_on_odd_shapes_in_f32_and_bf16() {
 
 #[test]
 fn strided_batched_inputs_and_the_backward() {
-    let Some(lib) = lib() else { return };
+    let Some(lib) = lib("strided_batched_inputs_and_the_backward") else {
+        return;
+    };
     let (out, inp) = (45, 33);
     for bf16 in [false, true] {
         let w = values(out * inp, 5);
@@ -138,7 +148,9 @@ fn strided_batched_inputs_and_the_backward() {
 
 #[test]
 fn the_backend_names_its_isa_and_kernels() {
-    let Some(lib) = lib() else { return };
+    let Some(lib) = lib("the_backend_names_its_isa_and_kernels") else {
+        return;
+    };
     let status = onednn::status();
     assert_eq!(status.backend, Backend::OneDnn);
     assert_eq!(status.isa, Some(lib.isa()));

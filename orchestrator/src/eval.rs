@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
-use rl_core::client::{ClientError, ServiceClient};
 use rl_core::config::Config;
 use rl_core::rewards;
-use rl_core::store::EvalResult;
 use rl_core::tasks::Problem;
 use rl_core::wire::{FinishReason, GenerateRequest, TokenizeRequest};
+use rl_http::client::{ClientError, ServiceClient};
+use rl_store::EvalResult;
 
 use crate::supervisor::{ChildSpec, Service};
 
@@ -152,7 +152,7 @@ pub async fn command(
             "finish_reason": r.finish_reason, "text": r.text,
         })).collect::<Vec<_>>(),
     });
-    crate::run::write_atomic(output, serde_json::to_string_pretty(&report)?.as_bytes())
+    rl_core::files::write_file(output, serde_json::to_string_pretty(&report)?.as_bytes())
         .with_context(|| format!("writing --output {}", output.display()))?;
     Ok(report)
 }

@@ -8,8 +8,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use candle_core::DType;
+use learner::checkpoint;
 use rl_core::config::Config;
-use rl_core::store::Store;
+use rl_store::Store;
 
 /// Exports the checkpoint of `iteration` (default: the latest) of the run in `run_dir`, merged
 /// into its base model (or `model`, when the base has moved), to `out`.
@@ -57,28 +58,24 @@ pub async fn command(
         })?,
     };
     // The run dir may have moved since the record was written: look under this run dir.
-    let adapter = run_dir
-        .join("checkpoints")
-        .join(format!("iter_{}", chosen.iteration));
-    let weights = adapter.join("adapter_model.safetensors");
-    let sha256 = rl_core::store::sha256_file(&weights)
-        .with_context(|| format!("reading {}", weights.display()))?;
-    if sha256 != chosen.sha256 {
-        bail!(
-            "{} does not match the sha256 recorded for iteration {} ({} on disk, {} recorded): \
-             the checkpoint was changed or damaged after training; export another --iteration",
-            weights.display(),
-            chosen.iteration,
-            &sha256[..12],
-            &chosen.sha256[..12.min(chosen.sha256.len())]
-        );
-    }
+    let adapter = checkpoint::dir(run_dir, chosen.iteration);
+    checkpoint::verify(&adapter, chosen.iteration, &chosen.sha256)
+        .map_err(|e| anyhow::anyhow!("{e}; export another --iteration"))?;
     let base = model.unwrap_or(&config.model.path);
     let base_path = model::hub::resolve(base)
         .with_context(|| format!("the base model {base} (pass --model if it has moved)"))?;
     let out = out.to_path_buf();
+    // Written whole or not at all: a hidden temporary folder renamed into place.
     let report = tokio::task::spawn_blocking(move || {
-        model::export_merged(&base_path, Some(&adapter), &out, dtype)
+        rl_core::files::write_dir_with(
+            &out,
+            |tmp| -> anyhow::Result<model::ExportReport> {
+                let mut report = model::export_merged(&base_path, Some(&adapter), tmp, dtype)?;
+                report.out.clone_from(&out);
+                Ok(report)
+            },
+            |_| {},
+        )
     })
     .await??;
     Ok(report)

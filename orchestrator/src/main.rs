@@ -76,7 +76,7 @@ async fn execute(config: Config) -> anyhow::Result<()> {
     let dir = run.dir.clone();
     let outcome = tokio::select! {
         r = run.run_all() => r,
-        () = rl_core::service::shutdown_signal() => Err(anyhow::anyhow!(
+        () = rl_http::server::shutdown_signal() => Err(anyhow::anyhow!(
             "stopped by a signal; continue with `orchestrate resume {}`", dir.display()
         )),
     };
@@ -181,7 +181,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Status { run_dir } => {
                 let db = run_dir.join("rollouts.sqlite");
-                let store = rl_core::store::Store::open(&db).await?;
+                let store = rl_store::Store::open(&db).await?;
                 print!("{}", orchestrator::report::status(&store, &run_dir).await?);
                 store.close().await;
                 Ok(())

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rl_core::rewards::AnswerStatus;
-use rl_core::store::{Phase, Store};
+use rl_store::{Phase, Store};
 
 /// A counting progress bar on stderr.
 pub fn bar(total: u64, label: &str) -> ProgressBar {
@@ -97,7 +97,7 @@ pub async fn write_metrics(store: &Store, dir: &Path) -> anyhow::Result<()> {
             let _ = writeln!(out, "{v}");
         }
     }
-    crate::run::write_atomic(&dir.join("metrics.jsonl"), out.as_bytes())?;
+    rl_core::files::write_file(&dir.join("metrics.jsonl"), out.as_bytes())?;
     draw_curves(&summaries, dir)
 }
 
@@ -133,10 +133,9 @@ fn draw_curves(summaries: &[serde_json::Value], dir: &Path) -> anyhow::Result<()
             vec![series("kl", "mean_kl", MAGENTA)],
         ),
     ];
-    let tmp = dir.join(format!(".curves.tmp-{}.png", std::process::id()));
-    crate::curves::draw(&panels, &tmp)?;
-    std::fs::rename(&tmp, dir.join("curves.png"))?;
-    Ok(())
+    rl_core::files::write_file_with(&dir.join("curves.png"), |tmp| {
+        crate::curves::draw(&panels, tmp)
+    })
 }
 
 /// The timed phases, in the order they run.

@@ -23,11 +23,11 @@ use futures::StreamExt;
 use rl_core::config::Config;
 use rl_core::prompts::PromptStyle;
 use rl_core::rewards;
-use rl_core::store::{
-    CheckpointRecord, EvalResult, Phase, RolloutRecord, RunSpec, Store, TaskRecord,
-};
 use rl_core::tasks::{self, Problem};
 use rl_core::wire::{FinishReason, GenerateRequest, ScoreRequest, ScoreSequence, TokenizeRequest};
+use rl_store::{CheckpointRecord, EvalResult, Phase, RolloutRecord, RunSpec, Store, TaskRecord};
+
+use learner::checkpoint;
 
 use crate::supervisor::{ChildSpec, Service};
 
@@ -158,7 +158,7 @@ impl Run {
             crate::device::preflight(&config.model.device, &local)?;
         }
         let dir = config.output_dir.clone();
-        std::fs::create_dir_all(dir.join("checkpoints"))
+        std::fs::create_dir_all(checkpoint::root(&dir))
             .with_context(|| format!("creating the run directory {}", dir.display()))?;
         let db = dir.join("rollouts.sqlite");
         let yaml = config.to_yaml().map_err(anyhow::Error::msg)?;
@@ -179,7 +179,7 @@ impl Run {
             )
             .await?
         };
-        write_atomic(&dir.join("config.yaml"), yaml.as_bytes())?;
+        rl_core::files::write_file(&dir.join("config.yaml"), yaml.as_bytes())?;
         let train = tasks::load_gsm8k(&config.data.train)?;
         let mut test = tasks::load_gsm8k(&config.data.test)?;
         if let Some(limit) = config.data.test_limit {
@@ -214,7 +214,7 @@ impl Run {
                 let mut args = common(s.rollout.port);
                 args.extend([
                     "--checkpoints-dir".to_string(),
-                    dir.join("checkpoints").display().to_string(),
+                    checkpoint::root(&dir).display().to_string(),
                     "--max-batch".into(),
                     s.rollout.max_batch.to_string(),
                     "--max-queue".into(),
@@ -275,16 +275,14 @@ impl Run {
     }
 
     fn checkpoint_dir(&self, iteration: u32) -> PathBuf {
-        self.dir
-            .join("checkpoints")
-            .join(format!("iter_{iteration}"))
+        checkpoint::dir(&self.dir, iteration)
     }
 
     /// Calls `f` with a client of `svc`; if the service went away, restarts it and tries again.
     async fn with_service<T, F, Fut>(&self, svc: &Service, what: &str, f: F) -> anyhow::Result<T>
     where
-        F: Fn(rl_core::client::ServiceClient) -> Fut,
-        Fut: std::future::Future<Output = Result<T, rl_core::client::ClientError>>,
+        F: Fn(rl_http::client::ServiceClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, rl_http::client::ClientError>>,
     {
         let mut last = None;
         for _ in 0..5 {
@@ -583,14 +581,12 @@ impl Run {
             .await?
             .into_iter()
             .any(|c| c.iteration == it);
-        if recorded && out.join(learner_state_file()).exists() {
+        if recorded && checkpoint::is_complete(&out) {
             return Ok(());
         }
-        if out.join(learner_state_file()).exists() {
+        if checkpoint::is_complete(&out) {
             // The learner finished but the run stopped before recording it: record, don't redo.
-            let weights = out.join("adapter_model.safetensors");
-            let sha256 = rl_core::store::sha256_file(&weights)
-                .with_context(|| format!("hashing {}", weights.display()))?;
+            let sha256 = checkpoint::weights_sha256(&out)?;
             self.store
                 .record_checkpoint(&CheckpointRecord {
                     iteration: it,
@@ -604,7 +600,7 @@ impl Run {
             "none".to_string()
         } else {
             let prev = self.checkpoint_dir(it - 1);
-            if !prev.join(learner_state_file()).exists() {
+            if !checkpoint::is_complete(&prev) {
                 bail!(
                     "iteration {it} needs the checkpoint of iteration {} at {}, which is missing",
                     it - 1,
@@ -680,17 +676,4 @@ impl Run {
         })
         .await
     }
-}
-
-fn learner_state_file() -> &'static str {
-    "training_state.json"
-}
-
-/// Writes a file through a temporary sibling and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
 }

@@ -18,21 +18,67 @@ fn golden() -> PathBuf {
         .unwrap_or_else(|| repo().join("../shared/golden"))
 }
 
-/// Builds the service binaries the orchestrator starts (same profile as this test). Built as
-/// `cargo test --workspace` builds them (whole workspace, with the test targets, so the same
-/// feature set): under `scripts/test` this finds everything fresh and does nothing.
+/// The folder of the service binaries the orchestrator starts: beside `orchestrate`
+/// (`cargo test --workspace` builds every binary of the workspace there), or
+/// `ORCHESTRATE_BIN_DIR`. This test builds nothing: a binary that is missing, or older than a
+/// source file it is built from, fails here, saying how to build it.
 fn build_services() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-q", "--workspace", "--bins", "--tests"])
-        .current_dir(repo())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    PathBuf::from(env!("CARGO_BIN_EXE_orchestrate"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    let dir = std::env::var_os("ORCHESTRATE_BIN_DIR").map_or_else(
+        || {
+            PathBuf::from(env!("CARGO_BIN_EXE_orchestrate"))
+                .parent()
+                .unwrap()
+                .to_path_buf()
+        },
+        PathBuf::from,
+    );
+    let fix = "build them first: `cargo test --workspace` (or `cargo build --workspace --bins`)";
+    let newest = |crates: &[&str]| {
+        crates
+            .iter()
+            .flat_map(|c| walk(&repo().join(c).join("src")))
+            .filter_map(|p| p.metadata().and_then(|m| m.modified()).ok())
+            .max()
+    };
+    for (bin, krate) in [
+        ("rollout-server", "rollout-server"),
+        ("ref-scorer", "ref-scorer"),
+        ("learner", "learner"),
+    ] {
+        let path = dir.join(bin);
+        let built = path
+            .metadata()
+            .and_then(|m| m.modified())
+            .unwrap_or_else(|_| panic!("{} is not built; {fix}", path.display()));
+        let sources = [krate, "model", "rl-core", "rl-store", "rl-http"];
+        if std::env::var_os("ORCHESTRATE_BIN_DIR").is_none() {
+            if let Some(src) = newest(&sources) {
+                assert!(
+                    built >= src,
+                    "{} is older than its sources; {fix}",
+                    path.display()
+                );
+            }
+        }
+    }
+    dir
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    entries
+        .flatten()
+        .flat_map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p)
+            } else {
+                vec![p]
+            }
+        })
+        .collect()
 }
 
 /// A model folder (tiny Llama + character tokenizer), GSM8K-shaped data and a config.
@@ -93,19 +139,38 @@ struct Snapshot {
     evals: Vec<String>,
 }
 
+/// Rows of `sql` on the database at `db` through sqlx, each row's columns joined by `|` (as the
+/// `sqlite3` command line prints them). Columns are read as text.
+fn query(db: &Path, sql: &'static str) -> Vec<String> {
+    use sqlx::{Connection, Row};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        let rows = sqlx::query(sql).fetch_all(&mut conn).await.unwrap();
+        let out = rows
+            .iter()
+            .map(|r| {
+                (0..r.columns().len())
+                    .map(|i| {
+                        r.try_get::<String, _>(i)
+                            .or_else(|_| r.try_get::<i64, _>(i).map(|v| v.to_string()))
+                            .unwrap()
+                    })
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+            .collect();
+        conn.close().await.unwrap();
+        out
+    })
+}
+
 fn snapshot(db: &Path) -> Snapshot {
-    let q = |sql: &str| -> Vec<String> {
-        let out = Command::new("sqlite3").arg(db).arg(sql).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_string)
-            .collect()
-    };
+    let q = |sql: &'static str| query(db, sql);
     let keys = q("SELECT iteration, group_index, attempt FROM rollouts")
         .iter()
         .map(|l| {
@@ -246,12 +311,14 @@ fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
     );
     let engine =
         model::Engine::load(&merged, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
-    let rows = Command::new("sqlite3")
-        .args(["-json", run.join("rollouts.sqlite").to_str().unwrap()])
-        .arg("SELECT prompt_ids, completion_ids, logprobs FROM rollouts WHERE iteration = 2")
-        .output()
-        .unwrap();
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&rows.stdout).unwrap();
+    let rows: Vec<serde_json::Value> = query(
+        &run.join("rollouts.sqlite"),
+        "SELECT json_object('prompt_ids', prompt_ids, 'completion_ids', completion_ids, \
+         'logprobs', logprobs) FROM rollouts WHERE iteration = 2",
+    )
+    .iter()
+    .map(|r| serde_json::from_str(r).unwrap())
+    .collect();
     assert_eq!(rows.len(), 4);
     let field = |r: &serde_json::Value, k: &str| -> serde_json::Value {
         serde_json::from_str(r[k].as_str().unwrap()).unwrap()
@@ -313,12 +380,8 @@ fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
         );
         assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("aborting at {point}")));
         // The database is consistent after every crash.
-        let check = Command::new("sqlite3")
-            .arg(run_b.join("rollouts.sqlite"))
-            .arg("PRAGMA integrity_check")
-            .output()
-            .unwrap();
-        assert_eq!(String::from_utf8_lossy(&check.stdout).trim(), "ok");
+        let check = query(&run_b.join("rollouts.sqlite"), "PRAGMA integrity_check");
+        assert_eq!(check, ["ok"]);
     }
     let out = orchestrate(
         &bins,

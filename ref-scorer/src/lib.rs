@@ -8,7 +8,6 @@
 
 pub mod service;
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
@@ -38,7 +37,7 @@ pub fn score_all(
 }
 
 /// Scores every line of `input` and writes one `{"logprobs":[...]}` line per input line, in the
-/// same order, to `output` (written to a temporary file in the same folder, then renamed).
+/// same order, to `output` (written whole or not at all: [`rl_core::files`]).
 /// Returns the number of sequences scored.
 pub fn score_file(
     engine: &Engine,
@@ -60,40 +59,13 @@ pub fn score_file(
                 .map(|()| req)
         })
         .collect::<Result<_, _>>()?;
-    let dir = match output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let name = output
-        .file_name()
-        .with_context(|| format!("--output {} is not a file path", output.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| -> anyhow::Result<()> {
-        let file = std::fs::File::create(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        let mut w = std::io::BufWriter::new(file);
+    rl_core::files::write_stream(output, |w| -> anyhow::Result<()> {
         for logprobs in score_all(engine, &seqs, temperature)? {
-            serde_json::to_writer(&mut w, &SequenceLogprobs { logprobs })?;
+            serde_json::to_writer(&mut *w, &SequenceLogprobs { logprobs })?;
             w.write_all(b"\n")?;
         }
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
         Ok(())
-    })();
-    match result {
-        Ok(()) => {
-            std::fs::rename(&tmp, output).with_context(|| {
-                format!("cannot move {} to {}", tmp.display(), output.display())
-            })?;
-            Ok(seqs.len())
-        }
-        Err(e) => {
-            std::fs::remove_file(&tmp).ok();
-            Err(e)
-        }
-    }
+    })
+    .with_context(|| format!("writing --output {}", output.display()))?;
+    Ok(seqs.len())
 }

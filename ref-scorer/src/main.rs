@@ -129,20 +129,20 @@ fn load(
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.exit_with_parent {
-        rl_core::service::exit_with_parent();
+        rl_http::server::exit_with_parent();
     }
     let Some(model) = &args.model else {
         anyhow::bail!("--model is required: `ref-scorer --model PATH` serves POST /v1/score; `ref-scorer score --help` scores a file offline");
     };
     let (engine, path) = load(model, args.adapter.as_ref(), &args.device, &args.dtype)?;
     let opts = ref_scorer::service::Options {
-        model_name: rl_core::service::served_model_name(&path),
+        model_name: rl_http::server::served_model_name(&path),
         api_key: args.api_key.clone(),
         max_queue: args.max_queue,
         max_body_bytes: args.max_body_bytes,
     };
     let (router, _state) = ref_scorer::service::app(engine, &opts);
     let what = format!("scoring with {}", opts.model_name);
-    rl_core::service::run_server(&args.host, args.port, router, &what)?;
+    rl_http::server::run_server(&args.host, args.port, router, &what)?;
     Ok(())
 }

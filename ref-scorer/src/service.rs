@@ -15,11 +15,9 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use model::{Engine, ScoreRequest as EngineScore};
-use rl_core::service::{
-    no_route, prom, prom_matmul_backend, prom_response, require_key, rss_bytes, wrong_method,
-    ApiError, ApiJson, ApiKey,
-};
 use rl_core::wire::{Health, ScoreRequest, ScoreResponse, SequenceLogprobs};
+use rl_http::metrics::{prom, prom_matmul_backend, prom_response, rss_bytes};
+use rl_http::server::{no_route, require_key, wrong_method, ApiError, ApiJson, ApiKey};
 use serde_json::json;
 
 /// Service settings besides the model.

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use rl_core::client::ServiceClient;
 use rl_core::wire::{ScoreRequest, ScoreSequence};
+use rl_http::client::ServiceClient;
 use serde_json::json;
 
 fn golden() -> PathBuf {

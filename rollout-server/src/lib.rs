@@ -23,7 +23,7 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
 use model::Engine;
-use rl_core::service::{no_route, require_key, wrong_method, ApiKey};
+use rl_http::server::{no_route, require_key, wrong_method, ApiKey};
 
 pub use batcher::Batcher;
 pub use routes::AppState;

@@ -64,7 +64,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     if args.exit_with_parent {
-        rl_core::service::exit_with_parent();
+        rl_http::server::exit_with_parent();
     }
     if args.max_batch == 0 || args.max_queue == 0 || args.max_n == 0 {
         anyhow::bail!("--max-batch, --max-queue and --max-n must be at least 1");
@@ -82,7 +82,7 @@ fn main() -> anyhow::Result<()> {
     let model_name = args
         .served_model_name
         .clone()
-        .unwrap_or_else(|| rl_core::service::served_model_name(&path));
+        .unwrap_or_else(|| rl_http::server::served_model_name(&path));
     let opts = rollout_server::Options {
         model_name,
         checkpoints_dir: args.checkpoints_dir.clone(),
@@ -94,6 +94,6 @@ fn main() -> anyhow::Result<()> {
     };
     let (router, _state) = rollout_server::app(engine, &opts)?;
     let what = format!("serving {}", opts.model_name);
-    rl_core::service::run_server(&args.host, args.port, router, &what)?;
+    rl_http::server::run_server(&args.host, args.port, router, &what)?;
     Ok(())
 }

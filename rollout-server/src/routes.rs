@@ -13,11 +13,12 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use model::{ChatTemplate, GenerateRequest, Generation, Message, SamplingParams, Tokenizer};
-use rl_core::service::{prom, prom_matmul_backend, prom_response, rss_bytes, ApiError, ApiJson};
 use rl_core::wire::{
     AdapterRequest, AdapterResponse, FinishReason, GenerateResponse, GeneratedChoice, Health,
     TokenizeRequest, TokenizeResponse,
 };
+use rl_http::metrics::{prom, prom_matmul_backend, prom_response, rss_bytes};
+use rl_http::server::{ApiError, ApiJson};
 
 use crate::batcher::{Batcher, JobError, Output};
 use crate::openai::{

@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use rl_core::client::{RetryPolicy, ServiceClient};
 use rl_core::wire::{FinishReason, GenerateRequest};
+use rl_http::client::{RetryPolicy, ServiceClient};
 use serde_json::json;
 
 fn gen_body(prompt: &[u32], n: u32, seed: u64) -> serde_json::Value {

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use model::{Engine, GenerateRequest, SamplingParams, ScoreRequest};
 use rl_core::rewards::{AnswerStatus, RewardKind};
-use rl_core::store::{Phase, RolloutRecord, RunSpec, Store, TaskRecord};
 use rl_core::wire::FinishReason;
+use rl_store::{Phase, RolloutRecord, RunSpec, Store, TaskRecord};
 
 pub fn golden() -> PathBuf {
     std::env::var_os("GOLDEN_DIR")

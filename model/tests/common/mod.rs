@@ -95,3 +95,22 @@ pub fn values(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Says that `test` checked nothing on this machine and why: `SKIPPED test: reason` on stderr,
+/// and a line appended to the file named by `TEST_SKIPS_FILE` (scripts/test sets it and prints
+/// how many tests skipped, and which, at the end of the run).
+pub fn skipped(test: &str, reason: &str) {
+    let line = format!("SKIPPED {test}: {reason}");
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("TEST_SKIPS_FILE") {
+        use std::io::Write;
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = written {
+            panic!("cannot record a skip in TEST_SKIPS_FILE {path:?}: {e}");
+        }
+    }
+}

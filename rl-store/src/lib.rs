@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
-use crate::rewards::{AnswerStatus, RewardKind};
-use crate::wire::FinishReason;
+use rl_core::rewards::{AnswerStatus, RewardKind};
+use rl_core::wire::FinishReason;
 
 /// The database schema, embedded at build time.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -1174,23 +1174,6 @@ fn check_logprobs(lp: &[f32], n: usize, what: &str) -> Result<(), String> {
         return Err(format!("{what}: value {i} is {} (not finite)", lp[i]));
     }
     Ok(())
-}
-
-/// Hex sha256 of a file (what a checkpoint record holds for its adapter weights).
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn sql_err(path: &Path, context: &str, source: sqlx::Error) -> StoreError {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::wire::{
+use rl_core::wire::{
     AdapterRequest, AdapterResponse, ErrorBody, GenerateRequest, GenerateResponse, Health,
     ScoreRequest, ScoreResponse, TokenizeRequest, TokenizeResponse,
 };
