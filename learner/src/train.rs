@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Tensor, Var};
 use model::{Engine, LoraAdapter, LoraPair, Proj, ScoreRequest};
 use rl_core::config::Config;
+use rl_core::stats;
 use rl_core::wire::FinishReason;
 use rl_store::{Store, TrainMetrics};
 
@@ -216,13 +217,13 @@ impl Learner {
         }
         let rewards: Vec<f64> = batch.groups.iter().flatten().map(|s| s.reward).collect();
         let advantages = grpo::advantages(&rewards, group_size, cfg.scale_rewards);
-        let zero_std: Vec<bool> = batch
+        let group_rewards: Vec<Vec<f64>> = batch
             .groups
             .iter()
-            .map(|g| g.iter().all(|s| s.reward == g[0].reward))
+            .map(|g| g.iter().map(|s| s.reward).collect())
             .collect();
-        let zero_std_fraction =
-            zero_std.iter().filter(|z| **z).count() as f64 / zero_std.len() as f64;
+        let zero_std: Vec<bool> = group_rewards.iter().map(|g| stats::zero_std(g)).collect();
+        let zero_std_fraction = stats::zero_std_fraction(group_rewards.iter().map(Vec::as_slice));
         let reward_mean = rewards.iter().sum::<f64>() / rewards.len() as f64;
         let reward_std = grpo::std(&rewards);
         // The sequences that take part, with their advantages.

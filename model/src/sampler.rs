@@ -46,25 +46,17 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    /// Checks ranges; the message names the field and the allowed range.
+    /// Checks ranges with the one rule of every sampler ([`sampling::Knobs::check`]); the
+    /// message names the field and the allowed range.
     pub fn validate(&self) -> Result<()> {
-        if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(Error::InvalidRequest(format!(
-                "temperature {} must be >= 0 (0 is greedy)",
-                self.temperature
-            )));
+        sampling::Knobs {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k as u64,
+            max_tokens: self.max_tokens as u64,
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::InvalidRequest(format!(
-                "top_p {} must be in (0, 1]",
-                self.top_p
-            )));
-        }
-        if self.max_tokens == 0 {
-            return Err(Error::InvalidRequest(
-                "max_tokens must be at least 1".into(),
-            ));
-        }
+        .check()
+        .map_err(|e| Error::InvalidRequest(e.to_string()))?;
         if self.stop_sequences.iter().any(|s| s.is_empty()) {
             return Err(Error::InvalidRequest(
                 "a stop sequence is empty; remove it".into(),
@@ -74,12 +66,7 @@ impl SamplingParams {
     }
 }
 
-/// Most alternatives per step an HTTP client may ask for (OpenAI's limit; the engine itself
-/// accepts up to the vocabulary).
-pub const MAX_TOP_LOGPROBS: usize = 20;
-
-/// Temperatures below this are treated as greedy.
-pub const GREEDY_BELOW: f64 = 1e-5;
+pub use sampling::{GREEDY_BELOW, MAX_TOP_LOGPROBS};
 
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -9,12 +9,15 @@ use anyhow::Context;
 use futures::StreamExt;
 use rl_core::config::Config;
 use rl_core::rewards;
+use rl_core::rewards::AnswerStatus;
 use rl_core::tasks::Problem;
-use rl_core::wire::{FinishReason, GenerateRequest, TokenizeRequest};
+use rl_core::wire::{FinishReason, TokenizeRequest};
 use rl_http::client::{ClientError, ServiceClient};
-use rl_store::EvalResult;
+use rl_store::{EvalResult, EvalSummary};
+use serde::Serialize;
 
-use crate::supervisor::{ChildSpec, Service};
+use crate::children::{RolloutServer, ServiceArgs};
+use crate::supervisor::Service;
 
 /// The greedy (per `sampling.test`) answer to `problem`, graded.
 pub async fn answer(
@@ -27,25 +30,9 @@ pub async fn answer(
         .prompt
         .style
         .messages(&problem.question, config.prompt.system.as_deref());
-    let tok = client
-        .tokenize(&TokenizeRequest {
-            messages: Some(messages),
-            prompt: None,
-            add_generation_prompt: true,
-        })
-        .await?;
-    let s = &config.sampling.test;
+    let tok = client.tokenize(&TokenizeRequest::chat(messages)).await?;
     let out = client
-        .generate(&GenerateRequest {
-            prompt_ids: tok.tokens,
-            n: 1,
-            max_tokens: s.max_tokens,
-            temperature: f64::from(s.temperature),
-            top_p: f64::from(s.top_p),
-            top_k: s.top_k,
-            stop_token_ids: None,
-            seed: Some(0),
-        })
+        .generate(&config.sampling.test.request(tok.tokens, 1, 0))
         .await?;
     let Some(ch) = out.choices.into_iter().next() else {
         return Err(ClientError::Transport {
@@ -73,6 +60,32 @@ pub async fn answer(
     })
 }
 
+/// What `orchestrate eval` writes: the rates ([`EvalSummary::of`]) and every answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub model: String,
+    pub adapter: Option<String>,
+    pub split: String,
+    pub n: u32,
+    pub accuracy: f64,
+    pub format_rate: f64,
+    pub mean_tokens: f64,
+    pub results: Vec<EvalReportRow>,
+}
+
+/// One problem of an [`EvalReport`].
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReportRow {
+    pub index: u64,
+    pub question: String,
+    pub gold: String,
+    pub answer: Option<String>,
+    pub status: AnswerStatus,
+    pub solved: bool,
+    pub finish_reason: FinishReason,
+    pub text: String,
+}
+
 /// `orchestrate eval`: evaluates a model (+ adapter) on a split and writes a JSON report.
 pub async fn command(
     config: &Config,
@@ -81,39 +94,28 @@ pub async fn command(
     split: &str,
     limit: Option<usize>,
     output: &Path,
-) -> anyhow::Result<serde_json::Value> {
+) -> anyhow::Result<EvalReport> {
     let data: PathBuf = match split {
         "test" => config.data.test.clone(),
         "train" => config.data.train.clone(),
         other => anyhow::bail!("--split {other}: use test or train"),
     };
-    let server = crate::run::bin_dir()?.join("rollout-server");
-    crate::device::preflight(&config.model.device, &[&server])?;
+    let spec = RolloutServer {
+        adapter: adapter.map(Path::to_path_buf),
+        ..RolloutServer::new(ServiceArgs {
+            model: model.to_string(),
+            ..ServiceArgs::from_config(config, 0)
+        })
+    }
+    .spec()?;
+    crate::device::preflight(&config.model.device, &[&spec.program])?;
     let mut problems = rl_core::tasks::load_gsm8k(&data)?;
     if let Some(l) = limit {
         problems.truncate(l);
     }
-    let mut args = vec![
-        "--model".to_string(),
-        model.to_string(),
-        "--port".into(),
-        "0".into(),
-        "--device".into(),
-        config.model.device.clone(),
-        "--dtype".into(),
-        config.model.dtype.name().into(),
-    ];
-    if let Some(a) = adapter {
-        args.extend(["--adapter".to_string(), a.display().to_string()]);
-    }
-    let spec = ChildSpec {
-        name: "rollout-server",
-        program: server,
-        args,
-    };
     let timeout = Duration::from_secs(u64::from(config.services.request_timeout_s));
     let startup = Duration::from_secs(u64::from(config.services.startup_timeout_s));
-    let svc = Service::spawn(spec, None, timeout, startup).await?;
+    let svc = Service::spawn(spec, config.services.api_key.clone(), timeout, startup).await?;
     let client = svc.client().await?;
     let bar = crate::report::bar(problems.len() as u64, &format!("evaluating on {split}"));
     let concurrency = config.services.rollout.max_batch.max(1) as usize;
@@ -137,21 +139,30 @@ pub async fn command(
     }
     bar.finish();
     svc.stop().await;
-    let n = results.len().max(1) as f64;
-    let report = serde_json::json!({
-        "model": model,
-        "adapter": adapter.map(|a| a.display().to_string()),
-        "split": split,
-        "n": results.len(),
-        "accuracy": results.iter().filter(|r| r.solved).count() as f64 / n,
-        "format_rate": results.iter().filter(|r| r.formatted).count() as f64 / n,
-        "mean_tokens": results.iter().map(|r| f64::from(r.num_tokens)).sum::<f64>() / n,
-        "results": results.iter().zip(&problems).map(|(r, p)| serde_json::json!({
-            "index": r.problem_index, "question": p.question, "gold": p.gold.text,
-            "answer": r.answer, "status": r.answer_status, "solved": r.solved,
-            "finish_reason": r.finish_reason, "text": r.text,
-        })).collect::<Vec<_>>(),
-    });
+    let summary = EvalSummary::of(0, split, &results);
+    let report = EvalReport {
+        model: model.to_string(),
+        adapter: adapter.map(|a| a.display().to_string()),
+        split: split.to_string(),
+        n: summary.n,
+        accuracy: summary.accuracy,
+        format_rate: summary.format_rate,
+        mean_tokens: summary.mean_tokens,
+        results: results
+            .into_iter()
+            .zip(&problems)
+            .map(|(r, p)| EvalReportRow {
+                index: r.problem_index,
+                question: p.question.clone(),
+                gold: p.gold.text.clone(),
+                answer: r.answer,
+                status: r.answer_status,
+                solved: r.solved,
+                finish_reason: r.finish_reason,
+                text: r.text,
+            })
+            .collect(),
+    };
     rl_core::files::write_file(output, serde_json::to_string_pretty(&report)?.as_bytes())
         .with_context(|| format!("writing --output {}", output.display()))?;
     Ok(report)

@@ -142,9 +142,9 @@ fn main() -> anyhow::Result<()> {
                 .await?;
                 eprintln!(
                     "{} problems: accuracy {:.3}, format rate {:.3} -> {}",
-                    r["n"],
-                    r["accuracy"].as_f64().unwrap_or(0.0),
-                    r["format_rate"].as_f64().unwrap_or(0.0),
+                    r.n,
+                    r.accuracy,
+                    r.format_rate,
                     output.display()
                 );
                 Ok(())

@@ -7,8 +7,10 @@ use std::fmt::Write;
 use std::path::Path;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use rl_core::rewards::AnswerStatus;
-use rl_store::{Phase, Store};
+use rl_core::stats;
+use rl_core::wire::FinishReason;
+use rl_store::{Phase, RolloutRecord, Store};
+use serde::Serialize;
 
 /// A counting progress bar on stderr.
 pub fn bar(total: u64, label: &str) -> ProgressBar {
@@ -28,55 +30,66 @@ pub fn spinner(label: &str) -> ProgressBar {
     b
 }
 
-/// The per-iteration numbers, from the database.
-pub async fn iteration_summary(store: &Store, it: u32) -> anyhow::Result<serde_json::Value> {
-    let rollouts = store.rollouts(it).await?;
-    let n = rollouts.len().max(1) as f64;
-    let reward_mean = rollouts.iter().map(|(_, r)| r.reward).sum::<f64>() / n;
-    let formatted = rollouts
-        .iter()
-        .filter(|(_, r)| matches!(r.answer_status, AnswerStatus::Correct | AnswerStatus::Wrong))
-        .count() as f64
-        / n;
-    let correct = rollouts
-        .iter()
-        .filter(|(_, r)| r.answer_status == AnswerStatus::Correct)
-        .count() as f64
-        / n;
-    let tokens = rollouts
-        .iter()
-        .map(|(_, r)| r.completion_ids.len())
-        .sum::<usize>() as f64
-        / n;
-    let mut groups: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
-    for (g, r) in &rollouts {
-        groups.entry(*g).or_default().push(r.reward);
+/// The per-iteration numbers (a line of `metrics.jsonl` with `"kind": "iteration"`), from the
+/// database; rates as [`rl_core::stats`] defines them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IterationSummary {
+    /// Always `iteration` (tells these lines from the learner's `step` lines).
+    pub kind: &'static str,
+    pub iteration: u32,
+    pub rollouts: usize,
+    pub reward_mean: f64,
+    pub format_rate: f64,
+    /// Solved rollouts (right and finished), the train counterpart of `eval_accuracy`.
+    pub train_accuracy: f64,
+    pub completion_len: f64,
+    pub zero_std_fraction: f64,
+    pub optimizer_steps: usize,
+    /// Of the iteration's last optimizer step.
+    pub mean_kl: Option<f64>,
+    pub loss: Option<f64>,
+    pub eval_accuracy: Option<f64>,
+    pub eval_format_rate: Option<f64>,
+    pub eval_n: Option<u32>,
+    /// Seconds per phase.
+    pub seconds: BTreeMap<String, f64>,
+}
+
+impl IterationSummary {
+    /// Reads iteration `it`'s numbers from the store.
+    pub async fn read(store: &Store, it: u32) -> anyhow::Result<Self> {
+        let mut groups: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
+        let rollouts: Vec<RolloutRecord> = store
+            .rollouts(it)
+            .await?
+            .into_iter()
+            .map(|(g, r)| {
+                groups.entry(g).or_default().push(r.reward);
+                r
+            })
+            .collect();
+        let steps = store.train_metrics(it).await?;
+        let eval = store.evals().await?.into_iter().find(|e| e.iteration == it);
+        Ok(Self {
+            kind: "iteration",
+            iteration: it,
+            rollouts: rollouts.len(),
+            reward_mean: stats::mean(rollouts.iter().map(|r| r.reward)),
+            format_rate: stats::rate(&rollouts, |r| stats::formatted(r.answer_status)),
+            train_accuracy: stats::rate(&rollouts, |r| {
+                stats::solved(r.answer_status, r.finish_reason == FinishReason::Stop)
+            }),
+            completion_len: stats::mean(rollouts.iter().map(|r| r.completion_ids.len() as f64)),
+            zero_std_fraction: stats::zero_std_fraction(groups.values().map(Vec::as_slice)),
+            optimizer_steps: steps.len(),
+            mean_kl: steps.last().map(|s| s.mean_kl),
+            loss: steps.last().map(|s| s.loss),
+            eval_accuracy: eval.as_ref().map(|e| e.accuracy),
+            eval_format_rate: eval.as_ref().map(|e| e.format_rate),
+            eval_n: eval.as_ref().map(|e| e.n),
+            seconds: store.phase_seconds(it).await?,
+        })
     }
-    let zero_std = groups
-        .values()
-        .filter(|v| v.iter().all(|x| *x == v[0]))
-        .count() as f64
-        / groups.len().max(1) as f64;
-    let steps = store.train_metrics(it).await?;
-    let eval = store.evals().await?.into_iter().find(|e| e.iteration == it);
-    let seconds = store.phase_seconds(it).await?;
-    Ok(serde_json::json!({
-        "kind": "iteration",
-        "iteration": it,
-        "rollouts": rollouts.len(),
-        "reward_mean": reward_mean,
-        "format_rate": formatted,
-        "train_accuracy": correct,
-        "completion_len": tokens,
-        "zero_std_fraction": zero_std,
-        "optimizer_steps": steps.len(),
-        "mean_kl": steps.last().map(|s| s.mean_kl),
-        "loss": steps.last().map(|s| s.loss),
-        "eval_accuracy": eval.as_ref().map(|e| e.accuracy),
-        "eval_format_rate": eval.as_ref().map(|e| e.format_rate),
-        "eval_n": eval.as_ref().map(|e| e.n),
-        "seconds": seconds,
-    }))
 }
 
 /// Rewrites `metrics.jsonl` and `curves.png` from the database.
@@ -87,8 +100,8 @@ pub async fn write_metrics(store: &Store, dir: &Path) -> anyhow::Result<()> {
         if s.phase != Phase::Done {
             continue;
         }
-        let summary = iteration_summary(store, s.iteration).await?;
-        let _ = writeln!(out, "{summary}");
+        let summary = IterationSummary::read(store, s.iteration).await?;
+        let _ = writeln!(out, "{}", serde_json::to_string(&summary)?);
         summaries.push(summary);
         for m in store.train_metrics(s.iteration).await? {
             let mut v = serde_json::to_value(&m)?;
@@ -101,36 +114,36 @@ pub async fn write_metrics(store: &Store, dir: &Path) -> anyhow::Result<()> {
     draw_curves(&summaries, dir)
 }
 
-fn draw_curves(summaries: &[serde_json::Value], dir: &Path) -> anyhow::Result<()> {
+fn draw_curves(summaries: &[IterationSummary], dir: &Path) -> anyhow::Result<()> {
     use crate::curves::Series;
     use plotters::style::{BLUE, GREEN, MAGENTA, RED};
-    let series = |name: &'static str, key: &str, color| Series {
+    let series = |name: &'static str, value: fn(&IterationSummary) -> Option<f64>, color| Series {
         name,
         points: summaries
             .iter()
-            .filter_map(|s| Some((s["iteration"].as_f64()?, s[key].as_f64()?)))
+            .filter_map(|s| Some((f64::from(s.iteration), value(s)?)))
             .collect(),
         color,
     };
     let panels = vec![
         (
             "reward mean (train rollouts)",
-            vec![series("reward", "reward_mean", BLUE)],
+            vec![series("reward", |s| Some(s.reward_mean), BLUE)],
         ),
         (
             "format rate",
             vec![
-                series("train", "format_rate", BLUE),
-                series("eval", "eval_format_rate", GREEN),
+                series("train", |s| Some(s.format_rate), BLUE),
+                series("eval", |s| s.eval_format_rate, GREEN),
             ],
         ),
         (
             "eval accuracy (greedy)",
-            vec![series("accuracy", "eval_accuracy", RED)],
+            vec![series("accuracy", |s| s.eval_accuracy, RED)],
         ),
         (
             "mean KL to the reference",
-            vec![series("kl", "mean_kl", MAGENTA)],
+            vec![series("kl", |s| s.mean_kl, MAGENTA)],
         ),
     ];
     rl_core::files::write_file_with(&dir.join("curves.png"), |tmp| {
@@ -143,21 +156,21 @@ const PHASES: [&str; 4] = ["sampling", "scoring_ref", "training", "evaluating"];
 
 /// After an iteration: its line in the log and the refreshed `metrics.jsonl`.
 pub async fn iteration_done(store: &Store, dir: &Path, it: u32, total: f64) -> anyhow::Result<()> {
-    let s = iteration_summary(store, it).await?;
+    let s = IterationSummary::read(store, it).await?;
     let phases: Vec<String> = PHASES
         .iter()
-        .filter_map(|k| Some(format!("{k} {:.1}s", s["seconds"][k].as_f64()?)))
+        .filter_map(|k| Some(format!("{k} {:.1}s", s.seconds.get(*k)?)))
         .collect();
-    let eval = match (s["eval_accuracy"].as_f64(), s["eval_format_rate"].as_f64()) {
+    let eval = match (s.eval_accuracy, s.eval_format_rate) {
         (Some(a), Some(f)) => format!(", eval accuracy {a:.3} format {f:.3}"),
         _ => String::new(),
     };
     eprintln!(
         "iteration {it}: reward {:.3}, format {:.3}, zero-std groups {:.2}, kl {}{eval} ({total:.1}s: {})",
-        s["reward_mean"].as_f64().unwrap_or(0.0),
-        s["format_rate"].as_f64().unwrap_or(0.0),
-        s["zero_std_fraction"].as_f64().unwrap_or(0.0),
-        s["mean_kl"].as_f64().map_or("-".into(), |k| format!("{k:.4}")),
+        s.reward_mean,
+        s.format_rate,
+        s.zero_std_fraction,
+        s.mean_kl.map_or("-".into(), |k| format!("{k:.4}")),
         phases.join(", ")
     );
     write_metrics(store, dir).await
@@ -179,21 +192,19 @@ pub async fn status(store: &Store, dir: &Path) -> anyhow::Result<String> {
         "iter", "phase", "reward", "format", "0-std", "kl", "eval acc", "eval fmt"
     );
     for s in store.iterations().await? {
-        let v = iteration_summary(store, s.iteration).await?;
-        let f = |k: &str| v[k].as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
+        let v = IterationSummary::read(store, s.iteration).await?;
+        let f = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.3}"));
         let _ = writeln!(
             out,
             "{:>4} {:<12} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}",
             s.iteration,
-            s.phase.as_str(),
-            f("reward_mean"),
-            f("format_rate"),
-            f("zero_std_fraction"),
-            v["mean_kl"]
-                .as_f64()
-                .map_or("-".to_string(), |x| format!("{x:.4}")),
-            f("eval_accuracy"),
-            f("eval_format_rate"),
+            s.phase.to_string(),
+            f(Some(v.reward_mean)),
+            f(Some(v.format_rate)),
+            f(Some(v.zero_std_fraction)),
+            v.mean_kl.map_or("-".to_string(), |x| format!("{x:.4}")),
+            f(v.eval_accuracy),
+            f(v.eval_format_rate),
         );
     }
     let ckpts = store.checkpoints().await?;

@@ -151,15 +151,24 @@ async fn http_scores_equal_the_offline_command() {
             .unwrap(),
     );
     assert!(metrics.contains("scorer_sequences_total"), "{metrics}");
-    let doc: serde_json::Value = http
-        .get(format!("{url}/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(doc["paths"]["/v1/score"]["post"].is_object());
+    // The document is derived from the router: every documented operation answers, no other
+    // method does.
+    let (doc, problems) = rl_http::client::check_contract(&url, None).await.unwrap();
+    assert!(problems.is_empty(), "{problems:#?}");
+    for (method, path) in [
+        ("post", "/v1/score"),
+        ("get", "/health"),
+        ("get", "/metrics"),
+        ("get", "/openapi.json"),
+    ] {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path}");
+    }
+    let request = &doc["components"]["schemas"]["ScoreRequest"];
+    assert_eq!(request["additionalProperties"], false, "{request}");
+    assert_eq!(
+        request["properties"]["sequences"]["minItems"], 1,
+        "{request}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -134,6 +134,23 @@ pub struct SamplingConfig {
     pub max_tokens: u32,
 }
 
+impl SamplingConfig {
+    /// The native sampling request of `n` choices of `prompt_ids` with these settings (the
+    /// server's end-of-sequence ids stop them); choice `i` is sampled with seed `seed + i`.
+    pub fn request(&self, prompt_ids: Vec<u32>, n: u32, seed: u64) -> crate::wire::GenerateRequest {
+        crate::wire::GenerateRequest {
+            prompt_ids,
+            n,
+            max_tokens: self.max_tokens,
+            temperature: f64::from(self.temperature),
+            top_p: f64::from(self.top_p),
+            top_k: self.top_k,
+            stop_token_ids: None,
+            seed: Some(seed),
+        }
+    }
+}
+
 impl Default for SamplingConfig {
     fn default() -> Self {
         Self {
@@ -406,9 +423,6 @@ pub struct LoadedConfig {
     doc: Document,
 }
 
-/// Largest `max_tokens` accepted (a typo guard well above any model's context).
-const MAX_TOKENS_LIMIT: u32 = 131_072;
-
 impl Config {
     /// Reads a config file and applies `key=value` overrides.
     pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedConfig, ConfigError> {
@@ -536,23 +550,16 @@ impl Config {
             ("train", &self.sampling.train),
             ("test", &self.sampling.test),
         ] {
-            let key = |k: &str| format!("sampling.{name}.{k}");
-            if !s.temperature.is_finite() || s.temperature < 0.0 {
+            let knobs = sampling::Knobs {
+                temperature: f64::from(s.temperature),
+                top_p: f64::from(s.top_p),
+                top_k: u64::from(s.top_k),
+                max_tokens: u64::from(s.max_tokens),
+            };
+            if let Err(e) = knobs.check() {
                 return err(
-                    &key("temperature"),
-                    format!("must be >= 0 (got {}); 0 is greedy", s.temperature),
-                );
-            }
-            if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-                return err(
-                    &key("top_p"),
-                    format!("must be in (0, 1] (got {}); 1 keeps every token", s.top_p),
-                );
-            }
-            if s.max_tokens == 0 || s.max_tokens > MAX_TOKENS_LIMIT {
-                return err(
-                    &key("max_tokens"),
-                    format!("must be in 1..={MAX_TOKENS_LIMIT} (got {})", s.max_tokens),
+                    &format!("sampling.{name}.{}", e.field),
+                    format!("must be {} (got {})", e.rule, e.value),
                 );
             }
         }

@@ -120,12 +120,12 @@ pub struct Verdict {
 impl Verdict {
     /// Correct and finished: what evaluation counts as solved (TapeAgents' success).
     pub fn solved(&self) -> bool {
-        self.status == AnswerStatus::Correct && self.finished
+        crate::stats::solved(self.status, self.finished)
     }
 
     /// A numeric answer where the style puts it: what the format rate counts.
     pub fn formatted(&self) -> bool {
-        matches!(self.status, AnswerStatus::Correct | AnswerStatus::Wrong)
+        crate::stats::formatted(self.status)
     }
 }
 

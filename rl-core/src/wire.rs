@@ -8,7 +8,7 @@ use std::io::BufRead;
 use serde::{Deserialize, Serialize};
 
 /// One (prompt, completion) pair to score, as token ids.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScoreSequence {
     pub prompt_ids: Vec<u32>,
@@ -16,7 +16,7 @@ pub struct ScoreSequence {
 }
 
 /// Per-token logprobs of one completion, in the order of its tokens.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SequenceLogprobs {
     pub logprobs: Vec<f32>,
@@ -35,19 +35,27 @@ fn yes() -> bool {
 }
 
 /// `POST /v1/generate`: sample `n` continuations of one prompt given as token ids.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
+    #[schema(min_items = 1)]
     pub prompt_ids: Vec<u32>,
+    /// Choices to sample (at most the server's `--max-n`).
     #[serde(default = "one")]
+    #[schema(minimum = 1, default = 1)]
     pub n: u32,
+    #[schema(minimum = 1)]
     pub max_tokens: u32,
+    /// 0 is greedy.
     #[serde(default = "one_f64")]
+    #[schema(minimum = 0, default = 1.0)]
     pub temperature: f64,
     #[serde(default = "one_f64")]
+    #[schema(exclusive_minimum = 0, maximum = 1, default = 1.0)]
     pub top_p: f64,
     /// 0: no top-k truncation.
     #[serde(default)]
+    #[schema(default = 0)]
     pub top_k: u32,
     /// Token ids that end a completion (kept in `token_ids`); `null`: the model's end-of-sequence
     /// ids.
@@ -59,7 +67,7 @@ pub struct GenerateRequest {
 }
 
 /// One sampled continuation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GeneratedChoice {
     pub index: u32,
     pub token_ids: Vec<u32>,
@@ -73,7 +81,7 @@ pub struct GeneratedChoice {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GenerateResponse {
     pub model: String,
     /// The adapter the choices were sampled with (`null`: the base model).
@@ -82,7 +90,7 @@ pub struct GenerateResponse {
 }
 
 /// `POST /v1/tokenize`: chat messages (rendered with the model's template) or a plain prompt.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizeRequest {
     #[serde(default)]
@@ -91,10 +99,23 @@ pub struct TokenizeRequest {
     pub prompt: Option<String>,
     /// With `messages`: end with the assistant's turn opening (what generation continues).
     #[serde(default = "yes")]
+    #[schema(default = true)]
     pub add_generation_prompt: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+impl TokenizeRequest {
+    /// `messages` rendered with the model's chat template, ending with the assistant's turn
+    /// opening (what generation continues).
+    pub fn chat(messages: Vec<crate::prompts::ChatMessage>) -> Self {
+        Self {
+            messages: Some(messages),
+            prompt: None,
+            add_generation_prompt: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenizeResponse {
     pub tokens: Vec<u32>,
     /// The text that was tokenized (the rendered chat for `messages`).
@@ -102,16 +123,18 @@ pub struct TokenizeResponse {
 }
 
 /// `POST /v1/score`: per-token logprobs of completions under teacher forcing.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScoreRequest {
+    #[schema(min_items = 1)]
     pub sequences: Vec<ScoreSequence>,
     /// Logits are divided by this before the log-softmax (the sampling temperature).
     #[serde(default = "one_f64")]
+    #[schema(exclusive_minimum = 0, default = 1.0)]
     pub temperature: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScoreResponse {
     pub model: String,
     /// One entry per sequence, in request order.
@@ -119,13 +142,14 @@ pub struct ScoreResponse {
 }
 
 /// `POST /v1/adapters`: load a PEFT adapter folder (inside the server's checkpoints directory).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdapterRequest {
+    /// A folder inside the server's `--checkpoints-dir` (relative to it, or absolute).
     pub path: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AdapterResponse {
     /// The adapter now served (`null`: the base model).
     pub adapter: Option<String>,
@@ -134,7 +158,7 @@ pub struct AdapterResponse {
 }
 
 /// `GET /health`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Health {
     pub status: String,
     pub model: String,
@@ -142,12 +166,12 @@ pub struct Health {
 }
 
 /// The JSON body of every error: `{"error": {"message", "type"}}` (OpenAI's shape).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     pub message: String,
     #[serde(rename = "type")]
@@ -155,7 +179,7 @@ pub struct ErrorDetail {
 }
 
 /// Why a completion ended: a stop token (or stop string), or the `max_tokens` limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     Stop,

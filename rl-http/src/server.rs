@@ -246,3 +246,132 @@ pub fn run_server(host: &str, port: u16, router: axum::Router, what: &str) -> st
         Ok(())
     })
 }
+
+/// What frames every service's routes: its OpenAPI title and description, the bearer key, the
+/// body limit.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub title: &'static str,
+    pub description: &'static str,
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+}
+
+/// Routes that need no key (liveness, metrics, the document itself).
+pub const OPEN_ROUTES: [&str; 3] = ["/health", "/metrics", "/openapi.json"];
+
+/// The document every service's routes start from: the error body and the bearer scheme.
+pub fn base_openapi() -> utoipa::openapi::OpenApi {
+    #[derive(utoipa::OpenApi)]
+    #[openapi(components(schemas(rl_core::wire::ErrorBody, rl_core::wire::ErrorDetail)))]
+    struct Base;
+    use utoipa::OpenApi as _;
+    Base::openapi()
+}
+
+/// `GET /openapi.json`: this service's OpenAPI 3.1 document, derived from its routes and types.
+#[utoipa::path(get, path = "/openapi.json", tag = "service", responses((status = 200, description = "The OpenAPI document", body = Object)))]
+pub async fn openapi_json(
+    axum::Extension(doc): axum::Extension<Arc<utoipa::openapi::OpenApi>>,
+) -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json((*doc).clone())
+}
+
+/// The router of a service: its documented `routes` (with `/openapi.json` added), the 404/405
+/// fallbacks, the body limit, the key guard and request metrics around them; and the document,
+/// with the error responses every operation can give, the bearer scheme, and `patch` applied
+/// (runtime limits such as `--max-n`).
+pub fn assemble<S: Clone + Send + Sync + 'static>(
+    routes: utoipa_axum::router::OpenApiRouter<S>,
+    state: S,
+    metrics: Arc<crate::metrics::Metrics>,
+    frame: Frame,
+    patch: impl FnOnce(&mut utoipa::openapi::OpenApi),
+) -> (axum::Router, Arc<utoipa::openapi::OpenApi>) {
+    use utoipa::openapi::security::{
+        HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+    };
+    let (router, mut doc) = routes
+        .routes(utoipa_axum::routes!(openapi_json))
+        .split_for_parts();
+    doc.info.title = frame.title.to_string();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc.info.description = Some(frame.description.to_string());
+    if let Some(c) = doc.components.as_mut() {
+        c.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+    doc.security = Some(vec![SecurityRequirement::new(
+        "bearer",
+        Vec::<String>::new(),
+    )]);
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let open = OPEN_ROUTES.contains(&path.as_str());
+        for op in [
+            &mut item.get,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.put,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            add_error_responses(op, open);
+        }
+    }
+    patch(&mut doc);
+    let doc = Arc::new(doc);
+    let key = ApiKey(frame.api_key.as_deref().map(Arc::from));
+    let router = router
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(axum::extract::DefaultBodyLimit::max(frame.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(key, require_key))
+        .layer(axum::middleware::from_fn(crate::metrics::track))
+        .layer(axum::Extension(metrics))
+        .layer(axum::Extension(doc.clone()))
+        .with_state(state);
+    (router, doc)
+}
+
+/// The error answers an operation can give, each with the error body.
+fn add_error_responses(op: &mut utoipa::openapi::path::Operation, open: bool) {
+    use utoipa::openapi::{Ref, ResponseBuilder};
+    let mut add = |status: &str, why: &str| {
+        let r = ResponseBuilder::new()
+            .description(why)
+            .content(
+                "application/json",
+                utoipa::openapi::ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build();
+        op.responses
+            .responses
+            .entry(status.to_string())
+            .or_insert(r.into());
+    };
+    if open {
+        // No key needed, no body: only a failure of the server itself.
+        op.security = Some(vec![]);
+        add("500", "The server failed; the message says how");
+        return;
+    }
+    add("401", "Missing or wrong API key");
+    if op.request_body.is_some() {
+        add("400", "The body is not valid JSON");
+        add("413", "The body is over the server's limit");
+        add(
+            "422",
+            "A field is wrong; the message names it and says what to send",
+        );
+    }
+    add("500", "The server failed; the message says how");
+    add(
+        "503",
+        "Busy (queue full) or shutting down; retry after the Retry-After header",
+    );
+}

@@ -14,25 +14,93 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use model::{Engine, GenerateRequest, Generation};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use rl_http::metrics::{GaugeF64, PhaseTimes};
 use tokio::sync::{mpsc, oneshot};
 
-/// Counters the actor keeps for `/metrics`.
-#[derive(Debug, Default)]
+/// What the actor counts for `/metrics` (prometheus-client metrics: cheap atomic handles,
+/// registered once by [`Stats::register`]).
+#[derive(Debug, Clone)]
 pub struct Stats {
-    pub batches: AtomicU64,
-    pub batch_rows: AtomicU64,
-    pub prompt_tokens: AtomicU64,
-    pub generated_tokens: AtomicU64,
-    pub rejected_full: AtomicU64,
-    pub max_pending: AtomicUsize,
-    pub adapter_swaps: AtomicU64,
-    pub last_swap_us: AtomicU64,
-    pub skipped_requests: AtomicU64,
+    pub batches: Counter,
+    pub batch_rows: Counter,
+    pub prompt_tokens: Counter,
+    pub generated_tokens: Counter,
+    pub rejected_full: Counter,
+    /// Largest queue depth seen (a gauge only moved up).
+    pub max_pending: Arc<AtomicUsize>,
+    pub adapter_swaps: Counter,
+    pub last_swap_seconds: GaugeF64,
+    pub skipped_requests: Counter,
+    /// Time per decoded batch and per adapter swap (the service's phase histogram).
+    pub batch_seconds: Histogram,
+    pub swap_seconds: Histogram,
+}
+
+impl Stats {
+    /// New counters; the phase times go to the service's phase histograms.
+    pub fn new(phases: &PhaseTimes) -> Self {
+        Self {
+            batches: Counter::default(),
+            batch_rows: Counter::default(),
+            prompt_tokens: Counter::default(),
+            generated_tokens: Counter::default(),
+            rejected_full: Counter::default(),
+            max_pending: Arc::default(),
+            adapter_swaps: Counter::default(),
+            last_swap_seconds: GaugeF64::default(),
+            skipped_requests: Counter::default(),
+            batch_seconds: phases.histogram("batch"),
+            swap_seconds: phases.histogram("adapter_swap"),
+        }
+    }
+
+    /// Registers the counters (under the service's prefix).
+    pub fn register(&self, r: &mut Registry) {
+        r.register("batches", "Batches decoded", self.batches.clone());
+        r.register(
+            "batch_rows",
+            "Rows (choices) decoded, summed over batches",
+            self.batch_rows.clone(),
+        );
+        r.register(
+            "prompt_tokens",
+            "Prompt tokens prefilled",
+            self.prompt_tokens.clone(),
+        );
+        r.register(
+            "generated_tokens",
+            "Tokens generated",
+            self.generated_tokens.clone(),
+        );
+        r.register(
+            "rejected_full",
+            "Requests answered 503 because the queue was full",
+            self.rejected_full.clone(),
+        );
+        r.register(
+            "abandoned_requests",
+            "Requests dropped because their client left before they started",
+            self.skipped_requests.clone(),
+        );
+        r.register(
+            "adapter_swaps",
+            "Adapter loads and unloads",
+            self.adapter_swaps.clone(),
+        );
+        r.register(
+            "adapter_last_swap_seconds",
+            "Duration of the last adapter swap",
+            self.last_swap_seconds.clone(),
+        );
+    }
 }
 
 /// The result of one request: its generations and the adapter they came from.
@@ -87,10 +155,15 @@ impl std::fmt::Debug for Batcher {
 
 impl Batcher {
     /// Starts the actor thread, which owns `engine` from now on.
-    pub fn start(engine: Engine, max_batch: usize, max_queue: usize) -> std::io::Result<Self> {
+    pub fn start(
+        engine: Engine,
+        max_batch: usize,
+        max_queue: usize,
+        stats: Stats,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let pending = Arc::new(AtomicUsize::new(0));
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(stats);
         let adapter = Arc::new(Mutex::new(None));
         let actor = Actor {
             engine,
@@ -138,7 +211,7 @@ impl Batcher {
         let before = self.pending.fetch_add(1, Ordering::SeqCst);
         if before >= self.max_queue {
             self.pending.fetch_sub(1, Ordering::SeqCst);
-            self.stats.rejected_full.fetch_add(1, Ordering::Relaxed);
+            self.stats.rejected_full.inc();
             // A rough wait: the batches ahead, at about a second each.
             let retry_after_s = 1 + (before / self.max_batch) as u64;
             return Err(JobError::Full { retry_after_s });
@@ -238,13 +311,14 @@ impl Actor {
             Some(d) => self.engine.load_adapter(d)?,
             None => self.engine.set_adapter(None)?,
         }
-        let us = t.elapsed().as_micros() as u64;
-        self.stats.adapter_swaps.fetch_add(1, Ordering::Relaxed);
-        self.stats.last_swap_us.store(us, Ordering::Relaxed);
+        let seconds = t.elapsed().as_secs_f64();
+        self.stats.adapter_swaps.inc();
+        self.stats.last_swap_seconds.set(seconds);
+        self.stats.swap_seconds.observe(seconds);
         if let Ok(mut a) = self.adapter.lock() {
             *a = dir.map(|d| d.display().to_string());
         }
-        Ok(us as f64 / 1000.0)
+        Ok(seconds * 1000.0)
     }
 
     fn current_adapter(&self) -> Option<String> {
@@ -259,9 +333,7 @@ impl Actor {
         let gone = before - self.jobs.len();
         if gone > 0 {
             self.pending.fetch_sub(gone, Ordering::SeqCst);
-            self.stats
-                .skipped_requests
-                .fetch_add(gone as u64, Ordering::Relaxed);
+            self.stats.skipped_requests.inc_by(gone as u64);
         }
         let adapter = self.current_adapter();
         let mut batch: Vec<GenerateRequest> = Vec::new();
@@ -283,20 +355,17 @@ impl Actor {
         if batch.is_empty() {
             return;
         }
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .batch_rows
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.stats.batches.inc();
+        self.stats.batch_rows.inc_by(batch.len() as u64);
         let prompt_tokens: usize = batch.iter().map(|r| r.prompt.len()).sum();
-        self.stats
-            .prompt_tokens
-            .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
-        match self.engine.generate(&batch) {
+        self.stats.prompt_tokens.inc_by(prompt_tokens as u64);
+        let t = Instant::now();
+        let generated = self.engine.generate(&batch);
+        self.stats.batch_seconds.observe(t.elapsed().as_secs_f64());
+        match generated {
             Ok(generations) => {
                 let tokens: usize = generations.iter().map(|g| g.tokens.len()).sum();
-                self.stats
-                    .generated_tokens
-                    .fetch_add(tokens as u64, Ordering::Relaxed);
+                self.stats.generated_tokens.inc_by(tokens as u64);
                 for ((j, r), g) in owners.into_iter().zip(generations) {
                     if let Some(job) = self.jobs.get_mut(j) {
                         job.done[r] = Some(g);

@@ -11,19 +11,15 @@
 
 pub mod batcher;
 pub mod openai;
-pub mod openapi;
 pub mod routes;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
-use axum::middleware::from_fn_with_state;
-use axum::routing::{get, post};
 use axum::Router;
 use model::Engine;
-use rl_http::server::{no_route, require_key, wrong_method, ApiKey};
+use rl_http::metrics::Metrics;
+use rl_http::server::{assemble, Frame};
 
 pub use batcher::Batcher;
 pub use routes::AppState;
@@ -60,7 +56,7 @@ impl Default for Options {
 }
 
 /// Starts the engine actor and builds the router. The engine moves into the actor thread.
-pub fn app(engine: Engine, opts: &Options) -> anyhow::Result<(Router, Arc<AppState>)> {
+pub fn app(engine: Engine, opts: &Options) -> anyhow::Result<(axum::Router, Arc<AppState>)> {
     let checkpoints_dir = match &opts.checkpoints_dir {
         Some(d) => Some(d.canonicalize().map_err(|e| {
             anyhow::anyhow!(
@@ -75,8 +71,14 @@ pub fn app(engine: Engine, opts: &Options) -> anyhow::Result<(Router, Arc<AppSta
     let cfg = engine.config();
     let (vocab, context) = (cfg.vocab_size, cfg.max_position_embeddings);
     let eos_ids = cfg.eos_token_ids.clone();
-    let matmul = engine.matmul_backend();
-    let batcher = Batcher::start(engine, opts.max_batch, opts.max_queue)?;
+    let gauges = routes::service::Gauges::default();
+    let (metrics, stats) = Metrics::new("rollout", engine.matmul_backend(), |r, phases| {
+        gauges.register(r);
+        let stats = batcher::Stats::new(phases);
+        stats.register(r);
+        stats
+    });
+    let batcher = Batcher::start(engine, opts.max_batch, opts.max_queue, stats)?;
     let state = Arc::new(AppState {
         batcher,
         model_name: opts.model_name.clone(),
@@ -87,31 +89,39 @@ pub fn app(engine: Engine, opts: &Options) -> anyhow::Result<(Router, Arc<AppSta
         eos_ids,
         checkpoints_dir,
         max_n: opts.max_n,
-        requests: Mutex::new(Default::default()),
-        started: Instant::now(),
-        matmul,
+        metrics: metrics.clone(),
+        gauges,
     });
-    let key = ApiKey(opts.api_key.as_deref().map(Arc::from));
-    let router = Router::new()
-        .route("/v1/completions", post(routes::completions))
-        .route("/v1/chat/completions", post(routes::chat))
-        .route("/v1/generate", post(routes::generate))
-        .route("/v1/tokenize", post(routes::tokenize))
-        .route("/v1/models", get(routes::models))
-        .route(
-            "/v1/adapters",
-            post(routes::load_adapter).delete(routes::unload_adapter),
-        )
-        .route("/health", get(routes::health))
-        .route("/metrics", get(routes::metrics))
-        .route("/openapi.json", get(routes::openapi))
-        .fallback(no_route)
-        .method_not_allowed_fallback(wrong_method)
-        .layer(DefaultBodyLimit::max(opts.max_body_bytes))
-        .layer(from_fn_with_state(key, require_key))
-        .layer(from_fn_with_state(state.clone(), routes::count_requests))
-        .with_state(state.clone());
+    let frame = Frame {
+        title: "rollout-server",
+        description: "Samples completions with per-token logprobs from the current policy (base \
+                      model + LoRA adapter). Errors are {\"error\": {\"message\", \"type\"}}.",
+        api_key: opts.api_key.clone(),
+        max_body_bytes: opts.max_body_bytes,
+    };
+    let max_n = opts.max_n;
+    let (router, _) = assemble(routes::router(), state.clone(), metrics, frame, |doc| {
+        // The server's own limit on `n` (--max-n), where each request takes it.
+        for schema in ["GenerateRequest", "CompletionRequest", "ChatRequest"] {
+            set_maximum(doc, schema, "n", f64::from(max_n));
+        }
+    });
     Ok((router, state))
+}
+
+/// Sets `maximum` of `field` of the component schema `schema` (a runtime limit).
+fn set_maximum(doc: &mut utoipa::openapi::OpenApi, schema: &str, field: &str, max: f64) {
+    use utoipa::openapi::schema::Schema;
+    use utoipa::openapi::RefOr;
+    let Some(components) = doc.components.as_mut() else {
+        return;
+    };
+    let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(schema) else {
+        return;
+    };
+    if let Some(RefOr::T(Schema::Object(f))) = object.properties.get_mut(field) {
+        f.maximum = Some(max.into());
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves; requests in flight are finished.

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// A string or a list of strings (`prompt`, `stop`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum OneOrMany {
     One(String),
@@ -24,7 +24,7 @@ impl OneOrMany {
 }
 
 /// `prompt` of a completion: text, texts, token ids, or lists of token ids.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Prompt {
     Text(String),
@@ -33,83 +33,121 @@ pub enum Prompt {
     IdLists(Vec<Vec<u32>>),
 }
 
-/// OpenAI fields this server does not implement, shared by both requests: each must be absent or
-/// neutral; the first that is not is named in the error.
-fn refused(
-    stream: Option<bool>,
-    presence_penalty: Option<f64>,
-    frequency_penalty: Option<f64>,
-    logit_bias: Option<&serde_json::Map<String, serde_json::Value>>,
-) -> Option<&'static str> {
-    if stream == Some(true) {
-        return Some("`stream` is not supported; send stream: false");
-    }
-    if presence_penalty.is_some_and(|p| p != 0.0) {
-        return Some("`presence_penalty` is not supported; send 0");
-    }
-    if frequency_penalty.is_some_and(|p| p != 0.0) {
-        return Some("`frequency_penalty` is not supported; send 0");
-    }
-    if logit_bias.is_some_and(|b| !b.is_empty()) {
-        return Some("`logit_bias` is not supported; send {}");
-    }
-    None
+/// Declares an OpenAI request with the fields both requests share: sampling (and vLLM's
+/// extensions `top_k`, `stop_token_ids`, `return_token_ids`) and the OpenAI fields accepted only
+/// at their neutral value. One list, so the two requests cannot drift; a macro rather than
+/// `#[serde(flatten)]`, which would lose `deny_unknown_fields` and the field names in errors.
+macro_rules! openai_request {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($(#[$fmeta])* pub $field: $ty,)*
+            /// The served model's name (`GET /v1/models`); any other is refused.
+            #[serde(default)]
+            pub model: Option<String>,
+            /// 0 is greedy.
+            #[serde(default)]
+            #[schema(minimum = 0, default = 1.0)]
+            pub temperature: Option<f64>,
+            #[serde(default)]
+            #[schema(exclusive_minimum = 0, maximum = 1, default = 1.0)]
+            pub top_p: Option<f64>,
+            /// Extension: 0 for no top-k truncation.
+            #[serde(default)]
+            #[schema(default = 0)]
+            pub top_k: Option<u32>,
+            /// Choices per prompt (at most the server's `--max-n`).
+            #[serde(default)]
+            #[schema(minimum = 1, default = 1)]
+            pub n: Option<u32>,
+            /// At most 4 strings (`sampling::MAX_STOP`); the text is cut before the first.
+            #[serde(default)]
+            pub stop: Option<OneOrMany>,
+            /// Extension: token ids that end a choice (default: the model's end ids).
+            #[serde(default)]
+            pub stop_token_ids: Option<Vec<u32>>,
+            /// Choice `i` is sampled with seed `seed + i`.
+            #[serde(default)]
+            pub seed: Option<u64>,
+            /// Extension: also return the token ids.
+            #[serde(default)]
+            pub return_token_ids: Option<bool>,
+            /// Only `false`: streaming is not supported.
+            #[serde(default)]
+            pub stream: Option<bool>,
+            /// Only 0.
+            #[serde(default)]
+            pub presence_penalty: Option<f64>,
+            /// Only 0.
+            #[serde(default)]
+            pub frequency_penalty: Option<f64>,
+            /// Only `{}`.
+            #[serde(default)]
+            #[schema(value_type = Option<Object>)]
+            pub logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
+            /// Accepted and ignored.
+            #[serde(default)]
+            pub user: Option<String>,
+        }
+
+        impl $name {
+            /// The first shared field set to a value this server cannot honour.
+            fn refused_common(&self) -> Option<&'static str> {
+                if self.stream == Some(true) {
+                    return Some("`stream` is not supported; send stream: false");
+                }
+                if self.presence_penalty.is_some_and(|p| p != 0.0) {
+                    return Some("`presence_penalty` is not supported; send 0");
+                }
+                if self.frequency_penalty.is_some_and(|p| p != 0.0) {
+                    return Some("`frequency_penalty` is not supported; send 0");
+                }
+                if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+                    return Some("`logit_bias` is not supported; send {}");
+                }
+                None
+            }
+        }
+    };
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CompletionRequest {
-    #[serde(default)]
-    pub model: Option<String>,
-    pub prompt: Prompt,
-    #[serde(default)]
-    pub max_tokens: Option<u32>,
-    #[serde(default)]
-    pub temperature: Option<f64>,
-    #[serde(default)]
-    pub top_p: Option<f64>,
-    #[serde(default)]
-    pub top_k: Option<u32>,
-    #[serde(default)]
-    pub n: Option<u32>,
-    #[serde(default)]
-    pub stop: Option<OneOrMany>,
-    #[serde(default)]
-    pub stop_token_ids: Option<Vec<u32>>,
-    #[serde(default)]
-    pub seed: Option<u64>,
-    /// Number of most likely alternatives per token (0..=5); `null`: no logprobs.
-    #[serde(default)]
-    pub logprobs: Option<u32>,
-    #[serde(default)]
-    pub echo: Option<bool>,
-    #[serde(default)]
-    pub best_of: Option<u32>,
-    #[serde(default)]
-    pub suffix: Option<String>,
-    #[serde(default)]
-    pub return_token_ids: Option<bool>,
-    #[serde(default)]
-    pub stream: Option<bool>,
-    #[serde(default)]
-    pub presence_penalty: Option<f64>,
-    #[serde(default)]
-    pub frequency_penalty: Option<f64>,
-    #[serde(default)]
-    pub logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
-    #[serde(default)]
-    pub user: Option<String>,
+openai_request! {
+    /// `POST /v1/completions`.
+    pub struct CompletionRequest {
+        pub prompt: Prompt,
+        /// Default 16.
+        #[serde(default)]
+        #[schema(minimum = 1)]
+        pub max_tokens: Option<u32>,
+        /// Number of most likely alternatives per token (at most 5,
+        /// `sampling::MAX_COMPLETION_LOGPROBS`); `null`: no logprobs.
+        #[serde(default)]
+        #[schema(minimum = 0, maximum = 5)]
+        pub logprobs: Option<u32>,
+        /// Only `false`.
+        #[serde(default)]
+        pub echo: Option<bool>,
+        /// Only equal to `n`.
+        #[serde(default)]
+        pub best_of: Option<u32>,
+        /// Only empty.
+        #[serde(default)]
+        pub suffix: Option<String>,
+    }
 }
 
 /// A chat message's content: a string or OpenAI's list of text parts.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// A part of a message's content: only `{"type": "text", "text": ...}` is supported.
+#[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContentPart {
     #[serde(rename = "type")]
@@ -118,7 +156,7 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessageIn {
     pub role: String,
@@ -127,50 +165,34 @@ pub struct ChatMessageIn {
     pub name: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChatRequest {
-    #[serde(default)]
-    pub model: Option<String>,
-    pub messages: Vec<ChatMessageIn>,
-    #[serde(default)]
-    pub max_tokens: Option<u32>,
-    #[serde(default)]
-    pub max_completion_tokens: Option<u32>,
-    #[serde(default)]
-    pub temperature: Option<f64>,
-    #[serde(default)]
-    pub top_p: Option<f64>,
-    #[serde(default)]
-    pub top_k: Option<u32>,
-    #[serde(default)]
-    pub n: Option<u32>,
-    #[serde(default)]
-    pub stop: Option<OneOrMany>,
-    #[serde(default)]
-    pub stop_token_ids: Option<Vec<u32>>,
-    #[serde(default)]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub logprobs: Option<bool>,
-    #[serde(default)]
-    pub top_logprobs: Option<u32>,
-    #[serde(default)]
-    pub return_token_ids: Option<bool>,
-    #[serde(default)]
-    pub tools: Option<serde_json::Value>,
-    #[serde(default)]
-    pub response_format: Option<serde_json::Value>,
-    #[serde(default)]
-    pub stream: Option<bool>,
-    #[serde(default)]
-    pub presence_penalty: Option<f64>,
-    #[serde(default)]
-    pub frequency_penalty: Option<f64>,
-    #[serde(default)]
-    pub logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
-    #[serde(default)]
-    pub user: Option<String>,
+openai_request! {
+    /// `POST /v1/chat/completions`.
+    pub struct ChatRequest {
+        #[schema(min_items = 1)]
+        pub messages: Vec<ChatMessageIn>,
+        /// Default: the room left in the context.
+        #[serde(default)]
+        #[schema(minimum = 1)]
+        pub max_tokens: Option<u32>,
+        /// Preferred over `max_tokens` when both are given.
+        #[serde(default)]
+        #[schema(minimum = 1)]
+        pub max_completion_tokens: Option<u32>,
+        #[serde(default)]
+        pub logprobs: Option<bool>,
+        /// With `logprobs: true`; at most 20 (`sampling::MAX_TOP_LOGPROBS`).
+        #[serde(default)]
+        #[schema(minimum = 0, maximum = 20)]
+        pub top_logprobs: Option<u32>,
+        /// Only `null`.
+        #[serde(default)]
+        #[schema(value_type = Option<Object>)]
+        pub tools: Option<serde_json::Value>,
+        /// Only `{"type": "text"}`.
+        #[serde(default)]
+        #[schema(value_type = Option<Object>)]
+        pub response_format: Option<serde_json::Value>,
+    }
 }
 
 impl CompletionRequest {
@@ -185,12 +207,7 @@ impl CompletionRequest {
         if self.best_of.is_some_and(|b| b > self.n.unwrap_or(1)) {
             return Some("`best_of` is not supported; send best_of equal to n or leave it out");
         }
-        refused(
-            self.stream,
-            self.presence_penalty,
-            self.frequency_penalty,
-            self.logit_bias.as_ref(),
-        )
+        self.refused_common()
     }
 }
 
@@ -207,16 +224,11 @@ impl ChatRequest {
         {
             return Some("`response_format` other than text is not supported");
         }
-        refused(
-            self.stream,
-            self.presence_penalty,
-            self.frequency_penalty,
-            self.logit_bias.as_ref(),
-        )
+        self.refused_common()
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
@@ -224,7 +236,7 @@ pub struct Usage {
 }
 
 /// Legacy completions logprobs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<f32>,
@@ -232,7 +244,7 @@ pub struct CompletionLogprobs {
     pub text_offset: Vec<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CompletionChoice {
     pub index: u32,
     pub text: String,
@@ -244,7 +256,7 @@ pub struct CompletionChoice {
     pub prompt_token_ids: Option<Vec<u32>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CompletionResponse {
     pub id: String,
     pub object: String,
@@ -254,14 +266,14 @@ pub struct CompletionResponse {
     pub usage: Usage,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TopLogprob {
     pub token: String,
     pub logprob: f32,
     pub bytes: Vec<u8>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenLogprob {
     pub token: String,
     pub logprob: f32,
@@ -271,18 +283,18 @@ pub struct TokenLogprob {
     pub token_id: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChatLogprobs {
     pub content: Vec<TokenLogprob>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AssistantMessage {
     pub role: String,
     pub content: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
@@ -292,7 +304,7 @@ pub struct ChatChoice {
     pub token_ids: Option<Vec<u32>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChatResponse {
     pub id: String,
     pub object: String,
@@ -302,4 +314,23 @@ pub struct ChatResponse {
     pub usage: Usage,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub prompt_token_ids: Option<Vec<u32>>,
+}
+
+/// `GET /v1/models`: the one served model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub owned_by: String,
+    /// Extension: the adapter served (`null`: the base model).
+    pub adapter: Option<String>,
+    /// Extension (as vLLM): the model's context length.
+    pub max_model_len: usize,
 }

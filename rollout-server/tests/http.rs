@@ -133,13 +133,90 @@ async fn routes_answer_in_their_shapes() {
     assert!(models.contains("\"id\":\"tiny\""), "{models}");
     let (status, health) = get_text(&format!("{url}/health")).await;
     assert_eq!((status, health.contains("\"status\":\"ok\"")), (200, true));
-    let (status, doc) = get_text(&format!("{url}/openapi.json")).await;
-    assert_eq!(status, 200);
-    let doc: serde_json::Value = serde_json::from_str(&doc).expect("openapi json");
-    for (method, path, _) in rollout_server::openapi::ROUTES {
+    // The document is derived from the router: every documented operation answers, no other
+    // method does, and the request types are documented as they are parsed.
+    let (doc, problems) = rl_http::client::check_contract(url, None)
+        .await
+        .expect("contract");
+    assert!(problems.is_empty(), "{problems:#?}");
+    let documented: Vec<String> = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .flat_map(|(p, item)| {
+            item.as_object()
+                .into_iter()
+                .flat_map(|o| o.keys())
+                .map(move |m| format!("{m} {p}"))
+        })
+        .collect();
+    for route in [
+        "post /v1/completions",
+        "post /v1/chat/completions",
+        "post /v1/generate",
+        "post /v1/tokenize",
+        "get /v1/models",
+        "post /v1/adapters",
+        "delete /v1/adapters",
+        "get /health",
+        "get /metrics",
+        "get /openapi.json",
+    ] {
         assert!(
-            doc["paths"][path][method].is_object(),
-            "{method} {path} missing from the document"
+            documented.contains(&route.to_string()),
+            "{route} not in {documented:?}"
+        );
+    }
+    let schemas = &doc["components"]["schemas"];
+    let completion = &schemas["CompletionRequest"];
+    assert_eq!(completion["additionalProperties"], false, "{completion}");
+    for field in [
+        "prompt",
+        "best_of",
+        "suffix",
+        "user",
+        "stream",
+        "logit_bias",
+        "stop_token_ids",
+    ] {
+        assert!(
+            completion["properties"][field].is_object(),
+            "CompletionRequest.{field}"
+        );
+    }
+    // Limits come from the code that enforces them: --max-n of this server, the OpenAI caps.
+    assert_eq!(
+        completion["properties"]["n"]["maximum"], 128,
+        "{completion}"
+    );
+    assert_eq!(
+        completion["properties"]["logprobs"]["maximum"],
+        sampling::MAX_COMPLETION_LOGPROBS
+    );
+    assert_eq!(
+        schemas["ChatRequest"]["properties"]["top_logprobs"]["maximum"],
+        sampling::MAX_TOP_LOGPROBS
+    );
+    assert_eq!(
+        schemas["GenerateRequest"]["properties"]["n"]["maximum"],
+        128
+    );
+    // Chat content is a string or a list of text parts.
+    let content = schemas["ChatMessageIn"]["properties"]["content"].to_string();
+    assert!(content.contains("Content"), "{content}");
+    assert!(
+        schemas["Content"].to_string().contains("ContentPart"),
+        "{}",
+        schemas["Content"]
+    );
+    // Every error answer has the error body.
+    let generate = &doc["paths"]["/v1/generate"]["post"]["responses"];
+    for status in ["400", "401", "413", "422", "503"] {
+        assert!(
+            generate[status]["content"]["application/json"]["schema"]["$ref"]
+                .as_str()
+                .is_some_and(|r| r.ends_with("/ErrorBody")),
+            "{status}: {generate}"
         );
     }
     let (_, metrics) = get_text(&format!("{url}/metrics")).await;
@@ -438,7 +515,7 @@ async fn bad_inputs_get_their_status_and_message() {
         ("n over the limit", "POST", g, json!({"prompt_ids": [1], "max_tokens": 4, "n": 9}).to_string(), 422, "`n` is 9; it must be in 1..=8"),
         ("n zero", "POST", g, json!({"prompt_ids": [1], "max_tokens": 4, "n": 0}).to_string(), 422, "`n` is 0"),
         ("max_tokens over the context", "POST", g, json!({"prompt_ids": [1, 2], "max_tokens": 500}).to_string(), 422, "over the model's context of 128"),
-        ("max_tokens zero", "POST", g, json!({"prompt_ids": [1], "max_tokens": 0}).to_string(), 422, "`max_tokens` must be at least 1"),
+        ("max_tokens zero", "POST", g, json!({"prompt_ids": [1], "max_tokens": 0}).to_string(), 422, "`max_tokens` is 0; it must be in 1..="),
         ("negative temperature", "POST", g, json!({"prompt_ids": [1], "max_tokens": 4, "temperature": -0.5}).to_string(), 422, "`temperature` is -0.5"),
         ("top_p zero", "POST", g, json!({"prompt_ids": [1], "max_tokens": 4, "top_p": 0.0}).to_string(), 422, "`top_p` is 0"),
         ("top_p above one", "POST", g, json!({"prompt_ids": [1], "max_tokens": 4, "top_p": 1.5}).to_string(), 422, "(0, 1]"),

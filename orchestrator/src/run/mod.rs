@@ -1,0 +1,339 @@
+//! The run: from a config to trained checkpoints, iteration by iteration, always resumable from
+//! the rollout database. Each iteration goes through the phases the store records:
+//!
+//! 1. `sampling`: the iteration's problems (deterministic from the seed and the iteration) are
+//!    fanned out to the rollout server with bounded concurrency, `attempts` samples each with the
+//!    group's seed; rewards are computed; each group is stored in one transaction. On resume only
+//!    the missing groups are sampled.
+//! 2. `scoring_ref`: the ref-scorer annotates every stored group without reference logprobs.
+//! 3. `training`: a learner process trains on the iteration and writes `checkpoints/iter_N`; the
+//!    rollout server hot-swaps it in.
+//! 4. `evaluating` (every `test_every_n_iterations`): greedy answers to the test problems, one row
+//!    each, then accuracy and format rate.
+//!
+//! A failing child is reported with what it said; a crashed server is restarted and the request
+//! retried. Nothing here holds state that the database does not: killing the orchestrator at any
+//! point and running it again continues where it stopped.
+
+mod evaluating;
+mod failpoints;
+mod preflight;
+mod sampling;
+mod scoring;
+mod training;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use learner::checkpoint;
+use rl_core::config::Config;
+use rl_core::prompts::PromptStyle;
+use rl_core::tasks::{self, Problem};
+use rl_store::{Phase, RunSpec, Store, TaskRecord};
+
+use crate::children::{self, RolloutServer, ServiceArgs};
+use crate::supervisor::Service;
+
+use failpoints::crash_at;
+pub use failpoints::FAILPOINT_ENV;
+use preflight::{check_compatible, check_ports};
+
+/// An open run: config, database, data and services.
+pub struct Run {
+    pub config: Config,
+    pub dir: PathBuf,
+    pub store: Store,
+    train: Vec<Problem>,
+    test: Vec<Problem>,
+    rollout: Service,
+    scorer: Service,
+    /// The checkpoint the rollout server serves, as we last set it.
+    served: tokio::sync::Mutex<Option<u32>>,
+    /// The `kill-rollout-server` failpoint fired (it fires once).
+    killed: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Run({})", self.dir.display())
+    }
+}
+
+impl Run {
+    /// Opens (or creates) the run directory of `config`, loads the data and starts or connects
+    /// to the services.
+    pub async fn open(mut config: Config) -> anyhow::Result<Run> {
+        let cwd = std::env::current_dir()?;
+        config.resolve_paths(&cwd);
+        check_ports(&config)?;
+        let bins = children::bin_dir()?;
+        {
+            // The services this run starts itself (the learner always) must run on its device.
+            let s = &config.services;
+            let mut local = vec![bins.join("learner")];
+            if s.rollout.endpoints.is_empty() {
+                local.push(bins.join("rollout-server"));
+            }
+            if s.ref_scorer.endpoint.is_none() {
+                local.push(bins.join("ref-scorer"));
+            }
+            let local: Vec<&Path> = local.iter().map(PathBuf::as_path).collect();
+            crate::device::preflight(&config.model.device, &local)?;
+        }
+        let dir = config.output_dir.clone();
+        std::fs::create_dir_all(checkpoint::root(&dir))
+            .with_context(|| format!("creating the run directory {}", dir.display()))?;
+        let db = dir.join("rollouts.sqlite");
+        let yaml = config.to_yaml().map_err(anyhow::Error::msg)?;
+        let store = if db.exists() {
+            let store = Store::open(&db).await?;
+            check_compatible(&store.run().await?.spec, &config, &db)?;
+            store.update_config(&yaml).await?;
+            store
+        } else {
+            Store::create(
+                &db,
+                &RunSpec {
+                    config_yaml: yaml.clone(),
+                    model: config.model.path.clone(),
+                    seed: config.seed,
+                    attempts: config.attempts,
+                },
+            )
+            .await?
+        };
+        rl_core::files::write_file(&dir.join("config.yaml"), yaml.as_bytes())?;
+        let train = tasks::load_gsm8k(&config.data.train)?;
+        let mut test = tasks::load_gsm8k(&config.data.test)?;
+        if let Some(limit) = config.data.test_limit {
+            test.truncate(limit as usize);
+        }
+        let s = &config.services;
+        let timeout = Duration::from_secs(u64::from(s.request_timeout_s));
+        let startup = Duration::from_secs(u64::from(s.startup_timeout_s));
+        let rollout = match s.rollout.endpoints.first() {
+            Some(url) => {
+                Service::external("rollout-server", url, s.api_key.clone(), timeout).await?
+            }
+            None => {
+                let spec = RolloutServer {
+                    checkpoints_dir: Some(checkpoint::root(&dir)),
+                    max_batch: Some(s.rollout.max_batch),
+                    max_queue: Some(s.rollout.max_queue),
+                    max_n: Some(config.attempts.max(128)),
+                    ..RolloutServer::new(ServiceArgs::from_config(&config, s.rollout.port))
+                }
+                .spec()?;
+                Service::spawn(spec, s.api_key.clone(), timeout, startup).await?
+            }
+        };
+        let scorer = match &s.ref_scorer.endpoint {
+            Some(url) => Service::external("ref-scorer", url, s.api_key.clone(), timeout).await?,
+            None => {
+                let spec =
+                    children::ref_scorer(&ServiceArgs::from_config(&config, s.ref_scorer.port))?;
+                match Service::spawn(spec, s.api_key.clone(), timeout, startup).await {
+                    Ok(svc) => svc,
+                    Err(e) => {
+                        rollout.stop().await;
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        Ok(Run {
+            config,
+            dir,
+            store,
+            train,
+            test,
+            rollout,
+            scorer,
+            served: tokio::sync::Mutex::new(None),
+            killed: Default::default(),
+        })
+    }
+
+    /// Stops the services this run started.
+    pub async fn shutdown(&self) {
+        self.rollout.stop().await;
+        self.scorer.stop().await;
+    }
+
+    /// Runs every iteration up to `max_iterations`, from wherever the database says.
+    pub async fn run_all(&self) -> anyhow::Result<()> {
+        for it in 0..self.config.max_iterations {
+            self.iteration(it).await?;
+        }
+        Ok(())
+    }
+
+    fn checkpoint_dir(&self, iteration: u32) -> PathBuf {
+        checkpoint::dir(&self.dir, iteration)
+    }
+
+    /// Calls `f` with a client of `svc`; if the service went away, restarts it and tries again.
+    async fn with_service<T, F, Fut>(&self, svc: &Service, what: &str, f: F) -> anyhow::Result<T>
+    where
+        F: Fn(rl_http::client::ServiceClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, rl_http::client::ClientError>>,
+    {
+        let mut last = None;
+        for _ in 0..5 {
+            // A dead child is noticed here, before its requests time out.
+            if svc.ensure_running().await? && svc.name() == "rollout-server" {
+                // A restarted server serves the base model: put the adapter back.
+                *self.served.lock().await = None;
+                self.serve_checkpoint_locked().await?;
+            }
+            match f(svc.client().await?).await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.status().is_some() => {
+                    return Err(anyhow::Error::new(e).context(what.to_string()))
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(anyhow::anyhow!(
+            "{what}: {} kept failing: {}",
+            svc.name(),
+            last.map_or(String::new(), |e| e.to_string())
+        ))
+    }
+
+    /// Makes the rollout server serve the latest recorded checkpoint (if any).
+    async fn serve_checkpoint_locked(&self) -> anyhow::Result<()> {
+        if self.rollout.ensure_running().await? {
+            *self.served.lock().await = None;
+        }
+        let latest = self
+            .store
+            .checkpoints()
+            .await?
+            .into_iter()
+            .map(|c| c.iteration)
+            .max();
+        let mut served = self.served.lock().await;
+        if *served == latest {
+            return Ok(());
+        }
+        let client = self.rollout.client().await?;
+        match latest {
+            Some(it) => {
+                let r = client
+                    .load_adapter(&format!("iter_{it}"))
+                    .await
+                    .context("hot-swapping the adapter")?;
+                tracing::info!(
+                    "rollout server now serves checkpoint iter_{it} (swap {:.1} ms)",
+                    r.swap_ms
+                );
+            }
+            None => {
+                client.unload_adapter().await?;
+            }
+        }
+        *served = latest;
+        Ok(())
+    }
+
+    fn tasks_of(&self, iteration: u32) -> Vec<TaskRecord> {
+        let c = &self.config;
+        tasks::problems_for_iteration(
+            c.seed,
+            iteration,
+            c.problems_per_iteration as usize,
+            self.train.len(),
+        )
+        .into_iter()
+        .enumerate()
+        .map(|(g, p)| TaskRecord {
+            group_index: g as u32,
+            problem_index: p as u64,
+            question: self.train[p].question.clone(),
+            gold: self.train[p].gold.text.clone(),
+            seed: tasks::group_seed(c.seed, iteration, p),
+        })
+        .collect()
+    }
+
+    fn style(&self) -> PromptStyle {
+        self.config.prompt.style
+    }
+
+    /// One iteration, from its recorded phase to `done`.
+    pub async fn iteration(&self, it: u32) -> anyhow::Result<()> {
+        let existing = self
+            .store
+            .iterations()
+            .await?
+            .into_iter()
+            .find(|s| s.iteration == it);
+        if existing.is_some_and(|s| s.phase == Phase::Done) {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        self.store
+            .begin_iteration(it, self.config.attempts, &self.tasks_of(it))
+            .await?;
+        self.serve_checkpoint_locked().await?;
+        let mut phase = self.phase(it).await?;
+        if phase == Phase::Sampling {
+            let t = Instant::now();
+            self.sample(it).await?;
+            self.store
+                .finish_phase(it, Phase::ScoringRef, t.elapsed().as_secs_f64())
+                .await?;
+            phase = Phase::ScoringRef;
+        }
+        if phase == Phase::ScoringRef {
+            let t = Instant::now();
+            self.score_ref(it).await?;
+            self.store
+                .finish_phase(it, Phase::Training, t.elapsed().as_secs_f64())
+                .await?;
+            phase = Phase::Training;
+        }
+        if phase == Phase::Training {
+            let t = Instant::now();
+            self.train(it).await?;
+            crash_at("training", it);
+            self.serve_checkpoint_locked().await?;
+            let next = if self.eval_due(it) {
+                Phase::Evaluating
+            } else {
+                Phase::Done
+            };
+            self.store
+                .finish_phase(it, next, t.elapsed().as_secs_f64())
+                .await?;
+            phase = next;
+        }
+        if phase == Phase::Evaluating {
+            let t = Instant::now();
+            self.evaluate(it).await?;
+            self.store
+                .finish_phase(it, Phase::Done, t.elapsed().as_secs_f64())
+                .await?;
+        }
+        crate::report::iteration_done(&self.store, &self.dir, it, t0.elapsed().as_secs_f64())
+            .await?;
+        Ok(())
+    }
+
+    fn eval_due(&self, it: u32) -> bool {
+        let n = self.config.test_every_n_iterations;
+        n > 0 && ((it + 1).is_multiple_of(n) || it + 1 == self.config.max_iterations)
+    }
+
+    async fn phase(&self, it: u32) -> anyhow::Result<Phase> {
+        self.store
+            .iterations()
+            .await?
+            .into_iter()
+            .find(|s| s.iteration == it)
+            .map(|s| s.phase)
+            .context("the iteration vanished from the database")
+    }
+}

@@ -1,0 +1,99 @@
+//! Phase 1, `sampling`: the iteration's problems fanned out to the rollout server with bounded
+//! concurrency, `attempts` samples each with the group's seed, rewarded, each group stored in one
+//! transaction. On resume only the missing groups are sampled.
+
+use futures::StreamExt;
+use rl_core::rewards;
+use rl_core::wire::{FinishReason, TokenizeRequest};
+use rl_store::{RolloutRecord, TaskRecord};
+
+use super::failpoints::{crash_at, failpoint, FAILPOINT_ENV};
+use super::Run;
+
+impl Run {
+    pub(super) async fn sample(&self, it: u32) -> anyhow::Result<()> {
+        let missing = self.store.missing_groups(it).await?;
+        let tasks = self.store.tasks(it).await?;
+        let c = &self.config;
+        let concurrency = (c.services.rollout.max_batch / c.attempts).max(1) as usize;
+        let bar = crate::report::bar(missing.len() as u64, &format!("iteration {it}: sampling"));
+        let mut done = futures::stream::iter(
+            missing
+                .into_iter()
+                .map(|g| self.sample_group(it, tasks[g as usize].clone())),
+        )
+        .buffer_unordered(concurrency);
+        while let Some(r) = done.next().await {
+            r?;
+            bar.inc(1);
+        }
+        bar.finish();
+        Ok(())
+    }
+
+    async fn sample_group(&self, it: u32, task: TaskRecord) -> anyhow::Result<()> {
+        let c = &self.config;
+        let problem = &self.train[task.problem_index as usize];
+        let messages = self
+            .style()
+            .messages(&problem.question, c.prompt.system.as_deref());
+        let tok = self
+            .with_service(&self.rollout, "tokenizing a prompt", |cl| {
+                let req = TokenizeRequest::chat(messages.clone());
+                async move { cl.tokenize(&req).await }
+            })
+            .await?;
+        let req = c
+            .sampling
+            .train
+            .request(tok.tokens.clone(), c.attempts, task.seed);
+        let out = self
+            .with_service(&self.rollout, "sampling a group", |cl| {
+                let req = req.clone();
+                async move { cl.generate(&req).await }
+            })
+            .await?;
+        let rollouts: Vec<RolloutRecord> = out
+            .choices
+            .into_iter()
+            .map(|ch| {
+                let text = ch.text.unwrap_or_default();
+                let scored = rewards::score(
+                    &c.rewards,
+                    c.prompt.style,
+                    &text,
+                    ch.finish_reason == FinishReason::Stop,
+                    &problem.gold,
+                );
+                RolloutRecord {
+                    attempt: ch.index,
+                    prompt_ids: tok.tokens.clone(),
+                    completion_ids: ch.token_ids,
+                    logprobs: ch.logprobs,
+                    ref_logprobs: None,
+                    finish_reason: ch.finish_reason,
+                    text,
+                    reward: scored.total,
+                    reward_components: scored.components,
+                    answer_status: scored.verdict.status,
+                }
+            })
+            .collect();
+        self.store
+            .insert_group(it, task.group_index, &rollouts)
+            .await?;
+        crash_at("sampling", it);
+        if failpoint("kill-rollout-server", it)
+            && !self.killed.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            if let Some(pid) = self.rollout.pid().await {
+                eprintln!("{FAILPOINT_ENV}: killing the rollout server (pid {pid})");
+                let _ = tokio::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status()
+                    .await;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,43 @@
+//! Phase 2, `scoring_ref`: the ref-scorer annotates every stored group that has no reference
+//! logprobs yet, one group per request.
+
+use rl_core::wire::{ScoreRequest, ScoreSequence};
+
+use super::failpoints::crash_at;
+use super::Run;
+
+impl Run {
+    pub(super) async fn score_ref(&self, it: u32) -> anyhow::Result<()> {
+        let groups = self.store.unscored_groups(it).await?;
+        let bar = crate::report::bar(
+            groups.len() as u64,
+            &format!("iteration {it}: reference scoring"),
+        );
+        let temperature = f64::from(self.config.sampling.train.temperature);
+        for g in groups {
+            let rollouts = self.store.group(it, g).await?;
+            let req = ScoreRequest {
+                sequences: rollouts
+                    .iter()
+                    .map(|r| ScoreSequence {
+                        prompt_ids: r.prompt_ids.clone(),
+                        completion_ids: r.completion_ids.clone(),
+                    })
+                    .collect(),
+                temperature,
+            };
+            let out = self
+                .with_service(&self.scorer, "reference scoring", |cl| {
+                    let req = req.clone();
+                    async move { cl.score(&req).await }
+                })
+                .await?;
+            let lps: Vec<Vec<f32>> = out.results.into_iter().map(|r| r.logprobs).collect();
+            self.store.set_ref_logprobs(it, g, &lps).await?;
+            crash_at("scoring_ref", it);
+            bar.inc(1);
+        }
+        bar.finish();
+        Ok(())
+    }
+}

@@ -1,0 +1,304 @@
+//! OpenAI's routes, so the openai SDK, TapeAgents or curl can talk to the server:
+//! `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`.
+
+use axum::extract::State;
+use axum::Json;
+use model::Message;
+use rl_core::wire::ErrorBody;
+use rl_http::server::{ApiError, ApiJson};
+use sampling::MAX_COMPLETION_LOGPROBS;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::{apply_stops, job_error, now_s, render, request_id, rows, Router, Sampling, Shared};
+use crate::batcher::Output;
+use crate::openai::{
+    AssistantMessage, ChatChoice, ChatLogprobs, ChatRequest, ChatResponse, CompletionChoice,
+    CompletionLogprobs, CompletionRequest, CompletionResponse, Content, ModelCard, ModelList,
+    Prompt, TokenLogprob, TopLogprob, Usage,
+};
+
+pub fn router() -> Router {
+    OpenApiRouter::new()
+        .routes(routes!(completions))
+        .routes(routes!(chat))
+        .routes(routes!(models))
+}
+
+/// `POST /v1/completions` (OpenAI).
+#[utoipa::path(post, path = "/v1/completions", tag = "openai",
+    summary = "OpenAI text completion (prompt as text or token ids)",
+    request_body = CompletionRequest,
+    responses((status = 200, description = "The completions", body = CompletionResponse),
+        (status = 404, description = "`model` is not the served model", body = ErrorBody)))]
+pub async fn completions(
+    State(state): Shared,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Result<Json<CompletionResponse>, ApiError> {
+    if let Some(why) = req.refused() {
+        return Err(ApiError::unprocessable(why));
+    }
+    state.check_model(req.model.as_deref())?;
+    let prompts: Vec<Vec<u32>> = match req.prompt {
+        Prompt::Text(t) => vec![state.encode(&t)?],
+        Prompt::Texts(ts) => ts
+            .iter()
+            .map(|t| state.encode(t))
+            .collect::<Result<_, _>>()?,
+        Prompt::Ids(ids) => vec![ids],
+        Prompt::IdLists(lists) => lists,
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::unprocessable(
+            "`prompt` is an empty list; send at least one prompt",
+        ));
+    }
+    let top = req.logprobs.unwrap_or(0);
+    if top > MAX_COMPLETION_LOGPROBS {
+        return Err(ApiError::unprocessable(format!(
+            "`logprobs` is {top}; it must be in 0..={MAX_COMPLETION_LOGPROBS}"
+        )));
+    }
+    let stops = state.stop_strings(req.stop)?;
+    let s = Sampling {
+        max_tokens: req.max_tokens.unwrap_or(16),
+        temperature: req.temperature.unwrap_or(1.0),
+        top_p: req.top_p.unwrap_or(1.0),
+        top_k: req.top_k.unwrap_or(0),
+        stop_ids: req.stop_token_ids.unwrap_or_else(|| state.eos_ids.clone()),
+        stop_sequences: state.stop_sequences(&stops),
+        top_logprobs: top as usize,
+    };
+    let n = req.n.unwrap_or(1);
+    let seed = req.seed.unwrap_or_else(rand::random);
+    let mut all_rows = Vec::new();
+    for (p, prompt) in prompts.iter().enumerate() {
+        let what = if prompts.len() == 1 {
+            "prompt".to_string()
+        } else {
+            format!("prompt[{p}]")
+        };
+        state.check(&what, prompt, &s, n)?;
+        all_rows.extend(rows(prompt, &s, n, seed));
+    }
+    let out = state.batcher.generate(all_rows).await.map_err(job_error)?;
+    let want_ids = req.return_token_ids == Some(true);
+    let mut completion_tokens = 0u32;
+    let choices = out
+        .generations
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let f = apply_stops(&state, g, &stops);
+            completion_tokens += f.tokens.len() as u32;
+            let logprobs = req.logprobs.map(|_| {
+                let tokens: Vec<String> = f
+                    .tokens
+                    .iter()
+                    .map(|&t| state.decode(&[t], false))
+                    .collect();
+                let mut offset = 0u32;
+                let text_offset = tokens
+                    .iter()
+                    .map(|t| {
+                        let o = offset;
+                        offset += t.chars().count() as u32;
+                        o
+                    })
+                    .collect();
+                let top_logprobs = (top > 0).then(|| {
+                    f.top
+                        .iter()
+                        .map(|alts| {
+                            alts.iter()
+                                .map(|&(id, lp)| {
+                                    (state.decode(&[id], false), serde_json::json!(lp))
+                                })
+                                .collect()
+                        })
+                        .collect()
+                });
+                CompletionLogprobs {
+                    tokens,
+                    token_logprobs: f.logprobs.clone(),
+                    top_logprobs,
+                    text_offset,
+                }
+            });
+            CompletionChoice {
+                index: i as u32,
+                text: f.text,
+                logprobs,
+                finish_reason: f.reason.as_str().to_string(),
+                prompt_token_ids: want_ids.then(|| prompts[i / n as usize].clone()),
+                token_ids: want_ids.then_some(f.tokens),
+            }
+        })
+        .collect();
+    let prompt_tokens: u32 = prompts.iter().map(|p| p.len() as u32).sum();
+    Ok(Json(CompletionResponse {
+        id: request_id("cmpl"),
+        object: "text_completion".into(),
+        created: now_s(),
+        model: state.model_name.clone(),
+        choices,
+        usage: Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        },
+    }))
+}
+
+/// `POST /v1/chat/completions` (OpenAI).
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai",
+    summary = "OpenAI chat completion (rendered with the model's chat template)",
+    request_body = ChatRequest,
+    responses((status = 200, description = "The choices", body = ChatResponse),
+        (status = 404, description = "`model` is not the served model", body = ErrorBody)))]
+pub async fn chat(
+    State(state): Shared,
+    ApiJson(req): ApiJson<ChatRequest>,
+) -> Result<Json<ChatResponse>, ApiError> {
+    if let Some(why) = req.refused() {
+        return Err(ApiError::unprocessable(why));
+    }
+    state.check_model(req.model.as_deref())?;
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.iter().enumerate() {
+        let content = match &m.content {
+            Content::Text(t) => t.clone(),
+            Content::Parts(parts) => {
+                let mut text = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => text.push_str(t),
+                        (kind, _) => {
+                            return Err(ApiError::unprocessable(format!(
+                                "`messages[{i}].content` has a `{kind}` part; only text parts are supported"
+                            )))
+                        }
+                    }
+                }
+                text
+            }
+        };
+        messages.push(Message::new(&m.role, &content));
+    }
+    let text = render(&state, &messages, true)?;
+    let prompt = state.encode(&text)?;
+    let want_logprobs = req.logprobs == Some(true);
+    let top = req.top_logprobs.unwrap_or(0);
+    if top > 0 && !want_logprobs {
+        return Err(ApiError::unprocessable(
+            "`top_logprobs` needs `logprobs: true`",
+        ));
+    }
+    if top as usize > sampling::MAX_TOP_LOGPROBS {
+        return Err(ApiError::unprocessable(format!(
+            "`top_logprobs` is {top}; it must be in 0..={}",
+            sampling::MAX_TOP_LOGPROBS
+        )));
+    }
+    let stops = state.stop_strings(req.stop)?;
+    let room = state.context.saturating_sub(prompt.len()).max(1) as u32;
+    let s = Sampling {
+        max_tokens: req.max_completion_tokens.or(req.max_tokens).unwrap_or(room),
+        temperature: req.temperature.unwrap_or(1.0),
+        top_p: req.top_p.unwrap_or(1.0),
+        top_k: req.top_k.unwrap_or(0),
+        stop_ids: req.stop_token_ids.unwrap_or_else(|| state.eos_ids.clone()),
+        stop_sequences: state.stop_sequences(&stops),
+        top_logprobs: top as usize,
+    };
+    let n = req.n.unwrap_or(1);
+    state.check("messages", &prompt, &s, n)?;
+    let seed = req.seed.unwrap_or_else(rand::random);
+    let Output { generations, .. } = state
+        .batcher
+        .generate(rows(&prompt, &s, n, seed))
+        .await
+        .map_err(job_error)?;
+    let want_ids = req.return_token_ids == Some(true);
+    let mut completion_tokens = 0u32;
+    let token_logprob = |id: u32, lp: f32, alts: &[(u32, f32)]| {
+        let token = state.decode(&[id], false);
+        TokenLogprob {
+            bytes: token.as_bytes().to_vec(),
+            token,
+            logprob: lp,
+            top_logprobs: alts
+                .iter()
+                .map(|&(a, alp)| {
+                    let t = state.decode(&[a], false);
+                    TopLogprob {
+                        bytes: t.as_bytes().to_vec(),
+                        token: t,
+                        logprob: alp,
+                    }
+                })
+                .collect(),
+            token_id: id,
+        }
+    };
+    let choices = generations
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let f = apply_stops(&state, g, &stops);
+            completion_tokens += f.tokens.len() as u32;
+            let logprobs = want_logprobs.then(|| ChatLogprobs {
+                content: f
+                    .tokens
+                    .iter()
+                    .zip(&f.logprobs)
+                    .enumerate()
+                    .map(|(k, (&id, &lp))| {
+                        token_logprob(id, lp, f.top.get(k).map(Vec::as_slice).unwrap_or(&[]))
+                    })
+                    .collect(),
+            });
+            ChatChoice {
+                index: i as u32,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content: f.text,
+                },
+                logprobs,
+                finish_reason: f.reason.as_str().to_string(),
+                token_ids: want_ids.then_some(f.tokens),
+            }
+        })
+        .collect();
+    let prompt_tokens = prompt.len() as u32;
+    Ok(Json(ChatResponse {
+        id: request_id("chatcmpl"),
+        object: "chat.completion".into(),
+        created: now_s(),
+        model: state.model_name.clone(),
+        choices,
+        usage: Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        },
+        prompt_token_ids: want_ids.then_some(prompt),
+    }))
+}
+
+/// `GET /v1/models`.
+#[utoipa::path(get, path = "/v1/models", tag = "openai", summary = "The served model",
+    responses((status = 200, description = "One model", body = ModelList)))]
+pub async fn models(State(state): Shared) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: vec![ModelCard {
+            id: state.model_name.clone(),
+            object: "model".into(),
+            created: now_s(),
+            owned_by: "rollout-server".into(),
+            adapter: state.batcher.adapter(),
+            max_model_len: state.context,
+        }],
+    })
+}
