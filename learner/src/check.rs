@@ -72,7 +72,7 @@ pub fn run(engine: &Engine, adapter_dir: &Path, batch: &CheckBatch) -> anyhow::R
     }
     let adapter = LoraAdapter::load(adapter_dir, engine.config(), engine.device())
         .with_context(|| format!("loading the adapter {}", adapter_dir.display()))?;
-    let (trainable, vars) = crate::train::trainable(&adapter)?;
+    let (trainable, vars) = adapter.trainable(Some(DType::F32))?;
     let reqs: Vec<ScoreRequest> = (0..n)
         .map(|i| ScoreRequest {
             prompt: batch.prompts[i].clone(),

@@ -66,20 +66,11 @@ enum Command {
 }
 
 fn load_engine(model: &str, device: &str, dtype: &str) -> anyhow::Result<model::Engine> {
-    let device = model::device(device)?;
-    let dtype = model::dtype(dtype)?;
-    let path = model::hub::resolve(model)?;
-    model::Engine::load(&path, &device, dtype).with_context(|| format!("loading --model {model}"))
+    Ok(model::cli::load_engine(model, None, device, dtype)?.0)
 }
 
 fn main() -> anyhow::Result<()> {
-    model::alloc::tune();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    model::cli::init();
     match Cli::parse().command {
         Command::Train {
             db,

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Tensor, Var};
-use model::{Engine, LoraAdapter, LoraPair, Proj, ScoreRequest};
+use model::{Engine, LoraAdapter, Proj, ScoreRequest};
 use rl_core::config::Config;
 use rl_core::stats;
 use rl_core::wire::FinishReason;
@@ -97,34 +97,6 @@ impl std::fmt::Debug for Learner {
     }
 }
 
-/// Turns an adapter's tensors into trainable `Var`s (f32), keyed by PEFT names.
-pub(crate) fn trainable(
-    adapter: &LoraAdapter,
-) -> anyhow::Result<(LoraAdapter, Vec<(String, Var)>)> {
-    let mut vars = Vec::new();
-    let mut pairs = std::collections::BTreeMap::new();
-    for (&(layer, proj), p) in &adapter.pairs {
-        let a = Var::from_tensor(&p.a.to_dtype(DType::F32)?)?;
-        let b = Var::from_tensor(&p.b.to_dtype(DType::F32)?)?;
-        vars.push((model::lora::peft_key(layer, proj, 'A'), a.clone()));
-        vars.push((model::lora::peft_key(layer, proj, 'B'), b.clone()));
-        pairs.insert(
-            (layer, proj),
-            LoraPair {
-                a: a.as_tensor().clone(),
-                b: b.as_tensor().clone(),
-            },
-        );
-    }
-    Ok((
-        LoraAdapter {
-            config: adapter.config.clone(),
-            pairs,
-        },
-        vars,
-    ))
-}
-
 impl Learner {
     /// A fresh adapter as PEFT initialises one (A random, B zero), seeded by the run seed.
     pub fn new(engine: Engine, config: &Config, base_model: &str) -> anyhow::Result<Self> {
@@ -141,7 +113,7 @@ impl Learner {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let lora = model::LoraConfig::new(l.r as usize, l.alpha, targets);
         let init = LoraAdapter::init(lora, engine.config(), config.seed, engine.device())?;
-        let (adapter, vars) = trainable(&init)?;
+        let (adapter, vars) = init.trainable(Some(DType::F32))?;
         Ok(Self {
             engine,
             adapter,
@@ -161,7 +133,7 @@ impl Learner {
         base_model: &str,
     ) -> anyhow::Result<Self> {
         let (adapter, opt, state) = checkpoint::load(dir, engine.config(), engine.device())?;
-        let (adapter, vars) = trainable(&adapter)?;
+        let (adapter, vars) = adapter.trainable(Some(DType::F32))?;
         if state.global_step != opt.step {
             bail!(
                 "{}: training state says step {} but the optimizer {}",

@@ -9,10 +9,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use common::*;
 use learner::grpo::{self, Objective};
-use model::{LoraAdapter, LoraPair, ScoreRequest};
+use model::{LoraAdapter, ScoreRequest};
 use rl_core::config::{Config, LossType, ScaleRewards};
 
 /// The learner binary, on the suite's device.
@@ -94,25 +94,7 @@ fn loss_gradient_matches_finite_differences_in_f64() {
         engine.device(),
     )
     .unwrap();
-    let mut vars: Vec<(String, Var)> = Vec::new();
-    let mut pairs = std::collections::BTreeMap::new();
-    for (&(layer, proj), p) in &adapter.pairs {
-        let a = Var::from_tensor(&p.a.to_dtype(DType::F64).unwrap()).unwrap();
-        let b = Var::from_tensor(&p.b.to_dtype(DType::F64).unwrap()).unwrap();
-        vars.push((model::lora::peft_key(layer, proj, 'A'), a.clone()));
-        vars.push((model::lora::peft_key(layer, proj, 'B'), b.clone()));
-        pairs.insert(
-            (layer, proj),
-            LoraPair {
-                a: a.as_tensor().clone(),
-                b: b.as_tensor().clone(),
-            },
-        );
-    }
-    let trainable = LoraAdapter {
-        config: adapter.config.clone(),
-        pairs,
-    };
+    let (trainable, vars) = adapter.trainable(Some(DType::F64)).unwrap();
     let reqs: Vec<ScoreRequest> = [
         (PROMPTS[0], vec![30u32, 31, 32, 33]),
         (PROMPTS[0], vec![40, 41, 42]),

@@ -17,6 +17,7 @@
 
 pub mod bf16;
 pub mod chat;
+pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -403,6 +403,36 @@ impl LoraAdapter {
             Some(p) => Ok(Some((p.b.matmul(&p.a)? * self.config.scaling())?)),
             None => Ok(None),
         }
+    }
+
+    /// The same adapter with every A and B made a trainable `Var` (cast to `dtype` when given),
+    /// and the `Var`s under their PEFT key names (what gradients and optimizer state are keyed
+    /// by). The returned adapter's tensors are the `Var`s' own, so a loss computed with it
+    /// differentiates into them.
+    pub fn trainable(&self, dtype: Option<DType>) -> Result<(LoraAdapter, Vec<(String, Var)>)> {
+        let var = |t: &Tensor| match dtype {
+            Some(d) => Var::from_tensor(&t.to_dtype(d)?),
+            None => Var::from_tensor(t),
+        };
+        let mut vars = Vec::new();
+        let mut pairs = BTreeMap::new();
+        for (&(layer, proj), p) in &self.pairs {
+            let (a, b) = (var(&p.a)?, var(&p.b)?);
+            vars.push((peft_key(layer, proj, 'A'), a.clone()));
+            vars.push((peft_key(layer, proj, 'B'), b.clone()));
+            pairs.insert(
+                (layer, proj),
+                LoraPair {
+                    a: a.as_tensor().clone(),
+                    b: b.as_tensor().clone(),
+                },
+            );
+        }
+        let adapter = LoraAdapter {
+            config: self.config.clone(),
+            pairs,
+        };
+        Ok((adapter, vars))
     }
 
     /// All tensors under PEFT key names (for gradients and optimizer state files).

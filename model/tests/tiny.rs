@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use common::*;
 use model::{Engine, GenerateRequest, LoraAdapter, LoraPair, SamplingParams, ScoreRequest};
 
@@ -155,31 +155,6 @@ fn grpo_loss(g: &serde_json::Value, logp: &Tensor, offsets: &[usize]) -> Tensor 
     Tensor::stack(&per_seq, 0).unwrap().mean_all().unwrap()
 }
 
-fn as_vars(adapter: &LoraAdapter) -> (LoraAdapter, Vec<(String, Var)>) {
-    let mut named = Vec::new();
-    let mut pairs = std::collections::BTreeMap::new();
-    for (&(layer, proj), p) in &adapter.pairs {
-        let a = Var::from_tensor(&p.a).unwrap();
-        let b = Var::from_tensor(&p.b).unwrap();
-        named.push((model::lora::peft_key(layer, proj, 'A'), a.clone()));
-        named.push((model::lora::peft_key(layer, proj, 'B'), b.clone()));
-        pairs.insert(
-            (layer, proj),
-            LoraPair {
-                a: a.as_tensor().clone(),
-                b: b.as_tensor().clone(),
-            },
-        );
-    }
-    (
-        LoraAdapter {
-            config: adapter.config.clone(),
-            pairs,
-        },
-        named,
-    )
-}
-
 fn l2(t: &Tensor) -> f32 {
     t.sqr()
         .unwrap()
@@ -218,7 +193,7 @@ fn check_lora_gradients(engine: &Engine, logp_tol: f64, grad_tol: f32) {
         engine.device(),
     )
     .unwrap();
-    let (vars, named) = as_vars(&adapter);
+    let (vars, named) = trainable_of(&adapter);
     let out = engine.train_logprobs(&reqs, &vars, 1.0).unwrap();
     // The differentiable forward gives the policy logprobs too.
     let flat = out.logprobs.to_vec1::<f32>().unwrap();
@@ -419,7 +394,7 @@ fn lora_gradients_match_finite_differences_in_f64() {
             .to_scalar::<f64>()
             .unwrap()
     };
-    let (vars, named) = as_vars(&base);
+    let (vars, named) = trainable_of(&base);
     let out = engine.train_logprobs(&reqs, &vars, 1.0).unwrap();
     let grads = (&out.logprobs * &w)
         .unwrap()
@@ -651,4 +626,8 @@ fn bf16_engine_applies_the_adapter_unmerged() {
     );
     engine.set_adapter(None).unwrap();
     assert_eq!(engine.score(&reqs, 1.0).unwrap(), base);
+}
+
+fn trainable_of(adapter: &LoraAdapter) -> (LoraAdapter, Vec<(String, candle_core::Var)>) {
+    adapter.trainable(None).unwrap()
 }

@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -79,13 +78,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    model::alloc::tune();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    model::cli::init();
     let cli = Cli::parse();
     let Some(command) = cli.command else {
         return serve(cli.serve);
@@ -100,31 +93,12 @@ fn main() -> anyhow::Result<()> {
             device,
             dtype,
         } => {
-            let (engine, _) = load(&model, adapter.as_ref(), &device, &dtype)?;
+            let (engine, _) = model::cli::load_engine(&model, adapter.as_deref(), &device, &dtype)?;
             let n = ref_scorer::score_file(&engine, &input, &output, temperature)?;
             tracing::info!("wrote {n} lines to {}", output.display());
             Ok(())
         }
     }
-}
-
-fn load(
-    model: &str,
-    adapter: Option<&PathBuf>,
-    device: &str,
-    dtype: &str,
-) -> anyhow::Result<(model::Engine, PathBuf)> {
-    let device = model::device(device)?;
-    let dtype = model::dtype(dtype)?;
-    let path = model::hub::resolve(model)?;
-    let mut engine = model::Engine::load(&path, &device, dtype)
-        .with_context(|| format!("loading --model {model}"))?;
-    if let Some(dir) = adapter {
-        engine
-            .load_adapter(dir)
-            .with_context(|| format!("loading --adapter {}", dir.display()))?;
-    }
-    Ok((engine, path))
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -134,7 +108,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let Some(model) = &args.model else {
         anyhow::bail!("--model is required: `ref-scorer --model PATH` serves POST /v1/score; `ref-scorer score --help` scores a file offline");
     };
-    let (engine, path) = load(model, args.adapter.as_ref(), &args.device, &args.dtype)?;
+    let (engine, path) =
+        model::cli::load_engine(model, args.adapter.as_deref(), &args.device, &args.dtype)?;
     let opts = ref_scorer::service::Options {
         model_name: rl_http::server::served_model_name(&path),
         api_key: args.api_key.clone(),

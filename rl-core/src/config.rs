@@ -42,8 +42,11 @@ impl ConfigError {
 }
 
 /// Floating-point dtype of the model weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr, strum::EnumIter,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Dtype {
     F32,
     Bf16,
@@ -51,12 +54,9 @@ pub enum Dtype {
 }
 
 impl Dtype {
+    /// The name the config and the command lines use (the serde name).
     pub fn name(self) -> &'static str {
-        match self {
-            Dtype::F32 => "f32",
-            Dtype::Bf16 => "bf16",
-            Dtype::F16 => "f16",
-        }
+        self.into()
     }
 }
 

@@ -15,3 +15,26 @@ pub mod stats;
 pub mod tasks;
 pub mod wire;
 pub mod yaml;
+
+#[cfg(test)]
+mod tests {
+    use serde::Serialize;
+    use strum::IntoEnumIterator;
+
+    /// Each enum's string (strum's `snake_case`) is the one serde reads and writes.
+    fn same_names<T: IntoEnumIterator + Serialize + Into<&'static str> + Copy>() {
+        for v in T::iter() {
+            let name: &'static str = v.into();
+            assert_eq!(serde_json::to_value(v).ok(), Some(serde_json::json!(name)));
+        }
+    }
+
+    #[test]
+    fn enum_names_are_serdes() {
+        same_names::<crate::rewards::RewardKind>();
+        same_names::<crate::rewards::AnswerStatus>();
+        same_names::<crate::prompts::PromptStyle>();
+        same_names::<crate::config::Dtype>();
+        same_names::<crate::wire::FinishReason>();
+    }
+}

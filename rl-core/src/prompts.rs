@@ -22,8 +22,11 @@ impl ChatMessage {
 }
 
 /// Where the reasoning and the answer go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr, strum::EnumIter,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum PromptStyle {
     /// TapeAgents: `{question}\nPlease reason step by step, and put your final answer within \boxed{}.`
     Boxed,
@@ -55,13 +58,9 @@ impl PromptStyle {
         PromptStyle::WorkingOut,
     ];
 
+    /// The name the config uses (the serde name, derived by the same rule).
     pub fn name(self) -> &'static str {
-        match self {
-            PromptStyle::Boxed => "boxed",
-            PromptStyle::ReasoningAnswer => "reasoning_answer",
-            PromptStyle::ThinkingAnswer => "thinking_answer",
-            PromptStyle::WorkingOut => "working_out",
-        }
+        self.into()
     }
 
     /// The tags of a tag style; `None` for the boxed style.

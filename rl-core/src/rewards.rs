@@ -28,8 +28,22 @@ use crate::prompts::{PromptStyle, Tags};
 use crate::tasks::{matching_brace, parse_number, same_number, Gold};
 
 /// A reward component, as named in the config's `rewards:` map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::EnumIter,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum RewardKind {
     Tapeagents,
     StrictFormat,
@@ -53,17 +67,9 @@ impl RewardKind {
         RewardKind::Equations,
     ];
 
+    /// The name the config uses (the serde name, derived by the same rule).
     pub fn name(self) -> &'static str {
-        match self {
-            RewardKind::Tapeagents => "tapeagents",
-            RewardKind::StrictFormat => "strict_format",
-            RewardKind::SoftFormat => "soft_format",
-            RewardKind::XmlCount => "xml_count",
-            RewardKind::IntegerAnswer => "integer_answer",
-            RewardKind::Correctness => "correctness",
-            RewardKind::NumberMatch => "number_match",
-            RewardKind::Equations => "equations",
-        }
+        self.into()
     }
 
     /// Whether the kind is about tags, and so meaningless with the boxed style.
@@ -95,8 +101,11 @@ impl<'a> Extracted<'a> {
 }
 
 /// How the answer of a completion compares with the gold one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr, strum::EnumIter,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum AnswerStatus {
     Correct,
     Wrong,

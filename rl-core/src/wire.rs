@@ -179,19 +179,30 @@ pub struct ErrorDetail {
 }
 
 /// Why a completion ended: a stop token (or stop string), or the `max_tokens` limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+    strum::IntoStaticStr,
+    strum::EnumIter,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum FinishReason {
     Stop,
     Length,
 }
 
 impl FinishReason {
+    /// The name OpenAI's and the native shapes use (the serde name).
     pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
+        self.into()
     }
 }
 

@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -55,13 +54,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    model::alloc::tune();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    model::cli::init();
     let args = Args::parse();
     if args.exit_with_parent {
         rl_http::server::exit_with_parent();
@@ -69,16 +62,12 @@ fn main() -> anyhow::Result<()> {
     if args.max_batch == 0 || args.max_queue == 0 || args.max_n == 0 {
         anyhow::bail!("--max-batch, --max-queue and --max-n must be at least 1");
     }
-    let device = model::device(&args.device)?;
-    let dtype = model::dtype(&args.dtype)?;
-    let path = model::hub::resolve(&args.model)?;
-    let mut engine = model::Engine::load(&path, &device, dtype)
-        .with_context(|| format!("loading --model {}", args.model))?;
-    if let Some(dir) = &args.adapter {
-        engine
-            .load_adapter(dir)
-            .with_context(|| format!("loading --adapter {}", dir.display()))?;
-    }
+    let (engine, path) = model::cli::load_engine(
+        &args.model,
+        args.adapter.as_deref(),
+        &args.device,
+        &args.dtype,
+    )?;
     let model_name = args
         .served_model_name
         .clone()

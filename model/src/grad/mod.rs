@@ -10,14 +10,22 @@
 //!
 //! The mechanism: a custom op whose forward hands out the precomputed value and whose backward
 //! is a closure. Every formula is checked against PEFT's gradients (`tests/tiny.rs`) and finite
-//! differences.
+//! differences. The frozen weights these products use are [`Frozen`] ([`frozen`]); the scoring
+//! path without a graph (what the engine scores with) is in [`logprobs`].
 
-use std::sync::{Arc, Mutex};
+pub mod frozen;
+pub mod logprobs;
+
+use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
 };
+
+pub use frozen::Frozen;
+use logprobs::{chunk_logits, logprobs_keeping};
+pub use logprobs::{logprobs_detached, wide};
 
 type Backward1 = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
@@ -192,45 +200,6 @@ fn when<T>(cond: bool, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
         f().map(Some)
     } else {
         Ok(None)
-    }
-}
-
-/// A frozen weight `W` `[k, n]`, used as `x @ W`, with the backward `g @ W^T`: a dense tensor
-/// (any layout, e.g. a transposed view), bf16 packed for the kernel of [`crate::bf16`], or
-/// reordered for oneDNN ([`crate::onednn`]).
-#[derive(Debug, Clone)]
-pub enum Frozen {
-    Dense(Tensor),
-    Bf16(Arc<crate::bf16::Bf16Matrix>),
-    Dnnl(Arc<crate::onednn::DnnlMatrix>),
-    /// Dense forward, bf16 backward: `forward` is `W` as in `Dense`, `backward` holds `W^T`
-    /// packed so that its forward is `g @ W^T`. For the lm_head of a bf16 model on our kernel:
-    /// the logprobs keep f32's precision while the learner's input gradient, where bf16
-    /// rounding is noise, runs on the bf16 kernel.
-    Split {
-        forward: Tensor,
-        backward: Arc<crate::bf16::Bf16Matrix>,
-    },
-}
-
-impl Frozen {
-    /// `x @ W`: `[n, k]` -> `[n, n_out]`.
-    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Frozen::Dense(w) | Frozen::Split { forward: w, .. } => x.matmul(w),
-            Frozen::Bf16(m) => m.forward(x),
-            Frozen::Dnnl(m) => m.forward(x),
-        }
-    }
-
-    /// `g @ W^T`: `[n, n_out]` -> `[n, k]`.
-    pub fn matmul_t(&self, g: &Tensor) -> Result<Tensor> {
-        match self {
-            Frozen::Dense(w) => g.matmul(&w.t()?),
-            Frozen::Bf16(m) => m.backward(g),
-            Frozen::Dnnl(m) => m.backward(g),
-            Frozen::Split { backward, .. } => backward.forward(g),
-        }
     }
 }
 
@@ -526,66 +495,6 @@ pub fn target_logprobs(
     })
 }
 
-/// The forward of [`target_logprobs`] without a graph. Returns `[n]` in [`wide`] of h's dtype.
-pub fn logprobs_detached(
-    h: &Tensor,
-    w: &Frozen,
-    targets: &[u32],
-    temperature: f64,
-    chunk: usize,
-) -> Result<Tensor> {
-    Ok(logprobs_keeping(h, w, targets, temperature, chunk, 0)?.0)
-}
-
-/// The logprobs of [`logprobs_detached`] and, when all of the logits take at most `keep_bytes`,
-/// the logits of each chunk (for a backward that would otherwise recompute them).
-fn logprobs_keeping(
-    h: &Tensor,
-    w: &Frozen,
-    targets: &[u32],
-    temperature: f64,
-    chunk: usize,
-    keep_bytes: usize,
-) -> Result<(Tensor, Vec<Tensor>)> {
-    let (n, _) = h.dims2()?;
-    let chunk = chunk.max(1);
-    let (mut parts, mut kept) = (Vec::new(), Vec::new());
-    for start in (0..n).step_by(chunk) {
-        let len = chunk.min(n - start);
-        let logits = chunk_logits(h, w, start, len)?;
-        parts.push(chunk_logprobs(
-            &logits,
-            &targets[start..start + len],
-            temperature,
-        )?);
-        if n * logits.dim(1)? * logits.dtype().size_in_bytes() <= keep_bytes {
-            kept.push(logits);
-        }
-    }
-    if parts.is_empty() {
-        return Ok((Tensor::zeros(0, wide(h.dtype()), h.device())?, kept));
-    }
-    Ok((Tensor::cat(&parts, 0)?, kept))
-}
-
-/// `log softmax(logits / temperature)` at `ids`, one per row: `[len, vocab]` -> `[len]`.
-fn chunk_logprobs(logits: &Tensor, ids: &[u32], temperature: f64) -> Result<Tensor> {
-    if let Some(lp) = vocab_logprobs(logits, ids, temperature)? {
-        return Ok(lp);
-    }
-    let logits = (logits / temperature)?;
-    let lse = logits.log_sum_exp(1)?;
-    let ids = Tensor::new(ids, logits.device())?;
-    let picked = logits.gather(&ids.unsqueeze(1)?, 1)?.squeeze(1)?;
-    picked - lse
-}
-
-/// `h[start..start+len] @ w` in [`wide`] of h's dtype: `[len, vocab]`.
-fn chunk_logits(h: &Tensor, w: &Frozen, start: usize, len: usize) -> Result<Tensor> {
-    w.matmul(&h.narrow(0, start, len)?)?
-        .to_dtype(wide(h.dtype()))
-}
-
 /// Runs `f` on the values of an f32 tensor held contiguously on the CPU, without copying them;
 /// `None` for other devices, dtypes or layouts (the caller takes candle's composed path).
 fn on_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
@@ -758,29 +667,6 @@ fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
-/// `log softmax(logits / temperature)` at `targets`, one per row: `[n, vocab]` -> `[n]` f32, on
-/// the CPU in f32 ([`simd::log_sum_exp`] per row); `None` elsewhere.
-fn vocab_logprobs(logits: &Tensor, targets: &[u32], temperature: f64) -> Result<Option<Tensor>> {
-    let (n, v) = logits.dims2()?;
-    let inv_t = (1.0 / temperature) as f32;
-    let lp = on_cpu_f32(logits, |x| {
-        use rayon::prelude::*;
-        x.par_chunks(v.max(1))
-            .with_min_len(rows_per_task(v))
-            .zip(targets)
-            .map(|(row, &id)| match row.get(id as usize) {
-                Some(&x) => Ok((x * inv_t) as f64 - crate::simd::log_sum_exp(row, inv_t)),
-                None => Err(candle_core::Error::Msg(format!(
-                    "target id {id} is outside the vocabulary of {v}"
-                ))),
-            })
-            .map(|r| r.map(|lp| lp as f32))
-            .collect::<Result<Vec<f32>>>()
-    })?;
-    lp.map(|lp| Tensor::from_vec(lp?, n, logits.device()))
-        .transpose()
-}
-
 /// The gradient of [`vocab_logprobs`] wrt the logits for upstream gradients `g` (one per row):
 /// `(g_i / T) (onehot(target_i) - softmax(logits_i / T))`, `[n, vocab]` f32; `None` off the CPU.
 fn vocab_dlogits(
@@ -816,15 +702,6 @@ fn vocab_dlogits(
             })?;
     }
     Tensor::from_vec(d, (n, v), logits.device()).map(Some)
-}
-
-/// The dtype log-softmax runs in: f64 stays f64, everything else is computed in f32.
-pub fn wide(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
 }
 
 #[cfg(test)]
