@@ -1,7 +1,8 @@
 //! `learner`: the GRPO update on a LoRA adapter (DESIGN.md section 6). A process per iteration:
 //! it reads the iteration's rollouts (with sampler and reference logprobs) from the store, runs
 //! the configured optimizer steps ([`train`]), writes the next checkpoint atomically
-//! ([`checkpoint`]: adapter + optimizer moments + step), records its per-step metrics, and exits.
+//! ([`checkpoint`]: adapter + optimizer moments + step; also the one home of the checkpoint
+//! layout, which the orchestrator and export read), records its per-step metrics, and exits.
 //! The loss ([`grpo`]) and the optimizer ([`optim`]) are small and pinned by oracles.
 //!
 //! It must never write a checkpoint that looks whole but is not, never overwrite one, never train

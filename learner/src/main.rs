@@ -41,10 +41,8 @@ enum Command {
         /// The run config (its `learner`, `lora`, `seed`, `max_iterations` and train temperature).
         #[arg(long)]
         config: Option<PathBuf>,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        #[arg(long, default_value = "f32")]
-        dtype: String,
+        #[command(flatten)]
+        engine: model::cli::DeviceFlags,
         /// Dotted overrides of the config, e.g. learner.lr=1e-5.
         overrides: Vec<String>,
     },
@@ -58,15 +56,13 @@ enum Command {
         batch: PathBuf,
         #[arg(long)]
         grads_out: PathBuf,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        #[arg(long, default_value = "f32")]
-        dtype: String,
+        #[command(flatten)]
+        engine: model::cli::DeviceFlags,
     },
 }
 
-fn load_engine(model: &str, device: &str, dtype: &str) -> anyhow::Result<model::Engine> {
-    Ok(model::cli::load_engine(model, None, device, dtype)?.0)
+fn load_engine(model: &str, flags: &model::cli::DeviceFlags) -> anyhow::Result<model::Engine> {
+    Ok(model::cli::load_engine(model, None, flags)?.0)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,8 +75,7 @@ fn main() -> anyhow::Result<()> {
             adapter_in,
             out,
             config,
-            device,
-            dtype,
+            engine: flags,
             overrides,
         } => {
             let config = match &config {
@@ -92,7 +87,7 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             let store = runtime.block_on(Store::open(&db))?;
             let batch = runtime.block_on(learner::load_batch(&store, iteration))?;
-            let engine = load_engine(&model, &device, &dtype)?;
+            let engine = load_engine(&model, &flags)?;
             let mut learner = if adapter_in == "none" {
                 learner::Learner::new(engine, &config, &model)?
             } else {
@@ -143,10 +138,9 @@ fn main() -> anyhow::Result<()> {
             adapter,
             batch,
             grads_out,
-            device,
-            dtype,
+            engine: flags,
         } => {
-            let engine = load_engine(&model, &device, &dtype)?;
+            let engine = load_engine(&model, &flags)?;
             let text = std::fs::read_to_string(&batch)
                 .with_context(|| format!("reading --batch {}", batch.display()))?;
             let b: learner::check::CheckBatch = serde_json::from_str(&text)

@@ -18,6 +18,17 @@ pub fn init() {
         .init();
 }
 
+/// `--device` and `--dtype`, as every program that loads an engine takes them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeviceFlags {
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// The weights' dtype: `f32`, `bf16` or `f16`.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
 /// A flag whose value could not be used.
 #[derive(Debug, thiserror::Error)]
 #[error("loading --{flag} {value}")]
@@ -33,9 +44,9 @@ pub struct FlagError {
 pub fn load_engine(
     model: &str,
     adapter: Option<&Path>,
-    device: &str,
-    dtype: &str,
+    flags: &DeviceFlags,
 ) -> Result<(Engine, PathBuf), FlagError> {
+    let (device, dtype) = (flags.device.as_str(), flags.dtype.as_str());
     let flag = |flag: &'static str, value: String| {
         move |source: Error| FlagError {
             flag,

@@ -3,7 +3,7 @@
 //! It loads a GGUF file or a Hugging Face folder (Llama family, Qwen2), tokenizes and renders chat
 //! templates, samples ragged batches with per-token logprobs, scores completions under teacher
 //! forcing without materialising batch x length x vocab logits, reads and writes PEFT LoRA
-//! adapters (merged for sampling, swapped without reloading the base), and gives the learner a
+//! adapters (applied unmerged, swapped without reloading the base), and gives the learner a
 //! differentiable forward whose gradients reach the LoRA tensors only; it writes a model with its
 //! adapter merged back out as a Hugging Face folder.
 //!

@@ -46,10 +46,8 @@ struct ServeArgs {
     /// Exit when the parent process dies (how the orchestrator starts it).
     #[arg(long)]
     exit_with_parent: bool,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    engine: model::cli::DeviceFlags,
 }
 
 #[derive(Subcommand)]
@@ -70,10 +68,8 @@ enum Command {
         /// Logprobs under softmax(logits / temperature).
         #[arg(long, default_value_t = 1.0)]
         temperature: f64,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        #[arg(long, default_value = "f32")]
-        dtype: String,
+        #[command(flatten)]
+        engine: model::cli::DeviceFlags,
     },
 }
 
@@ -90,10 +86,9 @@ fn main() -> anyhow::Result<()> {
             input,
             output,
             temperature,
-            device,
-            dtype,
+            engine,
         } => {
-            let (engine, _) = model::cli::load_engine(&model, adapter.as_deref(), &device, &dtype)?;
+            let (engine, _) = model::cli::load_engine(&model, adapter.as_deref(), &engine)?;
             let n = ref_scorer::score_file(&engine, &input, &output, temperature)?;
             tracing::info!("wrote {n} lines to {}", output.display());
             Ok(())
@@ -108,8 +103,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let Some(model) = &args.model else {
         anyhow::bail!("--model is required: `ref-scorer --model PATH` serves POST /v1/score; `ref-scorer score --help` scores a file offline");
     };
-    let (engine, path) =
-        model::cli::load_engine(model, args.adapter.as_deref(), &args.device, &args.dtype)?;
+    let (engine, path) = model::cli::load_engine(model, args.adapter.as_deref(), &args.engine)?;
     let opts = ref_scorer::service::Options {
         model_name: rl_http::server::served_model_name(&path),
         api_key: args.api_key.clone(),

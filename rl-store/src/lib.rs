@@ -1,4 +1,4 @@
-//! The rollout store: one SQLite file per run (`rollouts.sqlite` in the run directory), through
+//! `rl-store`, the rollout store: one SQLite file per run (`rollouts.sqlite` in the run directory), through
 //! sqlx, with the schema in `migrations/` applied on open. It is what makes a run resumable: the
 //! orchestrator records each iteration's phase, its problems, every group of rollouts (in one
 //! transaction, so a group is either complete or absent), the reference logprobs, checkpoints,
@@ -9,15 +9,19 @@
 //! the busy timeout instead of failing. On open the file is checked (`PRAGMA integrity_check`,
 //! foreign keys, complete groups, ref logprobs where the phase says they exist).
 //!
+//! One module per table family ([`runs`], [`iterations`], [`rollouts`], [`checkpoints`],
+//! [`evals`], [`train_metrics`]); rows map through sqlx `FromRow` (JSON columns as `Json<T>`),
+//! enums are stored by their serde names.
+//!
 //! It must never hold a partial group, accept a non-finite logprob (JSON would turn it into
-//! `null`), or pick one of several runs silently.
+//! `null`), or pick one of several runs silently; and it knows nothing of HTTP or the model.
 
-mod checkpoints;
-mod evals;
-mod iterations;
-mod rollouts;
-mod runs;
-mod train_metrics;
+pub mod checkpoints;
+pub mod evals;
+pub mod iterations;
+pub mod rollouts;
+pub mod runs;
+pub mod train_metrics;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -89,13 +93,6 @@ impl Store {
     pub async fn create(path: &Path, spec: &RunSpec) -> Result<Store, StoreError> {
         let pool = connect(path, true).await?;
         let shown = path.display().to_string();
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|source| StoreError::Migrate {
-                path: shown.clone(),
-                source,
-            })?;
         let existing: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM runs")
             .fetch_one(&pool)
             .await
@@ -137,13 +134,6 @@ impl Store {
             });
         }
         let pool = connect(path, false).await?;
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|source| StoreError::Migrate {
-                path: shown.clone(),
-                source,
-            })?;
         let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM runs ORDER BY id")
             .fetch_all(&pool)
             .await
@@ -320,6 +310,7 @@ pub(crate) fn sql_err(path: &Path, context: &str, source: sqlx::Error) -> StoreE
     }
 }
 
+/// A pool on the database at `path` (created when `create`), with the migrations applied.
 async fn connect(path: &Path, create: bool) -> Result<SqlitePool, StoreError> {
     let options = SqliteConnectOptions::new()
         .filename(path)
@@ -328,9 +319,17 @@ async fn connect(path: &Path, create: bool) -> Result<SqlitePool, StoreError> {
         .synchronous(SqliteSynchronous::Full)
         .foreign_keys(true)
         .busy_timeout(Duration::from_secs(60));
-    SqlitePoolOptions::new()
+    let pool = SqlitePoolOptions::new()
         .max_connections(4)
         .connect_with(options)
         .await
-        .map_err(|e| sql_err(path, "opening the database", e))
+        .map_err(|e| sql_err(path, "opening the database", e))?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .map_err(|source| StoreError::Migrate {
+            path: path.display().to_string(),
+            source,
+        })?;
+    Ok(pool)
 }

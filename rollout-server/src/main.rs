@@ -47,10 +47,8 @@ struct Args {
     /// Exit when the parent process dies (how the orchestrator starts it).
     #[arg(long)]
     exit_with_parent: bool,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    engine: model::cli::DeviceFlags,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,12 +60,8 @@ fn main() -> anyhow::Result<()> {
     if args.max_batch == 0 || args.max_queue == 0 || args.max_n == 0 {
         anyhow::bail!("--max-batch, --max-queue and --max-n must be at least 1");
     }
-    let (engine, path) = model::cli::load_engine(
-        &args.model,
-        args.adapter.as_deref(),
-        &args.device,
-        &args.dtype,
-    )?;
+    let (engine, path) =
+        model::cli::load_engine(&args.model, args.adapter.as_deref(), &args.engine)?;
     let model_name = args
         .served_model_name
         .clone()

@@ -108,7 +108,8 @@ pub fn skipped(test: &str, reason: &str) {
             .create(true)
             .append(true)
             .open(&path)
-            .and_then(|mut f| writeln!(f, "{line}"));
+            // One write of the whole line: concurrent tests append without interleaving.
+            .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
         if let Err(e) = written {
             panic!("cannot record a skip in TEST_SKIPS_FILE {path:?}: {e}");
         }
