@@ -234,7 +234,7 @@ impl ServiceClient {
 
 /// Checks a running service against its own `GET /openapi.json`: every documented operation
 /// answers (any status but 404 and 405; a POST is sent `{}`), every other method on a documented
-/// path is refused with 405, and an undocumented path is 404. Returns the document and what
+/// path is refused with 405, every `$ref` resolves, and an undocumented path is 404. Returns the document and what
 /// disagreed (empty when the routes and the document agree).
 pub async fn check_contract(
     base: &str,
@@ -276,6 +276,15 @@ pub async fn check_contract(
             }
         }
     }
+    // Every schema a `$ref` names is in the document.
+    let mut refs = Vec::new();
+    collect_refs(&doc, &mut refs);
+    for r in refs {
+        let name = r.strip_prefix("#/components/schemas/").unwrap_or(&r);
+        if !doc["components"]["schemas"][name].is_object() {
+            problems.push(format!("`$ref` {r} names no schema of the document"));
+        }
+    }
     let status = http
         .get(format!("{base}/no/such/route"))
         .send()
@@ -286,4 +295,20 @@ pub async fn check_contract(
         problems.push(format!("an undocumented path answers {status}, not 404"));
     }
     Ok((doc, problems))
+}
+
+/// Every `$ref` string in a JSON document.
+fn collect_refs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                match (k.as_str(), x) {
+                    ("$ref", serde_json::Value::String(r)) => out.push(r.clone()),
+                    _ => collect_refs(x, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| collect_refs(x, out)),
+        _ => {}
+    }
 }

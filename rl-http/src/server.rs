@@ -133,7 +133,7 @@ pub struct ApiKey(pub Option<Arc<str>>);
 /// Middleware: requests other than `/health`, `/metrics` and `/openapi.json` must carry
 /// `Authorization: Bearer <key>` when the service has a key.
 pub async fn require_key(State(key): State<ApiKey>, req: Request, next: Next) -> Response {
-    let open = matches!(req.uri().path(), "/health" | "/metrics" | "/openapi.json");
+    let open = OPEN_ROUTES.contains(&req.uri().path());
     if let (Some(expected), false) = (&key.0, open) {
         let given = req
             .headers()
@@ -260,8 +260,8 @@ pub struct Frame {
 /// Routes that need no key (liveness, metrics, the document itself).
 pub const OPEN_ROUTES: [&str; 3] = ["/health", "/metrics", "/openapi.json"];
 
-/// The document every service's routes start from: the error body and the bearer scheme.
-pub fn base_openapi() -> utoipa::openapi::OpenApi {
+/// The document every service's routes start from: the error body every error answer refers to.
+fn base_openapi() -> utoipa::openapi::OpenApi {
     #[derive(utoipa::OpenApi)]
     #[openapi(components(schemas(rl_core::wire::ErrorBody, rl_core::wire::ErrorDetail)))]
     struct Base;
@@ -291,7 +291,8 @@ pub fn assemble<S: Clone + Send + Sync + 'static>(
     use utoipa::openapi::security::{
         HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
     };
-    let (router, mut doc) = routes
+    let (router, mut doc) = utoipa_axum::router::OpenApiRouter::with_openapi(base_openapi())
+        .merge(routes)
         .routes(utoipa_axum::routes!(openapi_json))
         .split_for_parts();
     doc.info.title = frame.title.to_string();

@@ -1,15 +1,9 @@
 //! The run: from a config to trained checkpoints, iteration by iteration, always resumable from
-//! the rollout database. Each iteration goes through the phases the store records:
-//!
-//! 1. `sampling`: the iteration's problems (deterministic from the seed and the iteration) are
-//!    fanned out to the rollout server with bounded concurrency, `attempts` samples each with the
-//!    group's seed; rewards are computed; each group is stored in one transaction. On resume only
-//!    the missing groups are sampled.
-//! 2. `scoring_ref`: the ref-scorer annotates every stored group without reference logprobs.
-//! 3. `training`: a learner process trains on the iteration and writes `checkpoints/iter_N`; the
-//!    rollout server hot-swaps it in.
-//! 4. `evaluating` (every `test_every_n_iterations`): greedy answers to the test problems, one row
-//!    each, then accuracy and format rate.
+//! the rollout database. This module opens a run (preflight checks in `preflight`, the services
+//! started from typed command lines) and moves each iteration through the phases the store
+//! records, one module each: `sampling`, `scoring` (`scoring_ref`), `training`,
+//! `evaluating` (every `test_every_n_iterations`). Crash points for the tests are in
+//! `failpoints`.
 //!
 //! A failing child is reported with what it said; a crashed server is restarted and the request
 //! retried. Nothing here holds state that the database does not: killing the orchestrator at any
