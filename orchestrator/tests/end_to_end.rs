@@ -40,17 +40,20 @@ fn build_services() -> PathBuf {
             .filter_map(|p| p.metadata().and_then(|m| m.modified()).ok())
             .max()
     };
-    for (bin, krate) in [
-        ("rollout-server", "rollout-server"),
-        ("ref-scorer", "ref-scorer"),
-        ("learner", "learner"),
+    // Each binary with the workspace crates it is built from (its Cargo.toml's path
+    // dependencies, and theirs).
+    let engine = ["model", "sampling", "rl-core"];
+    for (bin, crates) in [
+        ("rollout-server", ["rollout-server", "rl-http"]),
+        ("ref-scorer", ["ref-scorer", "rl-http"]),
+        ("learner", ["learner", "rl-store"]),
     ] {
         let path = dir.join(bin);
         let built = path
             .metadata()
             .and_then(|m| m.modified())
             .unwrap_or_else(|_| panic!("{} is not built; {fix}", path.display()));
-        let sources = [krate, "model", "rl-core", "rl-store", "rl-http"];
+        let sources: Vec<&str> = crates.iter().chain(&engine).copied().collect();
         if std::env::var_os("ORCHESTRATE_BIN_DIR").is_none() {
             if let Some(src) = newest(&sources) {
                 assert!(
