@@ -52,7 +52,6 @@ impl SamplingParams {
         sampling::Knobs {
             temperature: self.temperature,
             top_p: self.top_p,
-            top_k: self.top_k as u64,
             max_tokens: self.max_tokens as u64,
         }
         .check()

@@ -22,7 +22,7 @@ fn golden() -> PathBuf {
 /// (`cargo test --workspace` builds every binary of the workspace there), or
 /// `ORCHESTRATE_BIN_DIR`. This test builds nothing: a binary that is missing, or older than a
 /// source file it is built from, fails here, saying how to build it.
-fn build_services() -> PathBuf {
+fn service_bins() -> PathBuf {
     let dir = std::env::var_os("ORCHESTRATE_BIN_DIR").map_or_else(
         || {
             PathBuf::from(env!("CARGO_BIN_EXE_orchestrate"))
@@ -191,7 +191,7 @@ fn snapshot(db: &Path) -> Snapshot {
 
 #[test]
 fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
-    let bins = build_services();
+    let bins = service_bins();
     // Uninterrupted.
     let a = tempfile::tempdir().unwrap();
     let cfg = setup(a.path(), "");
@@ -418,7 +418,7 @@ fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
 
 #[test]
 fn bad_configs_fail_before_any_work() {
-    let bins = build_services();
+    let bins = service_bins();
     let dir = tempfile::tempdir().unwrap();
     let cfg = setup(dir.path(), "");
     let cases: Vec<(Vec<String>, &str)> = vec![
@@ -460,7 +460,7 @@ fn bad_configs_fail_before_any_work() {
 
 #[test]
 fn an_unusable_device_fails_before_anything_is_created() {
-    let bins = build_services();
+    let bins = service_bins();
     let dir = tempfile::tempdir().unwrap();
     let cfg = setup(dir.path(), "");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_orchestrate"));

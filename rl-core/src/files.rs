@@ -51,7 +51,7 @@ fn temp_prefix(path: &Path) -> Result<String, FileError> {
 }
 
 /// fsyncs a file or folder.
-pub fn fsync(path: &Path) -> Result<(), FileError> {
+fn fsync(path: &Path) -> Result<(), FileError> {
     File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(err("fsync", path))

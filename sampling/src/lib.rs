@@ -23,15 +23,14 @@ pub const MAX_TOKENS_LIMIT: u64 = 131_072;
 /// Temperatures below this are greedy (1/T would overflow f32; vLLM treats them so too).
 pub const GREEDY_BELOW: f64 = 1e-5;
 
-/// The knobs every sampler takes.
+/// The knobs every sampler takes that have a rule (`top_k` has none: any value, 0 for no
+/// truncation).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Knobs {
     /// 0 is greedy.
     pub temperature: f64,
     /// In (0, 1]; 1 keeps every token.
     pub top_p: f64,
-    /// 0: no top-k truncation.
-    pub top_k: u64,
     pub max_tokens: u64,
 }
 
@@ -83,7 +82,6 @@ mod tests {
         Knobs {
             temperature,
             top_p,
-            top_k: 0,
             max_tokens,
         }
     }

@@ -61,7 +61,6 @@ impl Config {
             let knobs = sampling::Knobs {
                 temperature: f64::from(s.temperature),
                 top_p: f64::from(s.top_p),
-                top_k: u64::from(s.top_k),
                 max_tokens: u64::from(s.max_tokens),
             };
             if let Err(e) = knobs.check() {

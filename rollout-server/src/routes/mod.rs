@@ -116,7 +116,6 @@ impl AppState {
         sampling::Knobs {
             temperature: s.temperature,
             top_p: s.top_p,
-            top_k: u64::from(s.top_k),
             max_tokens: u64::from(s.max_tokens),
         }
         .check()
