@@ -42,9 +42,15 @@ pub fn root(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
+/// The name of `iteration`'s checkpoint folder inside [`root`] (also how a rollout server
+/// started with `--checkpoints-dir` is told to load it).
+pub fn name(iteration: u32) -> String {
+    format!("iter_{iteration}")
+}
+
 /// The checkpoint folder of `iteration` of the run in `run_dir`.
 pub fn dir(run_dir: &Path, iteration: u32) -> PathBuf {
-    root(run_dir).join(format!("iter_{iteration}"))
+    root(run_dir).join(name(iteration))
 }
 
 /// Whether `dir` holds a finished checkpoint (its state file is written last).

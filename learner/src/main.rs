@@ -43,6 +43,8 @@ enum Command {
         config: Option<PathBuf>,
         #[command(flatten)]
         engine: model::cli::DeviceFlags,
+        #[command(flatten)]
+        parent: model::cli::ParentFlags,
         /// Dotted overrides of the config, e.g. learner.lr=1e-5.
         overrides: Vec<String>,
     },
@@ -76,8 +78,10 @@ fn main() -> anyhow::Result<()> {
             out,
             config,
             engine: flags,
+            parent,
             overrides,
         } => {
+            parent.apply().map_err(anyhow::Error::msg)?;
             let config = match &config {
                 Some(path) => Config::load(path, &overrides)?.config,
                 None => Config::from_yaml("{}", "(defaults)", &overrides)?.config,

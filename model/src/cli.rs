@@ -1,7 +1,8 @@
 //! What the workspace's programs (rollout-server, ref-scorer, learner, orchestrate) do the same
 //! way when they start: log to stderr (`RUST_LOG`, default `info`) with the allocator tuned for
 //! the engine, and load an engine from the strings of `--model`, `--adapter`, `--device` and
-//! `--dtype`, an error naming the flag that failed.
+//! `--dtype`, an error naming the flag that failed; and die with the process that started them
+//! (`--parent-pid`).
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +28,37 @@ pub struct DeviceFlags {
     /// The weights' dtype: `f32`, `bf16` or `f16`.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+}
+
+/// `--parent-pid PID`: how the orchestrator starts its children, so that none outlives it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ParentFlags {
+    /// Die (SIGKILL, through the kernel's `PR_SET_PDEATHSIG`) when process PID, this process's
+    /// parent, dies, also when it is SIGKILLed. Refuses to start if PID is already gone.
+    #[arg(long, value_name = "PID")]
+    pub parent_pid: Option<u32>,
+}
+
+impl ParentFlags {
+    /// Arms the parent-death signal; an error when the parent is already gone. Call first thing in `main`, on the main thread: the kernel
+    /// sends it when the parent's thread that started this process exits (the orchestrator
+    /// starts children from its runtime's worker threads, which live as long as it does).
+    pub fn apply(&self) -> Result<(), String> {
+        let Some(parent) = self.parent_pid else {
+            return Ok(());
+        };
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+            .map_err(|e| format!("--parent-pid {parent}: cannot arm PR_SET_PDEATHSIG: {e}"))?;
+        // The parent may have died before the signal was armed: then this process was already
+        // handed to another parent, and nothing will ever send it.
+        let now = rustix::process::Pid::as_raw(rustix::process::getppid());
+        if i64::from(now) != i64::from(parent) {
+            return Err(format!(
+                "--parent-pid {parent}: that process is gone (the parent is now {now}); not starting"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A flag whose value could not be used.

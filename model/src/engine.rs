@@ -410,11 +410,8 @@ impl Engine {
     }
 
     fn check_score_requests(&self, seqs: &[ScoreRequest], temperature: f64) -> Result<()> {
-        if !(temperature.is_finite() && temperature > 0.0) {
-            return Err(Error::InvalidRequest(format!(
-                "temperature {temperature} must be > 0 for scoring"
-            )));
-        }
+        sampling::check_score_temperature(temperature)
+            .map_err(|e| Error::InvalidRequest(e.to_string()))?;
         for (i, s) in seqs.iter().enumerate() {
             self.check_score_request(&format!("sequence {i}"), s)?;
         }

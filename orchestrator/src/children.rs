@@ -162,6 +162,7 @@ impl LearnerStep<'_> {
             .arg("--config")
             .arg(self.config)
             .args(["--device", self.device, "--dtype", self.dtype])
+            .args(["--parent-pid", &std::process::id().to_string()])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);

@@ -60,6 +60,13 @@ pub async fn answer(
     })
 }
 
+/// The deadline of one answer (tokenizing and generating) while `in_flight` are asked at once;
+/// the question's length in bytes bounds its prompt tokens.
+pub fn deadline(config: &Config, problem: &Problem, in_flight: u32) -> Duration {
+    let tokens = problem.question.len() as u64 + u64::from(config.sampling.test.max_tokens);
+    config.services.deadline(tokens, in_flight)
+}
+
 /// What `orchestrate eval` writes: the rates ([`EvalSummary::of`]) and every answer.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
@@ -113,26 +120,28 @@ pub async fn command(
     if let Some(l) = limit {
         problems.truncate(l);
     }
-    let timeout = Duration::from_secs(u64::from(config.services.request_timeout_s));
-    let startup = Duration::from_secs(u64::from(config.services.startup_timeout_s));
-    let svc = Service::spawn(spec, config.services.api_key.clone(), timeout, startup).await?;
-    let client = svc.client().await?;
+    let s = &config.services;
+    let startup = Duration::from_secs(u64::from(s.startup_timeout_s));
+    let svc = Service::spawn(spec, s.api_key.clone(), startup, s.max_attempts).await?;
     let bar = crate::report::bar(problems.len() as u64, &format!("evaluating on {split}"));
-    let concurrency = config.services.rollout.max_batch.max(1) as usize;
-    let mut stream = futures::stream::iter(
-        problems
-            .iter()
-            .enumerate()
-            .map(|(i, p)| answer(&client, config, p, i)),
-    )
-    .buffered(concurrency);
+    let concurrency = s.rollout.max_batch.max(1);
+    let svc = &svc;
+    let mut stream = futures::stream::iter(problems.iter().enumerate().map(|(i, p)| async move {
+        svc.call(
+            "evaluating",
+            deadline(config, p, concurrency),
+            |cl| async move { answer(&cl, config, p, i).await },
+        )
+        .await
+    }))
+    .buffered(concurrency as usize);
     let mut results = Vec::new();
     while let Some(r) = stream.next().await {
         match r {
             Ok(r) => results.push(r),
             Err(e) => {
                 svc.stop().await;
-                return Err(e.into());
+                return Err(e);
             }
         }
         bar.inc(1);

@@ -1,17 +1,24 @@
 //! Supervision of a child service (rollout-server, ref-scorer): spawn it from the same build, read
 //! the address it prints (`listening on http://ADDR`), wait for `/health`, restart it when it has
-//! died, stop it with SIGTERM (then SIGKILL) at the end. Children are started with
-//! `--exit-with-parent`, so a killed orchestrator leaves no orphan behind.
+//! died or hangs, stop it with SIGTERM (then SIGKILL) at the end. Children are started with
+//! `--parent-pid` (the kernel's parent-death signal), so a killed orchestrator, even SIGKILLed,
+//! leaves no orphan behind.
+//!
+//! Every request goes through [`Service::call`], the one place a failed request is sent again:
+//! it has a deadline derived from its size; a service that died, answered 5xx or missed the
+//! deadline is restarted (a hung one killed first) and the request re-sent, at most
+//! `max_attempts` times in all. A restarted rollout server gets its adapter back before the
+//! request is re-sent.
 //!
 //! A service the config names by URL (`services.*.endpoint(s)`) is used as is: nothing is
-//! spawned, and it is never restarted or stopped.
+//! spawned, and it is never restarted or stopped (its requests are still re-sent).
 
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use rl_http::client::{RetryPolicy, ServiceClient};
+use rl_http::client::{ClientError, RetryPolicy, ServiceClient};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
@@ -31,8 +38,8 @@ pub struct Service {
     spec: Option<ChildSpec>,
     state: Mutex<State>,
     api_key: Option<String>,
-    request_timeout: Duration,
     startup_timeout: Duration,
+    max_attempts: u32,
 }
 
 #[derive(Debug)]
@@ -40,6 +47,9 @@ struct State {
     child: Option<Child>,
     url: String,
     restarts: u32,
+    /// The adapter (checkpoint name) this service was told to serve (`Some(None)`: the base
+    /// model; `None`: not told yet), put back after a restart.
+    adapter: Option<Option<String>>,
 }
 
 impl Service {
@@ -48,7 +58,7 @@ impl Service {
         name: &'static str,
         url: &str,
         api_key: Option<String>,
-        request_timeout: Duration,
+        max_attempts: u32,
     ) -> anyhow::Result<Self> {
         let s = Self {
             name,
@@ -57,10 +67,11 @@ impl Service {
                 child: None,
                 url: url.trim_end_matches('/').to_string(),
                 restarts: 0,
+                adapter: None,
             }),
             api_key,
-            request_timeout,
             startup_timeout: Duration::from_secs(10),
+            max_attempts: max_attempts.max(1),
         };
         s.wait_healthy(&s.url().await).await.with_context(|| {
             format!("the configured {name} endpoint {url} does not answer /health")
@@ -72,8 +83,8 @@ impl Service {
     pub async fn spawn(
         spec: ChildSpec,
         api_key: Option<String>,
-        request_timeout: Duration,
         startup_timeout: Duration,
+        max_attempts: u32,
     ) -> anyhow::Result<Self> {
         let (child, url) = start(&spec, startup_timeout).await?;
         let s = Self {
@@ -83,10 +94,11 @@ impl Service {
                 child: Some(child),
                 url,
                 restarts: 0,
+                adapter: None,
             }),
             api_key,
-            request_timeout,
             startup_timeout,
+            max_attempts: max_attempts.max(1),
         };
         s.wait_healthy(&s.url().await).await?;
         Ok(s)
@@ -104,19 +116,113 @@ impl Service {
         self.state.lock().await.restarts
     }
 
-    /// A client for the service's current address. 503s and refused connections are retried for
-    /// a short while; longer outages come back to the caller, which checks the child.
-    pub async fn client(&self) -> anyhow::Result<ServiceClient> {
-        Ok(ServiceClient::new(
-            &self.url().await,
-            self.api_key.clone(),
-            self.request_timeout,
-        )?
-        .with_retry(RetryPolicy {
-            max_attempts: 1000,
-            max_wait: Duration::from_secs(5),
-            max_delay: Duration::from_secs(2),
-        }))
+    /// A client for the service's current address whose requests end at `deadline`. It waits
+    /// out 503s (busy, with `Retry-After`) for a while; every other failure comes back at once,
+    /// to [`Service::call`].
+    pub async fn client(&self, deadline: Duration) -> anyhow::Result<ServiceClient> {
+        Ok(
+            ServiceClient::new(&self.url().await, self.api_key.clone(), deadline)?.with_retry(
+                RetryPolicy {
+                    max_attempts: 1000,
+                    max_wait: Duration::from_secs(300),
+                    max_delay: Duration::from_secs(2),
+                    retry_unreachable: false,
+                },
+            ),
+        )
+    }
+
+    /// Sends a request (`f` with a client) within `deadline`. A refusal (4xx) comes back at
+    /// once: the request itself is wrong. Any other failure (the service died, answered 5xx,
+    /// missed the deadline, could not be reached) restarts the service when this run started
+    /// it, a hung one killed first, and sends the request again, `max_attempts` sends at most.
+    pub async fn call<T, F, Fut>(&self, what: &str, deadline: Duration, f: F) -> anyhow::Result<T>
+    where
+        F: Fn(ServiceClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let mut last = None;
+        for attempt in 1..=self.max_attempts {
+            // A dead child is noticed here, before its requests time out.
+            self.ensure_running().await?;
+            match f(self.client(deadline).await?).await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_refusal() => {
+                    return Err(anyhow::Error::new(e).context(what.to_string()))
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "{what}: {} failed (send {attempt} of {}): {e}",
+                        self.name,
+                        self.max_attempts
+                    );
+                    if e.is_timeout() {
+                        self.kill_hung().await;
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(anyhow::anyhow!(
+            "{what}: {} failed {} times in a row (services.max_attempts); last: {}",
+            self.name,
+            self.max_attempts,
+            last.map_or(String::new(), |e| e.to_string())
+        ))
+    }
+
+    /// Makes the service serve `adapter` (a checkpoint name; `None`: the base model), and again
+    /// after every restart. A no-op when it already does.
+    pub async fn serve_adapter(&self, adapter: Option<&str>) -> anyhow::Result<()> {
+        self.ensure_running().await?;
+        let mut st = self.state.lock().await;
+        let wanted = adapter.map(str::to_string);
+        if st.adapter.as_ref() == Some(&wanted) {
+            return Ok(());
+        }
+        let url = st.url.clone();
+        Self::push_adapter(self.name, &url, self.api_key.clone(), adapter).await?;
+        st.adapter = Some(wanted);
+        Ok(())
+    }
+
+    async fn push_adapter(
+        name: &str,
+        url: &str,
+        api_key: Option<String>,
+        adapter: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let client = ServiceClient::new(url, api_key, Duration::from_secs(600))?;
+        match adapter {
+            Some(a) => {
+                let r = client
+                    .load_adapter(a)
+                    .await
+                    .with_context(|| format!("{name}: hot-swapping the adapter {a}"))?;
+                tracing::info!("{name} now serves {a} (swap {:.1} ms)", r.swap_ms);
+            }
+            None => {
+                client.unload_adapter().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs our child after it missed a deadline (a hung server keeps its port and accepts
+    /// connections); the next [`Service::ensure_running`] starts a new one.
+    async fn kill_hung(&self) {
+        if self.spec.is_none() {
+            return;
+        }
+        let mut st = self.state.lock().await;
+        if let Some(child) = st.child.as_mut() {
+            tracing::warn!(
+                "{} (pid {:?}) missed its deadline; killing it",
+                self.name,
+                child.id()
+            );
+            let _ = child.kill().await;
+        }
     }
 
     async fn wait_healthy(&self, url: &str) -> anyhow::Result<()> {
@@ -125,6 +231,7 @@ impl Service {
                 max_attempts: 10_000,
                 max_wait: self.startup_timeout,
                 max_delay: Duration::from_millis(200),
+                retry_unreachable: true,
             });
         client
             .health()
@@ -133,8 +240,8 @@ impl Service {
         Ok(())
     }
 
-    /// Restarts the child if it has exited; returns whether it did. An external service is
-    /// never restarted.
+    /// Restarts the child if it has exited (healthy and serving its adapter again before this
+    /// returns); returns whether it did. An external service is never restarted.
     pub async fn ensure_running(&self) -> anyhow::Result<bool> {
         let Some(spec) = &self.spec else {
             return Ok(false);
@@ -152,8 +259,12 @@ impl Service {
         st.child = Some(child);
         st.url = url.clone();
         st.restarts += 1;
-        drop(st);
+        // Still holding the state: no request reaches the new server before it is healthy and
+        // serves the adapter again (it starts on the base model).
         self.wait_healthy(&url).await?;
+        if let Some(Some(adapter)) = &st.adapter {
+            Self::push_adapter(self.name, &url, self.api_key.clone(), Some(adapter)).await?;
+        }
         Ok(true)
     }
 
@@ -194,7 +305,7 @@ async fn start(spec: &ChildSpec, timeout: Duration) -> anyhow::Result<(Child, St
     }
     let mut child = Command::new(&spec.program)
         .args(&spec.args)
-        .arg("--exit-with-parent")
+        .args(["--parent-pid", &std::process::id().to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)

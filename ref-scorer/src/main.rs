@@ -43,9 +43,8 @@ struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 64 << 20)]
     max_body_bytes: usize,
-    /// Exit when the parent process dies (how the orchestrator starts it).
-    #[arg(long)]
-    exit_with_parent: bool,
+    #[command(flatten)]
+    parent: model::cli::ParentFlags,
     #[command(flatten)]
     engine: model::cli::DeviceFlags,
 }
@@ -97,9 +96,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if args.exit_with_parent {
-        rl_http::server::exit_with_parent();
-    }
+    args.parent.apply().map_err(anyhow::Error::msg)?;
     let Some(model) = &args.model else {
         anyhow::bail!("--model is required: `ref-scorer --model PATH` serves POST /v1/score; `ref-scorer score --help` scores a file offline");
     };
@@ -110,8 +107,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_queue: args.max_queue,
         max_body_bytes: args.max_body_bytes,
     };
-    let (router, _state) = ref_scorer::service::app(engine, &opts);
+    let (router, state) = ref_scorer::service::app(engine, &opts);
     let what = format!("scoring with {}", opts.model_name);
-    rl_http::server::run_server(&args.host, args.port, router, &what)?;
+    rl_http::server::run_server(&args.host, args.port, router, &what, &state.liveness)?;
     Ok(())
 }

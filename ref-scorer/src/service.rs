@@ -2,7 +2,9 @@
 //! "completion_ids"}], "temperature"}` -> one `{"logprobs"}` per sequence, in order), `/health`,
 //! `/metrics`, `/openapi.json`. The frozen model sits behind a mutex and is used from a blocking
 //! task; at most `max_queue` requests wait for it, beyond that the answer is 503 with
-//! `Retry-After`. It never loads or swaps an adapter after start.
+//! `Retry-After`. A panic while scoring poisons the lock: the service is then failed
+//! ([`Liveness`]: 500s, `/health` 503) and exits non-zero to be restarted. No non-finite number
+//! ever leaves it (500 instead). It never loads or swaps an adapter after start.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +20,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use rl_core::wire::{Health, ScoreRequest, ScoreResponse, SequenceLogprobs};
 use rl_http::metrics::{Metrics, PhaseTimes};
-use rl_http::server::{assemble, ApiError, ApiJson, Frame};
+use rl_http::server::{assemble, ApiError, ApiJson, Frame, Liveness};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -42,7 +44,13 @@ impl Default for Options {
     }
 }
 
+/// Environment variable of the scorer's failpoint (fault tests): `engine-panic` panics a scoring
+/// while it holds the model lock (poisoning it).
+pub const FAILPOINT_ENV: &str = "REF_SCORER_FAILPOINT";
+
 pub struct ScorerState {
+    /// Failed once the model lock is poisoned: `/health` 503, the process exits.
+    pub liveness: Liveness,
     engine: Arc<Mutex<Engine>>,
     model_name: String,
     adapter: Option<String>,
@@ -108,6 +116,7 @@ pub fn app(engine: Engine, opts: &Options) -> (axum::Router, Arc<ScorerState>) {
     let adapter = engine.adapter().map(|_| "loaded at start".to_string());
     let (metrics, counters) = Metrics::new("scorer", engine.matmul_backend(), Counters::new);
     let state = Arc::new(ScorerState {
+        liveness: Liveness::default(),
         engine: Arc::new(Mutex::new(engine)),
         model_name: opts.model_name.clone(),
         adapter,
@@ -154,12 +163,12 @@ async fn score(
             "`sequences` is empty; send at least one",
         ));
     }
-    if !req.temperature.is_finite() || req.temperature <= 0.0 {
-        return Err(ApiError::unprocessable(format!(
-            "`temperature` is {}; it must be > 0 (the sampling temperature, 1 for raw logprobs)",
-            req.temperature
-        )));
-    }
+    state
+        .liveness
+        .check()
+        .map_err(|_| state.liveness.engine_error())?;
+    sampling::check_score_temperature(req.temperature)
+        .map_err(|e| ApiError::unprocessable(e.to_string()))?;
     let before = state.pending.fetch_add(1, Ordering::SeqCst);
     let _admitted = Admitted(&state.pending);
     if before >= state.max_queue {
@@ -181,11 +190,16 @@ async fn score(
     let engine = state.engine.clone();
     let temperature = req.temperature;
     let counters = state.counters.clone();
+    let liveness = state.liveness.clone();
     let scored = tokio::task::spawn_blocking(move || {
         let waited = Instant::now();
-        let engine = engine
-            .lock()
-            .map_err(|_| ApiError::internal("the engine is unusable after an earlier failure"))?;
+        let engine = engine.lock().map_err(|_| {
+            liveness.fail("the model lock is poisoned: a scoring panicked while holding it");
+            liveness.engine_error()
+        })?;
+        if rl_http::server::failpoint(FAILPOINT_ENV, "engine-panic").is_some() {
+            panic!("{FAILPOINT_ENV}: engine-panic while holding the model lock");
+        }
         counters
             .wait_seconds
             .observe(waited.elapsed().as_secs_f64());
@@ -201,8 +215,15 @@ async fn score(
             .map_err(|e| ApiError::internal(format!("scoring failed: {e}")))
     })
     .await
-    .map_err(|e| ApiError::internal(format!("the scoring task failed: {e}")))??;
+    .map_err(|e| {
+        // A panic in the engine poisoned its lock: nothing can score any more.
+        state.liveness.fail(format!("the scoring task failed: {e}"));
+        state.liveness.engine_error()
+    })??;
     let (results, tokens) = scored;
+    for (i, r) in results.iter().enumerate() {
+        rl_http::server::all_finite(&format!("results[{i}].logprobs"), r)?;
+    }
     state.counters.sequences.inc_by(results.len() as u64);
     state.counters.tokens.inc_by(tokens as u64);
     Ok(Json(ScoreResponse {
@@ -223,15 +244,17 @@ impl Drop for PhaseTimer<'_> {
     }
 }
 
-/// `GET /health`.
+/// `GET /health`: 200 while the model works; 503 once its lock is poisoned (the process exits).
 #[utoipa::path(get, path = "/health", tag = "service", summary = "Liveness and model",
-    responses((status = 200, description = "The scorer is up", body = Health)))]
-async fn health(State(state): Shared) -> Json<Health> {
-    Json(Health {
+    responses((status = 200, description = "The scorer is up and its model works", body = Health),
+        (status = 503, description = "The model failed; the scorer is exiting to be restarted", body = rl_core::wire::ErrorBody)))]
+async fn health(State(state): Shared) -> Result<Json<Health>, ApiError> {
+    state.liveness.check()?;
+    Ok(Json(Health {
         status: "ok".into(),
         model: state.model_name.clone(),
         adapter: state.adapter.clone(),
-    })
+    }))
 }
 
 /// `GET /metrics` (OpenMetrics text).

@@ -10,9 +10,10 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-/// A file-system failure, naming the path and what was being done.
+/// A file-system failure, naming the path, what was being done and, for the failures a user
+/// fixes (full disk, read-only or forbidden folder), how.
 #[derive(Debug, thiserror::Error)]
-#[error("{action} {}: {source}", path.display())]
+#[error("{action} {}: {source}{}", path.display(), fix_for(source.kind(), parent_of(path)))]
 pub struct FileError {
     pub action: &'static str,
     pub path: PathBuf,
@@ -26,6 +27,25 @@ fn err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> File
         action,
         path,
         source,
+    }
+}
+
+/// What to do about a storage failure of `kind` in `folder` (with a leading `; `), for the kinds
+/// a user can fix; empty otherwise. The run's database says the same (`rl-store`).
+pub fn fix_for(kind: std::io::ErrorKind, folder: &Path) -> String {
+    use std::io::ErrorKind as K;
+    let folder = folder.display();
+    match kind {
+        K::StorageFull | K::QuotaExceeded | K::FileTooLarge => format!(
+            "; the disk of {folder} is full: free space there (nothing half-written was kept), then resume"
+        ),
+        K::ReadOnlyFilesystem => {
+            format!("; {folder} is on a read-only file system: make it writable, then resume")
+        }
+        K::PermissionDenied => {
+            format!("; this user may not write in {folder}: fix its permissions, then resume")
+        }
+        _ => String::new(),
     }
 }
 

@@ -1,7 +1,10 @@
 //! A typed HTTP client for the rollout server and the ref-scorer (reqwest). It waits and retries
-//! when a server answers 503 (honouring `Retry-After`) or cannot be reached (a server being
-//! restarted), up to a budget; any other error comes back with the server's own message.
-//! Requests are idempotent (sampling is seeded), so a retry never changes a result.
+//! when a server answers 503 (honouring `Retry-After`: busy, not broken) and, when its policy
+//! says so, when the server cannot be reached (one being started), up to a budget; any other
+//! error comes back with the server's own message, a request past its deadline as
+//! [`ClientError::Timeout`]. Requests are idempotent (sampling is seeded), so sending one again
+//! never changes a result. Failures are retried in one place only: the caller that can restart
+//! the service (the orchestrator's supervisor).
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +31,12 @@ pub enum ClientError {
         url: String,
         message: String,
     },
+    #[error("{method} {url}: no answer within the deadline of {deadline_s:.1} s")]
+    Timeout {
+        method: &'static str,
+        url: String,
+        deadline_s: f64,
+    },
     #[error("{method} {url}: gave up after {attempts} attempts in {waited_s:.1}s; last: {last}")]
     GaveUp {
         method: &'static str,
@@ -46,6 +55,16 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// The server refused the request itself (4xx): sending it again changes nothing.
+    pub fn is_refusal(&self) -> bool {
+        self.status().is_some_and(|s| (400..500).contains(&s))
+    }
+
+    /// The server did not answer within the deadline (it may be hung).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ClientError::Timeout { .. })
+    }
 }
 
 /// How long to keep trying a request that meets 503s or an unreachable server.
@@ -56,6 +75,9 @@ pub struct RetryPolicy {
     pub max_wait: Duration,
     /// Longest single wait (a larger `Retry-After` is capped to this).
     pub max_delay: Duration,
+    /// Also retry when the server cannot be reached (waiting for one to start); otherwise that
+    /// comes back to the caller at once.
+    pub retry_unreachable: bool,
 }
 
 impl Default for RetryPolicy {
@@ -64,6 +86,7 @@ impl Default for RetryPolicy {
             max_attempts: 100,
             max_wait: Duration::from_secs(600),
             max_delay: Duration::from_secs(10),
+            retry_unreachable: true,
         }
     }
 }
@@ -75,17 +98,18 @@ pub struct ServiceClient {
     http: reqwest::Client,
     api_key: Option<String>,
     retry: RetryPolicy,
+    /// The deadline of one request (each attempt).
+    timeout: Duration,
 }
 
 impl ServiceClient {
-    /// `timeout` bounds one attempt (a long generation must fit in it).
+    /// `timeout` bounds one attempt (a long generation must fit in it; see `with_timeout`).
     pub fn new(
         base: &str,
         api_key: Option<String>,
         timeout: Duration,
     ) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
-            .timeout(timeout)
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| ClientError::Transport {
@@ -98,7 +122,14 @@ impl ServiceClient {
             http,
             api_key,
             retry: RetryPolicy::default(),
+            timeout,
         })
+    }
+
+    /// The same client (same connections) with another deadline per request.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
@@ -161,7 +192,10 @@ impl ServiceClient {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let mut rb = self.http.request(method.clone(), &url);
+            let mut rb = self
+                .http
+                .request(method.clone(), &url)
+                .timeout(self.timeout);
             if let Some(k) = &self.api_key {
                 rb = rb.bearer_auth(k);
             }
@@ -170,10 +204,20 @@ impl ServiceClient {
             }
             let (delay, last) = match rb.send().await {
                 Ok(resp) if resp.status().is_success() => {
-                    let bytes = resp.bytes().await.map_err(|e| ClientError::Transport {
-                        method: name,
-                        url: url.clone(),
-                        message: format!("reading the response: {e}"),
+                    let bytes = resp.bytes().await.map_err(|e| {
+                        if e.is_timeout() {
+                            ClientError::Timeout {
+                                method: name,
+                                url: url.clone(),
+                                deadline_s: self.timeout.as_secs_f64(),
+                            }
+                        } else {
+                            ClientError::Transport {
+                                method: name,
+                                url: url.clone(),
+                                message: format!("reading the response: {e}"),
+                            }
+                        }
                     })?;
                     return serde_json::from_slice(&bytes).map_err(|e| ClientError::Transport {
                         method: name,
@@ -204,10 +248,17 @@ impl ServiceClient {
                     (delay, format!("HTTP 503: {message}"))
                 }
                 Err(e) if e.is_timeout() => {
+                    return Err(ClientError::Timeout {
+                        method: name,
+                        url,
+                        deadline_s: self.timeout.as_secs_f64(),
+                    })
+                }
+                Err(e) if !self.retry.retry_unreachable => {
                     return Err(ClientError::Transport {
                         method: name,
                         url,
-                        message: format!("no answer within the timeout: {e}"),
+                        message: format!("connection failed: {e}"),
                     })
                 }
                 Err(e) => {

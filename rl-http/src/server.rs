@@ -1,6 +1,7 @@
 //! What both HTTP services share (axum): the one error type that maps to a status and OpenAI's
 //! JSON error shape, a JSON extractor whose rejections say what to fix, the bearer-key guard, the
-//! 404/405 fallbacks, graceful shutdown on SIGTERM/Ctrl-C and the server runner.
+//! 404/405 fallbacks, liveness ([`Liveness`]: an engine fault makes `/health` 503 and the process
+//! exit non-zero), graceful shutdown on SIGTERM/Ctrl-C and the server runner.
 //!
 //! A handler must never panic on request data: everything a client sends goes through
 //! [`ApiJson`] and the handler's own checks, and comes back as an [`ApiError`].
@@ -193,18 +194,92 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Ends this process once its parent is gone (its parent pid changes). Services started by the
-/// orchestrator pass `--exit-with-parent`, so that a killed orchestrator leaves no orphan server
-/// holding memory and a port.
-pub fn exit_with_parent() {
-    let original = std::os::unix::process::parent_id();
-    std::thread::spawn(move || loop {
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        if std::os::unix::process::parent_id() != original {
-            eprintln!("parent process {original} is gone; exiting");
-            std::process::exit(0);
+/// Whether a service can still do its work. Presence is not enough: an engine thread that
+/// panicked or a model lock poisoned by a panic leaves a process that listens but can never
+/// answer. [`Liveness::fail`] records the fault; from then `/health` answers 503 with it, engine
+/// requests answer 500, and [`run_server`] stops the server and returns an error, so the process
+/// exits non-zero and its supervisor starts a new one.
+#[derive(Debug, Clone)]
+pub struct Liveness(Arc<tokio::sync::watch::Sender<Option<String>>>);
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(None)))
+    }
+}
+
+impl Liveness {
+    /// Records a fault (the first one is kept).
+    pub fn fail(&self, why: impl Into<String>) {
+        let why = why.into();
+        let first = self.0.send_if_modified(|fault| {
+            if fault.is_some() {
+                return false;
+            }
+            *fault = Some(why.clone());
+            true
+        });
+        if first {
+            tracing::error!("engine fault: {why}; the service stops and exits non-zero");
         }
-    });
+    }
+
+    /// The fault, once there is one.
+    pub fn fault(&self) -> Option<String> {
+        self.0.borrow().clone()
+    }
+
+    /// Resolves when a fault is recorded.
+    pub async fn failed(&self) {
+        let mut rx = self.0.subscribe();
+        if rx.wait_for(Option::is_some).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// `Err(503)` naming the fault once there is one (what `/health` answers).
+    pub fn check(&self) -> Result<(), ApiError> {
+        match self.fault() {
+            None => Ok(()),
+            Some(why) => Err(ApiError::unavailable(
+                format!("the engine failed ({why}); this server is exiting to be restarted"),
+                5,
+            )),
+        }
+    }
+
+    /// The 500 a request gets when the engine failed under it.
+    pub fn engine_error(&self) -> ApiError {
+        ApiError::internal(format!(
+            "the engine failed ({}); this server is exiting to be restarted: send the request again",
+            self.fault().unwrap_or_else(|| "unknown fault".into())
+        ))
+    }
+}
+
+/// `Err(500)` when `values` (the field `what` of an answer) holds a NaN or an infinity: JSON has
+/// no such numbers (serde writes `null`), and no client may ever receive or store one.
+pub fn all_finite(what: &str, values: &[f32]) -> Result<(), ApiError> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(ApiError::internal(format!(
+            "the engine produced {} at `{what}[{i}]`; nothing was answered",
+            values[i]
+        ))),
+    }
+}
+
+/// How long a failed server keeps answering (500s, `/health` 503) before it stops, and how long
+/// it then waits for requests in flight.
+const FAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+const FAULT_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads a failpoint of the service (for the fault tests): the environment variable `var` holds
+/// `point` or `point:N`; returns `Some(N)` (1 without a number) when it names `point`.
+pub fn failpoint(var: &str, point: &str) -> Option<u64> {
+    let value = std::env::var(var).ok()?;
+    let (name, n) = value.split_once(':').unwrap_or((value.as_str(), "1"));
+    (name == point).then(|| n.parse().unwrap_or(1))
 }
 
 /// The name a service reports for a model: the folder name, or the file name without extension.
@@ -219,8 +294,15 @@ pub fn served_model_name(path: &std::path::Path) -> String {
 
 /// Runs `router` on `host:port` until SIGTERM/Ctrl-C (requests in flight are finished), on a
 /// 2-thread runtime. Prints `listening on http://ADDR` on stdout (how the orchestrator learns the
-/// address of `--port 0`); a port in use is an error naming it.
-pub fn run_server(host: &str, port: u16, router: axum::Router, what: &str) -> std::io::Result<()> {
+/// address of `--port 0`); a port in use is an error naming it. After an engine fault
+/// (`liveness`) it answers for [`FAULT_GRACE`], stops, and returns the fault as an error.
+pub fn run_server(
+    host: &str,
+    port: u16,
+    router: axum::Router,
+    what: &str,
+    liveness: &Liveness,
+) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -239,9 +321,27 @@ pub fn run_server(host: &str, port: u16, router: axum::Router, what: &str) -> st
         let addr = listener.local_addr()?;
         println!("listening on http://{addr}");
         tracing::info!("{what} on http://{addr}");
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
+        let fault = liveness.clone();
+        let stop = async move {
+            tokio::select! {
+                () = shutdown_signal() => {},
+                () = async { fault.failed().await; tokio::time::sleep(FAULT_GRACE).await } => {},
+            }
+        };
+        let serve = axum::serve(listener, router).with_graceful_shutdown(stop);
+        let drained = async {
+            liveness.failed().await;
+            tokio::time::sleep(FAULT_GRACE + FAULT_DRAIN).await;
+        };
+        tokio::select! {
+            r = serve => r?,
+            () = drained => {},
+        }
+        if let Some(why) = liveness.fault() {
+            return Err(std::io::Error::other(format!(
+                "the engine failed: {why}; exiting non-zero so that a supervisor restarts this service"
+            )));
+        }
         tracing::info!("stopped");
         Ok(())
     })

@@ -42,7 +42,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{path}: {context}: {source}")]
+    #[error("{path}: {context}: {source}{}", sqlite_fix(source, path))]
     Sql {
         path: String,
         context: String,
@@ -234,7 +234,10 @@ impl Store {
             .await
             .map_err(self.err("PRAGMA foreign_key_check"))?;
         if !fk.is_empty() {
-            let tables: Vec<String> = fk.iter().map(|r| r.get::<String, _>(0)).collect();
+            let tables: Vec<String> = fk
+                .iter()
+                .map(|r| r.try_get::<String, _>(0).unwrap_or_else(|e| format!("({e})")))
+                .collect();
             return Err(corrupt(format!(
                 "{} rows point at missing parents (tables: {})",
                 fk.len(),
@@ -300,6 +303,27 @@ pub(crate) fn check_logprobs(lp: &[f32], n: usize, what: &str) -> Result<(), Str
         return Err(format!("{what}: value {i} is {} (not finite)", lp[i]));
     }
     Ok(())
+}
+
+/// How to fix the SQLite failures a user can fix (full disk, read-only file, another process
+/// holding the database), from SQLite's primary result code; empty for the others.
+fn sqlite_fix(e: &sqlx::Error, path: &str) -> String {
+    let code = e
+        .as_database_error()
+        .and_then(|d| d.code())
+        .and_then(|c| c.parse::<i64>().ok());
+    let folder = Path::new(path).parent().unwrap_or(Path::new("."));
+    use std::io::ErrorKind as K;
+    // The primary code is the low byte of an extended one (SQLITE_READONLY_DBMOVED is 1032).
+    match code.map(|c| c & 0xff) {
+        Some(13) => rl_core::files::fix_for(K::StorageFull, folder),
+        Some(8) => rl_core::files::fix_for(K::ReadOnlyFilesystem, folder),
+        Some(14) => rl_core::files::fix_for(K::PermissionDenied, folder),
+        Some(5 | 6) => "; another process holds the database (another orchestrate on this run?): \
+                        stop it, then resume"
+            .into(),
+        _ => String::new(),
+    }
 }
 
 pub(crate) fn sql_err(path: &Path, context: &str, source: sqlx::Error) -> StoreError {

@@ -11,6 +11,11 @@
 //! Admission: at most `max_queue` requests are accepted and not yet answered; beyond that a
 //! request is refused at once (the handler answers 503 with `Retry-After`). An accepted request
 //! is always answered, unless its client went away, in which case its rows are skipped.
+//!
+//! Faults: an engine error answers every request of its batch with [`JobError::Failed`] (500).
+//! A panic in the actor thread marks the server's [`Liveness`] failed before the thread lets go
+//! of its queue, so every waiting request, and every later one, gets the fault (500), `/health`
+//! answers 503 and the server exits to be restarted.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -23,6 +28,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use rl_http::metrics::{GaugeF64, PhaseTimes};
+use rl_http::server::Liveness;
 use tokio::sync::{mpsc, oneshot};
 
 /// What the actor counts for `/metrics` (prometheus-client metrics: cheap atomic handles,
@@ -115,8 +121,10 @@ pub struct Output {
 pub enum JobError {
     /// The queue is full: retry after this many seconds.
     Full { retry_after_s: u64 },
-    /// The engine refused or failed.
+    /// The engine refused the job (an adapter it cannot load).
     Engine(model::Error),
+    /// The engine failed (the server's fault, not the request's): the message says how.
+    Failed(String),
     /// The actor is gone (the server is shutting down).
     Stopped,
 }
@@ -124,10 +132,13 @@ pub enum JobError {
 /// Where a swap's result goes: the swap time in ms, or why it failed.
 type SwapReply = oneshot::Sender<Result<f64, model::Error>>;
 
+/// Where a generation's result goes: the output, or how the engine failed.
+type GenerateReply = oneshot::Sender<Result<Output, String>>;
+
 enum Job {
     Generate {
         rows: Vec<GenerateRequest>,
-        reply: oneshot::Sender<Result<Output, model::Error>>,
+        reply: GenerateReply,
     },
     Adapter {
         /// `None`: back to the base model.
@@ -145,6 +156,7 @@ pub struct Batcher {
     max_batch: usize,
     pub stats: Arc<Stats>,
     adapter: Arc<Mutex<Option<String>>>,
+    liveness: Liveness,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -154,18 +166,21 @@ impl std::fmt::Debug for Batcher {
 }
 
 impl Batcher {
-    /// Starts the actor thread, which owns `engine` from now on.
+    /// Starts the actor thread, which owns `engine` from now on; a panic in it fails `liveness`.
     pub fn start(
         engine: Engine,
         max_batch: usize,
         max_queue: usize,
         stats: Stats,
+        liveness: Liveness,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let pending = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(stats);
         let adapter = Arc::new(Mutex::new(None));
         let actor = Actor {
+            _on_panic: PanicGuard(liveness.clone()),
+            panic_at_batch: rl_http::server::failpoint(FAILPOINT_ENV, "engine-panic"),
             engine,
             rx,
             pending: pending.clone(),
@@ -185,7 +200,16 @@ impl Batcher {
             max_batch: max_batch.max(1),
             stats,
             adapter,
+            liveness,
         })
+    }
+
+    /// The outcome of a job whose reply never came: the engine's fault, or a shutdown.
+    fn gone(&self) -> JobError {
+        match self.liveness.fault() {
+            Some(why) => JobError::Failed(why),
+            None => JobError::Stopped,
+        }
     }
 
     /// Requests accepted and not yet answered.
@@ -219,15 +243,40 @@ impl Batcher {
         self.stats
             .max_pending
             .fetch_max(before + 1, Ordering::Relaxed);
+        if let Some(why) = self.liveness.fault() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(JobError::Failed(why));
+        }
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Job::Generate { rows, reply }).is_err() {
             self.pending.fetch_sub(1, Ordering::SeqCst);
-            return Err(JobError::Stopped);
+            return Err(self.gone());
         }
         match rx.await {
-            Ok(Ok(out)) => Ok(out),
-            Ok(Err(e)) => Err(JobError::Engine(e)),
-            Err(_) => Err(JobError::Stopped),
+            Ok(Ok(out)) => {
+                // JSON has no NaN or infinity: no such number may leave the server.
+                let finite = |lp: &f32| lp.is_finite();
+                let bad = out.generations.iter().any(|g| {
+                    !g.logprobs.iter().all(finite)
+                        || !g
+                            .top_logprobs
+                            .iter()
+                            .flatten()
+                            .all(|(_, lp)| lp.is_finite())
+                });
+                if bad {
+                    return Err(JobError::Failed(
+                        "the engine produced a non-finite logprob; nothing was answered".into(),
+                    ));
+                }
+                Ok(out)
+            }
+            Ok(Err(why)) => Err(JobError::Failed(why)),
+            Err(_) => {
+                // The actor died holding this request.
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+                Err(self.gone())
+            }
         }
     }
 
@@ -236,11 +285,11 @@ impl Batcher {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Job::Adapter { dir, reply })
-            .map_err(|_| JobError::Stopped)?;
+            .map_err(|_| self.gone())?;
         match rx.await {
             Ok(Ok(ms)) => Ok(ms),
             Ok(Err(e)) => Err(JobError::Engine(e)),
-            Err(_) => Err(JobError::Stopped),
+            Err(_) => Err(self.gone()),
         }
     }
 }
@@ -252,10 +301,30 @@ struct Pending {
     started: usize,
     done: Vec<Option<Generation>>,
     adapter: Option<String>,
-    reply: oneshot::Sender<Result<Output, model::Error>>,
+    reply: GenerateReply,
+}
+
+/// Environment variable of the server's failpoint (fault tests): `engine-panic[:N]` panics the
+/// actor at its N-th batch.
+pub const FAILPOINT_ENV: &str = "ROLLOUT_SERVER_FAILPOINT";
+
+/// Fails the server's liveness when the actor thread unwinds from a panic. It is the actor's
+/// first field, so it runs before the queue is dropped: no waiting request sees a bare shutdown.
+struct PanicGuard(Liveness);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .fail("the engine thread panicked (its message is in the server's log)");
+        }
+    }
 }
 
 struct Actor {
+    _on_panic: PanicGuard,
+    /// The `engine-panic:N` failpoint: the batch at which to panic.
+    panic_at_batch: Option<u64>,
     engine: Engine,
     rx: mpsc::UnboundedReceiver<Job>,
     pending: Arc<AtomicUsize>,
@@ -359,6 +428,12 @@ impl Actor {
         self.stats.batch_rows.inc_by(batch.len() as u64);
         let prompt_tokens: usize = batch.iter().map(|r| r.prompt.len()).sum();
         self.stats.prompt_tokens.inc_by(prompt_tokens as u64);
+        if self.panic_at_batch == Some(self.stats.batches.get()) {
+            panic!(
+                "{FAILPOINT_ENV}: engine-panic at batch {}",
+                self.stats.batches.get()
+            );
+        }
         let t = Instant::now();
         let generated = self.engine.generate(&batch);
         self.stats.batch_seconds.observe(t.elapsed().as_secs_f64());
@@ -383,9 +458,7 @@ impl Actor {
                         // Leave the queue before answering: a client that reads /metrics
                         // right after its answer must not still count itself.
                         self.pending.fetch_sub(1, Ordering::SeqCst);
-                        let _ = job.reply.send(Err(model::Error::InvalidRequest(format!(
-                            "generation failed: {message}"
-                        ))));
+                        let _ = job.reply.send(Err(format!("generation failed: {message}")));
                     }
                 }
                 return;

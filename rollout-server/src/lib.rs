@@ -5,7 +5,8 @@
 //! adapter hot-swap (`POST`/`DELETE /v1/adapters`), `/health`, `/metrics`, `/openapi.json`.
 //!
 //! One engine actor ([`batcher`]) owns the model and batches concurrent requests together; a
-//! bounded queue answers 503 with `Retry-After` when full. It must never panic on request data,
+//! bounded queue answers 503 with `Retry-After` when full; an engine fault answers 500, makes
+//! `/health` 503 and ends the process non-zero (to be restarted). It must never panic on request data,
 //! drop an accepted request, load an adapter from outside its checkpoints directory, or mix two
 //! adapters within one response.
 
@@ -78,7 +79,14 @@ pub fn app(engine: Engine, opts: &Options) -> anyhow::Result<(axum::Router, Arc<
         stats.register(r);
         stats
     });
-    let batcher = Batcher::start(engine, opts.max_batch, opts.max_queue, stats)?;
+    let liveness = rl_http::server::Liveness::default();
+    let batcher = Batcher::start(
+        engine,
+        opts.max_batch,
+        opts.max_queue,
+        stats,
+        liveness.clone(),
+    )?;
     let state = Arc::new(AppState {
         batcher,
         model_name: opts.model_name.clone(),
@@ -91,6 +99,7 @@ pub fn app(engine: Engine, opts: &Options) -> anyhow::Result<(axum::Router, Arc<
         max_n: opts.max_n,
         metrics: metrics.clone(),
         gauges,
+        liveness,
     });
     let frame = Frame {
         title: "rollout-server",

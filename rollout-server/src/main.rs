@@ -44,9 +44,8 @@ struct Args {
     /// The name clients send as `model` (default: the model's file or folder name).
     #[arg(long)]
     served_model_name: Option<String>,
-    /// Exit when the parent process dies (how the orchestrator starts it).
-    #[arg(long)]
-    exit_with_parent: bool,
+    #[command(flatten)]
+    parent: model::cli::ParentFlags,
     #[command(flatten)]
     engine: model::cli::DeviceFlags,
 }
@@ -54,9 +53,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     model::cli::init();
     let args = Args::parse();
-    if args.exit_with_parent {
-        rl_http::server::exit_with_parent();
-    }
+    args.parent.apply().map_err(anyhow::Error::msg)?;
     if args.max_batch == 0 || args.max_queue == 0 || args.max_n == 0 {
         anyhow::bail!("--max-batch, --max-queue and --max-n must be at least 1");
     }
@@ -75,8 +72,8 @@ fn main() -> anyhow::Result<()> {
         max_n: args.max_n,
         max_body_bytes: args.max_body_bytes,
     };
-    let (router, _state) = rollout_server::app(engine, &opts)?;
+    let (router, state) = rollout_server::app(engine, &opts)?;
     let what = format!("serving {}", opts.model_name);
-    rl_http::server::run_server(&args.host, args.port, router, &what)?;
+    rl_http::server::run_server(&args.host, args.port, router, &what, &state.liveness)?;
     Ok(())
 }

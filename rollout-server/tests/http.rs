@@ -362,6 +362,7 @@ async fn concurrent_clients_are_batched_and_the_queue_is_bounded() {
             max_attempts: 200,
             max_wait: Duration::from_secs(120),
             max_delay: Duration::from_secs(1),
+            retry_unreachable: false,
         });
     let req: GenerateRequest = serde_json::from_value(body).expect("request");
     let mut handles = Vec::new();

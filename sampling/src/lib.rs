@@ -23,6 +23,24 @@ pub const MAX_TOKENS_LIMIT: u64 = 131_072;
 /// Temperatures below this are greedy (1/T would overflow f32; vLLM treats them so too).
 pub const GREEDY_BELOW: f64 = 1e-5;
 
+/// Largest temperature accepted, for sampling and scoring (far above any useful value; a typo
+/// guard, and it keeps `logits / T` from underflowing every logit to one value).
+pub const MAX_TEMPERATURE: f64 = 100.0;
+
+/// The temperature of teacher-forced scoring (`log_softmax(logits / T)`): in
+/// [`GREEDY_BELOW`, `MAX_TEMPERATURE`]. Scoring has no greedy case: a smaller `T` would overflow
+/// `logits / T` to infinity and the logprobs to NaN.
+pub fn check_score_temperature(temperature: f64) -> Result<(), Invalid> {
+    if !(GREEDY_BELOW..=MAX_TEMPERATURE).contains(&temperature) {
+        return Err(Invalid {
+            field: "temperature",
+            value: temperature.to_string(),
+            rule: "in [1e-5, 100] (the sampling temperature; 1 for raw logprobs)",
+        });
+    }
+    Ok(())
+}
+
 /// The knobs every sampler takes that have a rule (`top_k` has none: any value, 0 for no
 /// truncation).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -49,11 +67,11 @@ impl Knobs {
     /// The one check of the knobs; the error names the first bad one.
     pub fn check(&self) -> Result<(), Invalid> {
         let bad = |field, value: String, rule| Err(Invalid { field, value, rule });
-        if !self.temperature.is_finite() || self.temperature < 0.0 {
+        if !(0.0..=MAX_TEMPERATURE).contains(&self.temperature) {
             return bad(
                 "temperature",
                 self.temperature.to_string(),
-                ">= 0 (0 is greedy)",
+                "in [0, 100] (0 is greedy)",
             );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
@@ -93,9 +111,11 @@ mod tests {
         let cases = [
             (
                 knobs(-0.5, 1.0, 8),
-                "`temperature` is -0.5; it must be >= 0",
+                "`temperature` is -0.5; it must be in [0, 100]",
             ),
             (knobs(f64::NAN, 1.0, 8), "`temperature` is NaN"),
+            (knobs(f64::INFINITY, 1.0, 8), "`temperature` is inf"),
+            (knobs(100.5, 1.0, 8), "`temperature` is 100.5"),
             (knobs(1.0, 0.0, 8), "`top_p` is 0; it must be in (0, 1]"),
             (knobs(1.0, 1.5, 8), "`top_p` is 1.5"),
             (
@@ -115,5 +135,23 @@ mod tests {
             MAX_TOKENS_LIMIT, 131_072,
             "the rule's text names this number"
         );
+        assert_eq!(knobs(MAX_TEMPERATURE, 1.0, 1).check(), Ok(()));
+        assert_eq!(MAX_TEMPERATURE, 100.0, "the rules' texts name this number");
+    }
+
+    #[test]
+    fn scoring_temperature_has_a_finite_range() {
+        for t in [GREEDY_BELOW, 0.7, 1.0, MAX_TEMPERATURE] {
+            assert_eq!(check_score_temperature(t), Ok(()), "{t}");
+        }
+        // 5e-324 is what a fuzzer found: 1/T is infinite and every logprob NaN.
+        for t in [5e-324, 0.0, -1.0, 1e-6, 100.5, f64::NAN, f64::INFINITY] {
+            let e = check_score_temperature(t)
+                .expect_err("out of range")
+                .to_string();
+            assert!(e.starts_with("`temperature` is "), "{e}");
+            assert!(e.contains("in [1e-5, 100]"), "{e}");
+        }
+        assert_eq!(GREEDY_BELOW, 1e-5, "the rule's text names this number");
     }
 }

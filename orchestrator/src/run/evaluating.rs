@@ -35,9 +35,12 @@ impl Run {
 
     async fn eval_one(&self, index: usize) -> anyhow::Result<EvalResult> {
         let problem = &self.test[index];
-        self.with_service(&self.rollout, "evaluating", |cl| async move {
-            crate::eval::answer(&cl, &self.config, problem, index).await
-        })
-        .await
+        let c = &self.config;
+        let deadline = crate::eval::deadline(c, problem, c.services.rollout.max_batch);
+        self.rollout
+            .call("evaluating", deadline, |cl| async move {
+                crate::eval::answer(&cl, c, problem, index).await
+            })
+            .await
     }
 }

@@ -5,8 +5,9 @@
 //! `evaluating` (every `test_every_n_iterations`). Crash points for the tests are in
 //! `failpoints`.
 //!
-//! A failing child is reported with what it said; a crashed server is restarted and the request
-//! retried. Nothing here holds state that the database does not: killing the orchestrator at any
+//! A failing child is reported with what it said; a crashed or hung server is restarted and the
+//! request sent again (the supervisor's [`Service::call`], with a deadline from the request's
+//! size). Nothing here holds state that the database does not: killing the orchestrator at any
 //! point and running it again continues where it stopped.
 
 mod evaluating;
@@ -42,16 +43,46 @@ pub struct Run {
     test: Vec<Problem>,
     rollout: Service,
     scorer: Service,
-    /// The checkpoint the rollout server serves, as we last set it.
-    served: tokio::sync::Mutex<Option<u32>>,
-    /// The `kill-rollout-server` failpoint fired (it fires once).
+    /// The `kill-rollout-server` / `stop-rollout-server` failpoint fired (each run fires one once).
     killed: std::sync::atomic::AtomicBool,
+    /// The run directory's lock, held while this run is open.
+    _lock: std::fs::File,
 }
 
 impl std::fmt::Debug for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Run({})", self.dir.display())
     }
+}
+
+/// The name of the lock file in a run directory.
+const LOCK_FILE: &str = ".orchestrate.lock";
+
+/// Takes the run directory's lock (an exclusive `flock`, which the kernel releases when this
+/// process dies however it dies), so that two orchestrators never drive one run; the lock file
+/// holds the holder's pid for the error message.
+fn lock_run_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::io::Write;
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening the run's lock {}", path.display()))?;
+    if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        anyhow::bail!(
+            "{} is in use by another orchestrate (pid {}; lock {}): wait for it to finish or stop it, then resume",
+            dir.display(),
+            holder.trim(),
+            path.display()
+        );
+    }
+    file.set_len(0)?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
 }
 
 impl Run {
@@ -78,6 +109,18 @@ impl Run {
         let dir = config.output_dir.clone();
         std::fs::create_dir_all(checkpoint::root(&dir))
             .with_context(|| format!("creating the run directory {}", dir.display()))?;
+        let lock = lock_run_dir(&dir)?;
+        // What a crash left half-written (a killed learner's checkpoint, a report being
+        // replaced): nothing reads it, and it goes before anything else is written.
+        for folder in [dir.clone(), checkpoint::root(&dir)] {
+            let removed = checkpoint::clean_partials(&folder)?;
+            if removed > 0 {
+                tracing::warn!(
+                    "removed {removed} partial file(s) left by a crash in {}",
+                    folder.display()
+                );
+            }
+        }
         let db = dir.join("rollouts.sqlite");
         let yaml = config.to_yaml().map_err(anyhow::Error::msg)?;
         let store = if db.exists() {
@@ -104,11 +147,10 @@ impl Run {
             test.truncate(limit as usize);
         }
         let s = &config.services;
-        let timeout = Duration::from_secs(u64::from(s.request_timeout_s));
         let startup = Duration::from_secs(u64::from(s.startup_timeout_s));
         let rollout = match s.rollout.endpoints.first() {
             Some(url) => {
-                Service::external("rollout-server", url, s.api_key.clone(), timeout).await?
+                Service::external("rollout-server", url, s.api_key.clone(), s.max_attempts).await?
             }
             None => {
                 let spec = RolloutServer {
@@ -119,15 +161,17 @@ impl Run {
                     ..RolloutServer::new(ServiceArgs::from_config(&config, s.rollout.port))
                 }
                 .spec()?;
-                Service::spawn(spec, s.api_key.clone(), timeout, startup).await?
+                Service::spawn(spec, s.api_key.clone(), startup, s.max_attempts).await?
             }
         };
         let scorer = match &s.ref_scorer.endpoint {
-            Some(url) => Service::external("ref-scorer", url, s.api_key.clone(), timeout).await?,
+            Some(url) => {
+                Service::external("ref-scorer", url, s.api_key.clone(), s.max_attempts).await?
+            }
             None => {
                 let spec =
                     children::ref_scorer(&ServiceArgs::from_config(&config, s.ref_scorer.port))?;
-                match Service::spawn(spec, s.api_key.clone(), timeout, startup).await {
+                match Service::spawn(spec, s.api_key.clone(), startup, s.max_attempts).await {
                     Ok(svc) => svc,
                     Err(e) => {
                         rollout.stop().await;
@@ -144,8 +188,8 @@ impl Run {
             test,
             rollout,
             scorer,
-            served: tokio::sync::Mutex::new(None),
             killed: Default::default(),
+            _lock: lock,
         })
     }
 
@@ -155,8 +199,10 @@ impl Run {
         self.scorer.stop().await;
     }
 
-    /// Runs every iteration up to `max_iterations`, from wherever the database says.
+    /// Runs every iteration up to `max_iterations`, from wherever the database says (after
+    /// retraining any checkpoint that no longer matches its recorded sha256).
     pub async fn run_all(&self) -> anyhow::Result<()> {
+        self.repair_checkpoints().await?;
         for it in 0..self.config.max_iterations {
             self.iteration(it).await?;
         }
@@ -167,40 +213,14 @@ impl Run {
         checkpoint::dir(&self.dir, iteration)
     }
 
-    /// Calls `f` with a client of `svc`; if the service went away, restarts it and tries again.
-    async fn with_service<T, F, Fut>(&self, svc: &Service, what: &str, f: F) -> anyhow::Result<T>
-    where
-        F: Fn(rl_http::client::ServiceClient) -> Fut,
-        Fut: std::future::Future<Output = Result<T, rl_http::client::ClientError>>,
-    {
-        let mut last = None;
-        for _ in 0..5 {
-            // A dead child is noticed here, before its requests time out.
-            if svc.ensure_running().await? && svc.name() == "rollout-server" {
-                // A restarted server serves the base model: put the adapter back.
-                *self.served.lock().await = None;
-                self.serve_checkpoint_locked().await?;
-            }
-            match f(svc.client().await?).await {
-                Ok(v) => return Ok(v),
-                Err(e) if e.status().is_some() => {
-                    return Err(anyhow::Error::new(e).context(what.to_string()))
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(anyhow::anyhow!(
-            "{what}: {} kept failing: {}",
-            svc.name(),
-            last.map_or(String::new(), |e| e.to_string())
-        ))
+    /// The deadline of a request for `tokens` tokens while `in_flight` like it are sent at once.
+    fn deadline(&self, tokens: u64, in_flight: usize) -> Duration {
+        let in_flight = u32::try_from(in_flight).unwrap_or(u32::MAX);
+        self.config.services.deadline(tokens, in_flight)
     }
 
     /// Makes the rollout server serve the latest recorded checkpoint (if any).
-    async fn serve_checkpoint_locked(&self) -> anyhow::Result<()> {
-        if self.rollout.ensure_running().await? {
-            *self.served.lock().await = None;
-        }
+    async fn serve_latest_checkpoint(&self) -> anyhow::Result<()> {
         let latest = self
             .store
             .checkpoints()
@@ -208,28 +228,9 @@ impl Run {
             .into_iter()
             .map(|c| c.iteration)
             .max();
-        let mut served = self.served.lock().await;
-        if *served == latest {
-            return Ok(());
-        }
-        let client = self.rollout.client().await?;
-        match latest {
-            Some(it) => {
-                let r = client
-                    .load_adapter(&format!("iter_{it}"))
-                    .await
-                    .context("hot-swapping the adapter")?;
-                tracing::info!(
-                    "rollout server now serves checkpoint iter_{it} (swap {:.1} ms)",
-                    r.swap_ms
-                );
-            }
-            None => {
-                client.unload_adapter().await?;
-            }
-        }
-        *served = latest;
-        Ok(())
+        self.rollout
+            .serve_adapter(latest.map(checkpoint::name).as_deref())
+            .await
     }
 
     fn tasks_of(&self, iteration: u32) -> Vec<TaskRecord> {
@@ -271,7 +272,7 @@ impl Run {
         self.store
             .begin_iteration(it, self.config.attempts, &self.tasks_of(it))
             .await?;
-        self.serve_checkpoint_locked().await?;
+        self.serve_latest_checkpoint().await?;
         let mut phase = self.phase(it).await?;
         if phase == Phase::Sampling {
             let t = Instant::now();
@@ -293,7 +294,7 @@ impl Run {
             let t = Instant::now();
             self.train(it).await?;
             crash_at("training", it);
-            self.serve_checkpoint_locked().await?;
+            self.serve_latest_checkpoint().await?;
             let next = if self.eval_due(it) {
                 Phase::Evaluating
             } else {

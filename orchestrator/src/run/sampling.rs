@@ -14,8 +14,7 @@ impl Run {
     pub(super) async fn sample(&self, it: u32) -> anyhow::Result<()> {
         let missing = self.store.missing_groups(it).await?;
         let tasks = self.store.tasks(it).await?;
-        let c = &self.config;
-        let concurrency = (c.services.rollout.max_batch / c.attempts).max(1) as usize;
+        let concurrency = self.sampling_concurrency();
         let bar = crate::report::bar(missing.len() as u64, &format!("iteration {it}: sampling"));
         let mut done = futures::stream::iter(
             missing
@@ -31,6 +30,12 @@ impl Run {
         Ok(())
     }
 
+    /// Groups sent at once: as many as fill one batch of the server.
+    fn sampling_concurrency(&self) -> usize {
+        let c = &self.config;
+        (c.services.rollout.max_batch / c.attempts).max(1) as usize
+    }
+
     async fn sample_group(&self, it: u32, task: TaskRecord) -> anyhow::Result<()> {
         let c = &self.config;
         let problem = &self.train[task.problem_index as usize];
@@ -38,7 +43,8 @@ impl Run {
             .style()
             .messages(&problem.question, c.prompt.system.as_deref());
         let tok = self
-            .with_service(&self.rollout, "tokenizing a prompt", |cl| {
+            .rollout
+            .call("tokenizing a prompt", self.deadline(0, 1), |cl| {
                 let req = TokenizeRequest::chat(messages.clone());
                 async move { cl.tokenize(&req).await }
             })
@@ -47,11 +53,17 @@ impl Run {
             .sampling
             .train
             .request(tok.tokens.clone(), c.attempts, task.seed);
+        let tokens = tok.tokens.len() as u64 + u64::from(c.attempts) * u64::from(req.max_tokens);
         let out = self
-            .with_service(&self.rollout, "sampling a group", |cl| {
-                let req = req.clone();
-                async move { cl.generate(&req).await }
-            })
+            .rollout
+            .call(
+                "sampling a group",
+                self.deadline(tokens, self.sampling_concurrency()),
+                |cl| {
+                    let req = req.clone();
+                    async move { cl.generate(&req).await }
+                },
+            )
             .await?;
         let rollouts: Vec<RolloutRecord> = out
             .choices
@@ -83,15 +95,23 @@ impl Run {
             .insert_group(it, task.group_index, &rollouts)
             .await?;
         crash_at("sampling", it);
-        if failpoint("kill-rollout-server", it)
-            && !self.killed.swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            if let Some(pid) = self.rollout.pid().await {
-                eprintln!("{FAILPOINT_ENV}: killing the rollout server (pid {pid})");
-                let _ = tokio::process::Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status()
-                    .await;
+        for (point, signal, doing) in [
+            ("kill-rollout-server", "-KILL", "killing"),
+            (
+                "stop-rollout-server",
+                "-STOP",
+                "stopping (SIGSTOP: it keeps its port and never answers)",
+            ),
+        ] {
+            if failpoint(point, it) && !self.killed.swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                if let Some(pid) = self.rollout.pid().await {
+                    eprintln!("{FAILPOINT_ENV}: {doing} the rollout server (pid {pid})");
+                    let _ = tokio::process::Command::new("kill")
+                        .args([signal, &pid.to_string()])
+                        .status()
+                        .await;
+                }
             }
         }
         Ok(())

@@ -26,8 +26,13 @@ impl Run {
                     .collect(),
                 temperature,
             };
+            let tokens: usize = rollouts
+                .iter()
+                .map(|r| r.prompt_ids.len() + r.completion_ids.len())
+                .sum();
             let out = self
-                .with_service(&self.scorer, "reference scoring", |cl| {
+                .scorer
+                .call("reference scoring", self.deadline(tokens as u64, 1), |cl| {
                     let req = req.clone();
                     async move { cl.score(&req).await }
                 })

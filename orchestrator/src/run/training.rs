@@ -10,6 +10,41 @@ use super::Run;
 use crate::children::LearnerStep;
 
 impl Run {
+    /// Checks every recorded checkpoint against the sha256 the database holds. One that no
+    /// longer matches (changed or damaged on disk) is moved aside (`iter_N.damaged-SECONDS`,
+    /// never deleted) and trained again from the same rollouts and the previous checkpoint:
+    /// training is deterministic, so the new one has the recorded bytes again.
+    pub(super) async fn repair_checkpoints(&self) -> anyhow::Result<()> {
+        for c in self.store.checkpoints().await? {
+            let it = c.iteration;
+            let dir = self.checkpoint_dir(it);
+            let Err(e) = checkpoint::verify(&dir, it, &c.sha256) else {
+                continue;
+            };
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let aside = dir.with_file_name(format!("{}.damaged-{stamp}", checkpoint::name(it)));
+            tracing::warn!("{e:#}; moving it to {} and training iteration {it} again", aside.display());
+            if dir.exists() {
+                std::fs::rename(&dir, &aside).with_context(|| {
+                    format!("moving the damaged checkpoint {} aside", dir.display())
+                })?;
+            }
+            self.train(it).await?;
+            let now = checkpoint::weights_sha256(&dir)?;
+            if now == c.sha256 {
+                tracing::info!("iteration {it}: checkpoint trained again, identical to the recorded one");
+            } else {
+                tracing::warn!(
+                    "iteration {it}: the checkpoint trained again differs from the recorded one \
+                     (the later checkpoints were trained from the original)"
+                );
+            }
+        }
+        Ok(())
+    }
+
     pub(super) async fn train(&self, it: u32) -> anyhow::Result<()> {
         let out = self.checkpoint_dir(it);
         let recorded = self

@@ -339,8 +339,26 @@ pub struct ServicesConfig {
     pub ref_scorer: RefServiceConfig,
     /// Seconds to wait for a started service's `/health`.
     pub startup_timeout_s: u32,
-    /// Seconds before an HTTP request to a service is abandoned and retried.
-    pub request_timeout_s: u32,
+    /// The fixed part of every request's deadline, in seconds (connecting, queueing, prefill).
+    pub deadline_base_s: u32,
+    /// The rate floor: a service producing fewer tokens per second than this, over the requests
+    /// the run has in flight, is taken as hung. See [`ServicesConfig::deadline`].
+    pub min_tokens_per_s: f64,
+    /// Times one request is sent at most; between two, a service that died or missed the
+    /// deadline is restarted (when this run started it).
+    pub max_attempts: u32,
+}
+
+impl ServicesConfig {
+    /// The deadline of a request for `tokens` tokens (prompt plus `n` x `max_tokens`, or the
+    /// sequences scored) while `in_flight` such requests share the service:
+    /// `deadline_base_s + tokens x in_flight / min_tokens_per_s`. A request not answered by
+    /// then is abandoned and its service taken as hung.
+    pub fn deadline(&self, tokens: u64, in_flight: u32) -> std::time::Duration {
+        let work = tokens as f64 * f64::from(in_flight.max(1)) / self.min_tokens_per_s;
+        std::time::Duration::from_secs(u64::from(self.deadline_base_s))
+            + std::time::Duration::try_from_secs_f64(work).unwrap_or(std::time::Duration::MAX / 4)
+    }
 }
 
 impl Default for ServicesConfig {
@@ -351,7 +369,9 @@ impl Default for ServicesConfig {
             rollout: RolloutServiceConfig::default(),
             ref_scorer: RefServiceConfig::default(),
             startup_timeout_s: 120,
-            request_timeout_s: 1800,
+            deadline_base_s: 60,
+            min_tokens_per_s: 2.0,
+            max_attempts: 4,
         }
     }
 }

@@ -70,10 +70,16 @@ impl Config {
                 );
             }
         }
-        if self.sampling.train.temperature == 0.0 {
+        if let Err(e) =
+            sampling::check_score_temperature(f64::from(self.sampling.train.temperature))
+        {
             return err(
                 "sampling.train.temperature",
-                "must be > 0: greedy training rollouts make every group identical (no GRPO signal)",
+                format!(
+                    "must be {} (got {}): the reference model scores the rollouts at it, and greedy \
+                     training rollouts make every group identical (no GRPO signal)",
+                    e.rule, e.value
+                ),
             );
         }
         self.validate_lora()?;
@@ -277,13 +283,28 @@ impl Config {
                 format!("{} is also services.rollout.port; give each service its own port (or 0 for any free one)", s.rollout.port),
             ));
         }
-        if s.startup_timeout_s == 0 || s.request_timeout_s == 0 {
-            let k = if s.startup_timeout_s == 0 {
-                "startup_timeout_s"
-            } else {
-                "request_timeout_s"
-            };
-            return Err((format!("services.{k}"), "must be at least 1 second".into()));
+        for (k, v) in [
+            ("startup_timeout_s", s.startup_timeout_s),
+            ("deadline_base_s", s.deadline_base_s),
+        ] {
+            if v == 0 {
+                return Err((format!("services.{k}"), "must be at least 1 second".into()));
+            }
+        }
+        if !(s.min_tokens_per_s.is_finite() && s.min_tokens_per_s > 0.0) {
+            return Err((
+                "services.min_tokens_per_s".into(),
+                format!(
+                    "is {}; it must be a rate > 0 (tokens per second below which a service is taken as hung)",
+                    s.min_tokens_per_s
+                ),
+            ));
+        }
+        if s.max_attempts == 0 {
+            return Err((
+                "services.max_attempts".into(),
+                "must be at least 1 (1: never re-send a request)".into(),
+            ));
         }
         Ok(())
     }

@@ -36,6 +36,8 @@ pub struct AppState {
     pub max_n: u32,
     pub metrics: Arc<Metrics>,
     pub gauges: service::Gauges,
+    /// Failed once the engine thread died: `/health` 503, the server exits.
+    pub liveness: rl_http::server::Liveness,
 }
 
 type Shared = State<Arc<AppState>>;
@@ -172,6 +174,19 @@ impl AppState {
     }
 }
 
+/// Runs a handler's CPU-bound work (tokenizing, rendering a template, decoding, scanning for
+/// stop strings) on the blocking pool, so that a large prompt never stalls the async workers
+/// that answer the other requests and `/health`.
+async fn off_runtime<T: Send + 'static>(
+    state: &Arc<AppState>,
+    f: impl FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || f(&state))
+        .await
+        .map_err(|e| ApiError::internal(format!("a handler's task failed: {e}")))?
+}
+
 fn rows(prompt: &[u32], s: &Sampling, n: u32, seed: u64) -> Vec<GenerateRequest> {
     (0..n)
         .map(|i| GenerateRequest {
@@ -197,6 +212,9 @@ fn job_error(e: JobError) -> ApiError {
             retry_after_s,
         ),
         JobError::Stopped => ApiError::unavailable("the server is shutting down", 1),
+        JobError::Failed(why) => ApiError::internal(format!(
+            "{why}; the request was fine: send it again (to this server once /health is ok)"
+        )),
         JobError::Engine(e) => engine_error(e),
     }
 }

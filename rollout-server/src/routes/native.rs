@@ -11,7 +11,7 @@ use rl_http::server::{ApiError, ApiJson};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{finish, job_error, render, rows, Router, Sampling, Shared};
+use super::{finish, job_error, off_runtime, render, rows, Router, Sampling, Shared};
 
 pub fn router() -> Router {
     OpenApiRouter::new()
@@ -44,22 +44,25 @@ pub async fn generate(
         .generate(rows(&req.prompt_ids, &s, req.n, seed))
         .await
         .map_err(job_error)?;
-    let choices = out
-        .generations
-        .into_iter()
-        .enumerate()
-        .map(|(i, g)| GeneratedChoice {
-            index: i as u32,
-            text: state
-                .tokenizer
-                .as_ref()
-                .and_then(|t| t.decode(&g.tokens, true).ok()),
-            token_ids: g.tokens,
-            logprobs: g.logprobs,
-            finish_reason: finish(g.finish_reason),
-            seed: seed.wrapping_add(i as u64),
-        })
-        .collect();
+    let generations = out.generations;
+    let choices = off_runtime(&state, move |state| {
+        Ok(generations
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| GeneratedChoice {
+                index: i as u32,
+                text: state
+                    .tokenizer
+                    .as_ref()
+                    .and_then(|t| t.decode(&g.tokens, true).ok()),
+                token_ids: g.tokens,
+                logprobs: g.logprobs,
+                finish_reason: finish(g.finish_reason),
+                seed: seed.wrapping_add(i as u64),
+            })
+            .collect())
+    })
+    .await?;
     Ok(Json(GenerateResponse {
         model: state.model_name.clone(),
         adapter: out.adapter,
@@ -76,21 +79,29 @@ pub async fn tokenize(
     State(state): Shared,
     ApiJson(req): ApiJson<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    let text = match (req.messages, req.prompt) {
-        (Some(messages), None) => {
-            let messages: Vec<Message> = messages
-                .into_iter()
-                .map(|m| Message::new(&m.role, &m.content))
-                .collect();
-            render(&state, &messages, req.add_generation_prompt)?
-        }
-        (None, Some(prompt)) => prompt,
+    let add_generation_prompt = req.add_generation_prompt;
+    let input = match (req.messages, req.prompt) {
+        (Some(messages), None) => Ok(messages),
+        (None, Some(prompt)) => Err(prompt),
         _ => {
             return Err(ApiError::unprocessable(
                 "send exactly one of `messages` (chat) or `prompt` (text)",
             ))
         }
     };
-    let tokens = state.encode(&text)?;
-    Ok(Json(TokenizeResponse { tokens, text }))
+    off_runtime(&state, move |state| {
+        let text = match input {
+            Ok(messages) => {
+                let messages: Vec<Message> = messages
+                    .into_iter()
+                    .map(|m| Message::new(&m.role, &m.content))
+                    .collect();
+                render(state, &messages, add_generation_prompt)?
+            }
+            Err(prompt) => prompt,
+        };
+        let tokens = state.encode(&text)?;
+        Ok(Json(TokenizeResponse { tokens, text }))
+    })
+    .await
 }

@@ -10,7 +10,9 @@ use sampling::MAX_COMPLETION_LOGPROBS;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{apply_stops, job_error, now_s, render, request_id, rows, Router, Sampling, Shared};
+use super::{
+    apply_stops, job_error, now_s, off_runtime, render, request_id, rows, Router, Sampling, Shared,
+};
 use crate::batcher::Output;
 use crate::openai::{
     AssistantMessage, ChatChoice, ChatLogprobs, ChatRequest, ChatResponse, CompletionChoice,
@@ -39,15 +41,14 @@ pub async fn completions(
         return Err(ApiError::unprocessable(why));
     }
     state.check_model(req.model.as_deref())?;
-    let prompts: Vec<Vec<u32>> = match req.prompt {
-        Prompt::Text(t) => vec![state.encode(&t)?],
-        Prompt::Texts(ts) => ts
-            .iter()
-            .map(|t| state.encode(t))
-            .collect::<Result<_, _>>()?,
-        Prompt::Ids(ids) => vec![ids],
-        Prompt::IdLists(lists) => lists,
-    };
+    let prompt = req.prompt;
+    let prompts: Vec<Vec<u32>> = off_runtime(&state, move |state| match prompt {
+        Prompt::Text(t) => Ok(vec![state.encode(&t)?]),
+        Prompt::Texts(ts) => ts.iter().map(|t| state.encode(t)).collect(),
+        Prompt::Ids(ids) => Ok(vec![ids]),
+        Prompt::IdLists(lists) => Ok(lists),
+    })
+    .await?;
     if prompts.is_empty() {
         return Err(ApiError::unprocessable(
             "`prompt` is an empty list; send at least one prompt",
@@ -83,59 +84,64 @@ pub async fn completions(
     }
     let out = state.batcher.generate(all_rows).await.map_err(job_error)?;
     let want_ids = req.return_token_ids == Some(true);
-    let mut completion_tokens = 0u32;
-    let choices = out
-        .generations
-        .into_iter()
-        .enumerate()
-        .map(|(i, g)| {
-            let f = apply_stops(&state, g, &stops);
-            completion_tokens += f.tokens.len() as u32;
-            let logprobs = req.logprobs.map(|_| {
-                let tokens: Vec<String> = f
-                    .tokens
-                    .iter()
-                    .map(|&t| state.decode(&[t], false))
-                    .collect();
-                let mut offset = 0u32;
-                let text_offset = tokens
-                    .iter()
-                    .map(|t| {
-                        let o = offset;
-                        offset += t.chars().count() as u32;
-                        o
-                    })
-                    .collect();
-                let top_logprobs = (top > 0).then(|| {
-                    f.top
-                        .iter()
-                        .map(|alts| {
-                            alts.iter()
-                                .map(|&(id, lp)| {
-                                    (state.decode(&[id], false), serde_json::json!(lp))
-                                })
-                                .collect()
-                        })
-                        .collect()
-                });
-                CompletionLogprobs {
-                    tokens,
-                    token_logprobs: f.logprobs.clone(),
-                    top_logprobs,
-                    text_offset,
-                }
-            });
-            CompletionChoice {
-                index: i as u32,
-                text: f.text,
-                logprobs,
-                finish_reason: f.reason.as_str().to_string(),
-                prompt_token_ids: want_ids.then(|| prompts[i / n as usize].clone()),
-                token_ids: want_ids.then_some(f.tokens),
-            }
-        })
-        .collect();
+    let want_logprobs = req.logprobs.is_some();
+    let generations = out.generations;
     let prompt_tokens: u32 = prompts.iter().map(|p| p.len() as u32).sum();
+    let (choices, completion_tokens) = off_runtime(&state, move |state| {
+        let mut completion_tokens = 0u32;
+        let choices = generations
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let f = apply_stops(state, g, &stops);
+                completion_tokens += f.tokens.len() as u32;
+                let logprobs = want_logprobs.then(|| {
+                    let tokens: Vec<String> = f
+                        .tokens
+                        .iter()
+                        .map(|&t| state.decode(&[t], false))
+                        .collect();
+                    let mut offset = 0u32;
+                    let text_offset = tokens
+                        .iter()
+                        .map(|t| {
+                            let o = offset;
+                            offset += t.chars().count() as u32;
+                            o
+                        })
+                        .collect();
+                    let top_logprobs = (top > 0).then(|| {
+                        f.top
+                            .iter()
+                            .map(|alts| {
+                                alts.iter()
+                                    .map(|&(id, lp)| {
+                                        (state.decode(&[id], false), serde_json::json!(lp))
+                                    })
+                                    .collect()
+                            })
+                            .collect()
+                    });
+                    CompletionLogprobs {
+                        tokens,
+                        token_logprobs: f.logprobs.clone(),
+                        top_logprobs,
+                        text_offset,
+                    }
+                });
+                CompletionChoice {
+                    index: i as u32,
+                    text: f.text,
+                    logprobs,
+                    finish_reason: f.reason.as_str().to_string(),
+                    prompt_token_ids: want_ids.then(|| prompts[i / n as usize].clone()),
+                    token_ids: want_ids.then_some(f.tokens),
+                }
+            })
+            .collect();
+        Ok((choices, completion_tokens))
+    })
+    .await?;
     Ok(Json(CompletionResponse {
         id: request_id("cmpl"),
         object: "text_completion".into(),
@@ -185,8 +191,11 @@ pub async fn chat(
         };
         messages.push(Message::new(&m.role, &content));
     }
-    let text = render(&state, &messages, true)?;
-    let prompt = state.encode(&text)?;
+    let prompt = off_runtime(&state, move |state| {
+        let text = render(state, &messages, true)?;
+        state.encode(&text)
+    })
+    .await?;
     let want_logprobs = req.logprobs == Some(true);
     let top = req.top_logprobs.unwrap_or(0);
     if top > 0 && !want_logprobs {
@@ -220,56 +229,60 @@ pub async fn chat(
         .await
         .map_err(job_error)?;
     let want_ids = req.return_token_ids == Some(true);
-    let mut completion_tokens = 0u32;
-    let token_logprob = |id: u32, lp: f32, alts: &[(u32, f32)]| {
-        let token = state.decode(&[id], false);
-        TokenLogprob {
-            bytes: token.as_bytes().to_vec(),
-            token,
-            logprob: lp,
-            top_logprobs: alts
-                .iter()
-                .map(|&(a, alp)| {
-                    let t = state.decode(&[a], false);
-                    TopLogprob {
-                        bytes: t.as_bytes().to_vec(),
-                        token: t,
-                        logprob: alp,
-                    }
-                })
-                .collect(),
-            token_id: id,
-        }
-    };
-    let choices = generations
-        .into_iter()
-        .enumerate()
-        .map(|(i, g)| {
-            let f = apply_stops(&state, g, &stops);
-            completion_tokens += f.tokens.len() as u32;
-            let logprobs = want_logprobs.then(|| ChatLogprobs {
-                content: f
-                    .tokens
+    let (choices, completion_tokens) = off_runtime(&state, move |state| {
+        let mut completion_tokens = 0u32;
+        let token_logprob = |id: u32, lp: f32, alts: &[(u32, f32)]| {
+            let token = state.decode(&[id], false);
+            TokenLogprob {
+                bytes: token.as_bytes().to_vec(),
+                token,
+                logprob: lp,
+                top_logprobs: alts
                     .iter()
-                    .zip(&f.logprobs)
-                    .enumerate()
-                    .map(|(k, (&id, &lp))| {
-                        token_logprob(id, lp, f.top.get(k).map(Vec::as_slice).unwrap_or(&[]))
+                    .map(|&(a, alp)| {
+                        let t = state.decode(&[a], false);
+                        TopLogprob {
+                            bytes: t.as_bytes().to_vec(),
+                            token: t,
+                            logprob: alp,
+                        }
                     })
                     .collect(),
-            });
-            ChatChoice {
-                index: i as u32,
-                message: AssistantMessage {
-                    role: "assistant".into(),
-                    content: f.text,
-                },
-                logprobs,
-                finish_reason: f.reason.as_str().to_string(),
-                token_ids: want_ids.then_some(f.tokens),
+                token_id: id,
             }
-        })
-        .collect();
+        };
+        let choices = generations
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let f = apply_stops(state, g, &stops);
+                completion_tokens += f.tokens.len() as u32;
+                let logprobs = want_logprobs.then(|| ChatLogprobs {
+                    content: f
+                        .tokens
+                        .iter()
+                        .zip(&f.logprobs)
+                        .enumerate()
+                        .map(|(k, (&id, &lp))| {
+                            token_logprob(id, lp, f.top.get(k).map(Vec::as_slice).unwrap_or(&[]))
+                        })
+                        .collect(),
+                });
+                ChatChoice {
+                    index: i as u32,
+                    message: AssistantMessage {
+                        role: "assistant".into(),
+                        content: f.text,
+                    },
+                    logprobs,
+                    finish_reason: f.reason.as_str().to_string(),
+                    token_ids: want_ids.then_some(f.tokens),
+                }
+            })
+            .collect();
+        Ok((choices, completion_tokens))
+    })
+    .await?;
     let prompt_tokens = prompt.len() as u32;
     Ok(Json(ChatResponse {
         id: request_id("chatcmpl"),

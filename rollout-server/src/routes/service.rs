@@ -8,6 +8,7 @@ use axum::Json;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rl_core::wire::Health;
+use rl_http::server::ApiError;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -53,15 +54,17 @@ impl Gauges {
     }
 }
 
-/// `GET /health`.
+/// `GET /health`: 200 while the engine works; 503 once it failed (the server then exits).
 #[utoipa::path(get, path = "/health", tag = "service", summary = "Liveness, model and adapter",
-    responses((status = 200, description = "The server is up", body = Health)))]
-pub async fn health(State(state): Shared) -> Json<Health> {
-    Json(Health {
+    responses((status = 200, description = "The server is up and its engine works", body = Health),
+        (status = 503, description = "The engine failed; the server is exiting to be restarted", body = rl_core::wire::ErrorBody)))]
+pub async fn health(State(state): Shared) -> Result<Json<Health>, ApiError> {
+    state.liveness.check()?;
+    Ok(Json(Health {
         status: "ok".into(),
         model: state.model_name.clone(),
         adapter: state.batcher.adapter(),
-    })
+    }))
 }
 
 /// `GET /metrics` (OpenMetrics text).
