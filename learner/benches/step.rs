@@ -67,7 +67,7 @@ fn main() {
                         completion: (0..completion_len)
                             .map(|_| rng.random_range(100..vocab))
                             .collect(),
-                        old: vec![-10.0; completion_len],
+                        sampler: vec![-10.0; completion_len],
                         reference: vec![-10.0; completion_len],
                         reward: if a == 0 { 1.0 } else { 0.0 },
                         truncated: false,

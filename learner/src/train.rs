@@ -23,8 +23,10 @@ use crate::optim::{self, AdamW};
 pub struct Sequence {
     pub prompt: Vec<u32>,
     pub completion: Vec<u32>,
-    /// The sampler's logprobs (the "old" policy).
-    pub old: Vec<f32>,
+    /// The sampler's logprobs. Kept for the sampler/learner mismatch it shows; the loss's "old"
+    /// policy is the learner's own logprobs under the iteration's starting adapter (see
+    /// [`Learner::train_iteration`]), so that training never depends on how the sampler batched.
+    pub sampler: Vec<f32>,
     /// The reference model's logprobs.
     pub reference: Vec<f32>,
     pub reward: f64,
@@ -65,7 +67,7 @@ pub async fn load_batch(store: &Store, iteration: u32) -> anyhow::Result<Batch> 
             group.push(Sequence {
                 prompt: r.prompt_ids,
                 completion: r.completion_ids,
-                old: r.logprobs,
+                sampler: r.logprobs,
                 reference,
                 reward: r.reward,
                 truncated: r.finish_reason == FinishReason::Length,
@@ -217,13 +219,36 @@ impl Learner {
             epsilon_high: cfg.epsilon_high,
         };
         let temperature = f64::from(self.config.sampling.train.temperature);
+        let micro = cfg.micro_batch.max(1) as usize;
+        // Contiguous, near-equal shares of the kept sequences, one per step.
+        let shares: Vec<&[(&Sequence, f64)]> = (0..steps)
+            .map(|s| &kept[kept.len() * s / steps..kept.len() * (s + 1) / steps])
+            .collect();
+        // The "old" policy of the clipped ratio is the adapter this iteration starts from, as
+        // the learner computes it (verl's recomputed old logprobs), not the sampler's numbers:
+        // those depend on what the sampler batched together, and would make a resumed run's
+        // checkpoint differ from an uninterrupted one's. The first step's share is still at the
+        // starting adapter, so its forward gives its old logprobs; the later shares are scored
+        // now, before any update, in the micro-batches their steps will use.
+        let mut old_of: Vec<Vec<Vec<f64>>> = vec![Vec::new(); steps];
+        for (s, share) in shares.iter().enumerate().skip(1) {
+            for chunk in share.chunks(micro) {
+                let out = self.engine.train_logprobs(
+                    &score_requests(chunk),
+                    &self.adapter,
+                    temperature,
+                )?;
+                old_of[s].push(
+                    out.logprobs
+                        .detach()
+                        .to_dtype(DType::F64)?
+                        .to_vec1::<f64>()?,
+                );
+            }
+        }
         let mut reports = Vec::new();
-        let mut start = 0;
-        for s in 0..steps {
-            // Contiguous, near-equal shares of the kept sequences.
-            let end = kept.len() * (s + 1) / steps;
-            let share = &kept[start..end];
-            start = end;
+        let mut mismatch = Mismatch::default();
+        for (s, share) in shares.iter().enumerate() {
             let t0 = Instant::now();
             let lens: Vec<usize> = share.iter().map(|(q, _)| q.completion.len()).collect();
             let masked: Vec<bool> = share
@@ -237,24 +262,23 @@ impl Learner {
                 .map(|(_, v)| vec![0f32; v.as_tensor().elem_count()])
                 .collect();
             let (mut loss, mut kl, mut clipped, mut tokens) = (0.0, 0.0, 0.0, 0.0);
-            let micro = cfg.micro_batch.max(1) as usize;
             for (m, chunk) in share.chunks(micro).enumerate() {
-                let reqs: Vec<ScoreRequest> = chunk
-                    .iter()
-                    .map(|(q, _)| ScoreRequest {
-                        prompt: q.prompt.clone(),
-                        completion: q.completion.clone(),
-                    })
-                    .collect();
-                let out = self
-                    .engine
-                    .train_logprobs(&reqs, &self.adapter, temperature)?;
+                let out = self.engine.train_logprobs(
+                    &score_requests(chunk),
+                    &self.adapter,
+                    temperature,
+                )?;
                 let w: Vec<f64> = weights[m * micro..m * micro + chunk.len()].to_vec();
                 let adv: Vec<f64> = chunk.iter().map(|(_, a)| *a).collect();
-                let old: Vec<f64> = chunk
-                    .iter()
-                    .flat_map(|(q, _)| q.old.iter().map(|&x| f64::from(x)))
-                    .collect();
+                let old: Vec<f64> = match old_of[s].get(m) {
+                    Some(old) => old.clone(),
+                    None => out
+                        .logprobs
+                        .detach()
+                        .to_dtype(DType::F64)?
+                        .to_vec1::<f64>()?,
+                };
+                mismatch.add(chunk, &old);
                 let reference: Vec<f64> = chunk
                     .iter()
                     .flat_map(|(q, _)| q.reference.iter().map(|&x| f64::from(x)))
@@ -334,7 +358,48 @@ impl Learner {
                 tokens_per_s: step_tokens as f64 / seconds.max(1e-9),
             });
         }
+        if mismatch.tokens > 0 {
+            tracing::info!(
+                "iteration {iteration}: sampler vs learner logprobs at the starting adapter: mean |diff| {:.2e}, max {:.2e} over {} tokens",
+                mismatch.sum / mismatch.tokens as f64,
+                mismatch.max,
+                mismatch.tokens
+            );
+        }
         self.iteration = Some(iteration);
         Ok(reports)
+    }
+}
+
+/// The engine's requests for a chunk of sequences.
+fn score_requests(chunk: &[(&Sequence, f64)]) -> Vec<ScoreRequest> {
+    chunk
+        .iter()
+        .map(|(q, _)| ScoreRequest {
+            prompt: q.prompt.clone(),
+            completion: q.completion.clone(),
+        })
+        .collect()
+}
+
+/// How far the sampler's logprobs are from the learner's at the same adapter (numerics of two
+/// engines' batching and kernels; off-policy lag once sampling overlaps training).
+#[derive(Debug, Default)]
+struct Mismatch {
+    sum: f64,
+    max: f64,
+    tokens: usize,
+}
+
+impl Mismatch {
+    /// Adds a chunk's tokens: the sampler's logprobs against the learner's `old` (flat).
+    fn add(&mut self, chunk: &[(&Sequence, f64)], old: &[f64]) {
+        let sampler = chunk.iter().flat_map(|(q, _)| q.sampler.iter());
+        for (&a, &b) in sampler.zip(old) {
+            let d = (f64::from(a) - b).abs();
+            self.sum += d;
+            self.max = self.max.max(d);
+            self.tokens += 1;
+        }
     }
 }

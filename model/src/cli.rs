@@ -54,7 +54,8 @@ impl ParentFlags {
         let now = rustix::process::Pid::as_raw(rustix::process::getppid());
         if i64::from(now) != i64::from(parent) {
             return Err(format!(
-                "--parent-pid {parent}: that process is gone (the parent is now {now}); not starting"
+                "--parent-pid {parent}: that is not this process's parent (its parent is {now}: \
+                 the given one is gone or never was); not starting"
             ));
         }
         Ok(())

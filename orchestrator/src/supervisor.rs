@@ -330,6 +330,11 @@ async fn start(spec: &ChildSpec, timeout: Duration) -> anyhow::Result<(Child, St
         }
         Err(_) => bail!("{} did not start listening within {:?}", spec.name, timeout),
     };
+    tracing::info!(
+        "{} started (pid {}), listening on {url}",
+        spec.name,
+        child.id().map_or_else(|| "?".into(), |p| p.to_string())
+    );
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok((child, url))

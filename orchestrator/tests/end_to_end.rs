@@ -1,193 +1,15 @@
 //! `orchestrate` end to end through real processes and HTTP on the tiny model (with its character
 //! tokenizer): a 3-iteration run; the same run crashed (abort) inside each phase and resumed,
 //! ending with exactly the same rollouts, checkpoints and evals; a rollout server killed
-//! mid-iteration and restarted; bad configs failing before any work.
+//! mid-iteration and restarted; a damaged checkpoint retrained on resume; bad configs failing
+//! before any work. The harsher faults (SIGKILLs at random moments, a hung server, a full disk)
+//! are in `chaos.rs`.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::*;
 use std::process::Command;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn golden() -> PathBuf {
-    std::env::var_os("GOLDEN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared/golden"))
-}
-
-/// The folder of the service binaries the orchestrator starts: beside `orchestrate`
-/// (`cargo test --workspace` builds every binary of the workspace there), or
-/// `ORCHESTRATE_BIN_DIR`. This test builds nothing: a binary that is missing, or older than a
-/// source file it is built from, fails here, saying how to build it.
-fn service_bins() -> PathBuf {
-    let dir = std::env::var_os("ORCHESTRATE_BIN_DIR").map_or_else(
-        || {
-            PathBuf::from(env!("CARGO_BIN_EXE_orchestrate"))
-                .parent()
-                .unwrap()
-                .to_path_buf()
-        },
-        PathBuf::from,
-    );
-    let fix = "build them first: `cargo test --workspace` (or `cargo build --workspace --bins`)";
-    let newest = |crates: &[&str]| {
-        crates
-            .iter()
-            .flat_map(|c| walk(&repo().join(c).join("src")))
-            .filter_map(|p| p.metadata().and_then(|m| m.modified()).ok())
-            .max()
-    };
-    // Each binary with the workspace crates it is built from (its Cargo.toml's path
-    // dependencies, and theirs).
-    let engine = ["model", "sampling", "rl-core"];
-    for (bin, crates) in [
-        ("rollout-server", ["rollout-server", "rl-http"]),
-        ("ref-scorer", ["ref-scorer", "rl-http"]),
-        ("learner", ["learner", "rl-store"]),
-    ] {
-        let path = dir.join(bin);
-        let built = path
-            .metadata()
-            .and_then(|m| m.modified())
-            .unwrap_or_else(|_| panic!("{} is not built; {fix}", path.display()));
-        let sources: Vec<&str> = crates.iter().chain(&engine).copied().collect();
-        if std::env::var_os("ORCHESTRATE_BIN_DIR").is_none() {
-            if let Some(src) = newest(&sources) {
-                assert!(
-                    built >= src,
-                    "{} is older than its sources; {fix}",
-                    path.display()
-                );
-            }
-        }
-    }
-    dir
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return vec![];
-    };
-    entries
-        .flatten()
-        .flat_map(|e| {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p)
-            } else {
-                vec![p]
-            }
-        })
-        .collect()
-}
-
-/// A model folder (tiny Llama + character tokenizer), GSM8K-shaped data and a config.
-fn setup(dir: &Path, extra: &str) -> PathBuf {
-    let model = dir.join("tiny");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(golden().join("tiny_llama").join(f), model.join(f)).unwrap();
-    }
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(
-            repo().join("tests/fixtures/tiny_tokenizer").join(f),
-            model.join(f),
-        )
-        .unwrap();
-    }
-    let rows: Vec<String> = (0..6)
-        .map(|i| serde_json::json!({"question": format!("{i} + {i}?"), "answer": format!("#### {}", 2 * i), "idx": i}).to_string())
-        .collect();
-    std::fs::write(dir.join("train.jsonl"), rows.join("\n") + "\n").unwrap();
-    std::fs::write(dir.join("test.jsonl"), rows[..3].join("\n") + "\n").unwrap();
-    // dtype f32, not the default bf16: the export check compares the sampler's logprobs with
-    // an f32 merged model within 1e-4 (bf16 is held to its bounds by the engine's oracle suites).
-    let config = format!(
-        "output_dir: {run}\nseed: 3\nmax_iterations: 3\ntest_every_n_iterations: 1\n\
-         model:\n  path: {model}\n  dtype: f32\ndata:\n  train: {train}\n  test: {test}\n  test_limit: 2\n\
-         prompt:\n  style: boxed\n  system: \"\"\nattempts: 2\nproblems_per_iteration: 2\n\
-         sampling:\n  train:\n    max_tokens: 8\n  test:\n    max_tokens: 8\n\
-         lora:\n  r: 2\n  alpha: 4\n  targets: [q_proj, v_proj]\n\
-         learner:\n  lr: 0.01\n  micro_batch: 2\n  filter_zero_variance: false\n\
-         services:\n  rollout:\n    max_batch: 4\n  startup_timeout_s: 60\n{extra}",
-        run = dir.join("run").display(),
-        model = model.display(),
-        train = dir.join("train.jsonl").display(),
-        test = dir.join("test.jsonl").display(),
-    );
-    let path = dir.join("config.yaml");
-    std::fs::write(&path, config).unwrap();
-    path
-}
-
-fn orchestrate(bins: &Path, args: &[&str], failpoint: Option<&str>) -> std::process::Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_orchestrate"));
-    cmd.args(args).env("ORCHESTRATE_BIN_DIR", bins);
-    if let Some(f) = failpoint {
-        cmd.env("ORCHESTRATE_FAILPOINT", f);
-    }
-    cmd.output().unwrap()
-}
-
-/// Everything a run leaves in its database, as comparable values: phases, rollout keys, tasks
-/// with their seeds, evals.
-#[derive(Debug, PartialEq)]
-struct Snapshot {
-    phases: Vec<String>,
-    keys: BTreeSet<(i64, i64, i64)>,
-    tasks: Vec<String>,
-    evals: Vec<String>,
-}
-
-/// Rows of `sql` on the database at `db` through sqlx, each row's columns joined by `|` (as the
-/// `sqlite3` command line prints them). Columns are read as text.
-fn query(db: &Path, sql: &'static str) -> Vec<String> {
-    use sqlx::{Connection, Row};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-            .await
-            .unwrap();
-        let rows = sqlx::query(sql).fetch_all(&mut conn).await.unwrap();
-        let out = rows
-            .iter()
-            .map(|r| {
-                (0..r.columns().len())
-                    .map(|i| {
-                        r.try_get::<String, _>(i)
-                            .or_else(|_| r.try_get::<i64, _>(i).map(|v| v.to_string()))
-                            .unwrap()
-                    })
-                    .collect::<Vec<_>>()
-                    .join("|")
-            })
-            .collect();
-        conn.close().await.unwrap();
-        out
-    })
-}
-
-fn snapshot(db: &Path) -> Snapshot {
-    let q = |sql: &'static str| query(db, sql);
-    let keys = q("SELECT iteration, group_index, attempt FROM rollouts")
-        .iter()
-        .map(|l| {
-            let v: Vec<i64> = l.split('|').map(|x| x.parse().unwrap()).collect();
-            (v[0], v[1], v[2])
-        })
-        .collect();
-    Snapshot {
-        phases: q("SELECT iteration, phase FROM iterations ORDER BY iteration"),
-        keys,
-        tasks: q("SELECT iteration, group_index, problem_index, seed FROM tasks ORDER BY iteration, group_index"),
-        evals: q("SELECT iteration, split, n FROM evals ORDER BY iteration"),
-    }
-}
 
 #[test]
 fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
@@ -246,6 +68,7 @@ fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
     }
     assert!(kinds.iter().any(|k| k == "step"));
     let whole = snapshot(&run.join("rollouts.sqlite"));
+    let whole_outcome = outcome(&run.join("rollouts.sqlite"));
     assert_eq!(whole.phases, vec!["0|done", "1|done", "2|done"]);
     assert_eq!(
         whole.keys.len(),
@@ -364,6 +187,24 @@ fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
     let e = err(&["export", run_s, "--merge", other_s, "--iteration", "0"]);
     assert!(e.contains("does not match the sha256 recorded"), "{e}");
     assert!(!other.exists());
+    // A resume refuses it too: moved aside (kept), trained again, identical to the recorded one.
+    let out = orchestrate(&bins, &["resume", run_s], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("does not match the sha256 recorded")
+            && stderr.contains("training iteration 0 again")
+            && stderr.contains("identical to the recorded one"),
+        "{stderr}"
+    );
+    let aside: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("iter_0.damaged-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged checkpoint is kept aside");
+    assert_same_outcome(&outcome(&run.join("rollouts.sqlite")), &whole_outcome);
+    assert_store_sound(&run, 3, 2, 2);
 
     // Crashed inside each phase (and a rollout server killed), resumed each time.
     let b = tempfile::tempdir().unwrap();
@@ -406,14 +247,14 @@ fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
         resumed, whole,
         "the crashed-and-resumed run has exactly the rows of the uninterrupted one"
     );
+    // And exactly their contents: ids, rewards, reference logprobs, checkpoints, evals.
+    assert_same_outcome(&outcome(&run_b.join("rollouts.sqlite")), &whole_outcome);
+    assert_store_sound(&run_b, 3, 2, 2);
     for it in 0..3 {
         assert!(run_b
             .join(format!("checkpoints/iter_{it}/training_state.json"))
             .exists());
     }
-    assert!(std::fs::read_dir(run_b.join("checkpoints"))
-        .unwrap()
-        .all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp-")));
 }
 
 #[test]

@@ -29,10 +29,15 @@ impl Drop for Child {
 }
 
 fn serve(extra: &[&str]) -> (Child, String) {
+    serve_env(extra, &[])
+}
+
+fn serve_env(extra: &[&str], env: &[(&str, &str)]) -> (Child, String) {
     let model = golden().join("tiny_llama").display().to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_ref-scorer"))
         .args(["--model", &model, "--port", "0"])
         .args(extra)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -183,6 +188,9 @@ async fn bad_inputs_get_their_status_and_message() {
         ("unknown field", json!({"sequences": [], "temp": 1}).to_string(), Some("k"), 422, "unknown field `temp`"),
         ("empty sequences", json!({"sequences": []}).to_string(), Some("k"), 422, "`sequences` is empty"),
         ("zero temperature", json!({"sequences": ok["sequences"], "temperature": 0}).to_string(), Some("k"), 422, "`temperature` is 0"),
+        // What a schema-driven fuzzer found: 1/T overflowed and every logprob was NaN (`null`).
+        ("denormal temperature", json!({"sequences": ok["sequences"], "temperature": 5e-324}).to_string(), Some("k"), 422, "it must be in [1e-5, 100]"),
+        ("huge temperature", json!({"sequences": ok["sequences"], "temperature": 1e300}).to_string(), Some("k"), 422, "`temperature` is 1e300"),
         ("id out of vocabulary", json!({"sequences": [ok["sequences"][0], {"prompt_ids": [1], "completion_ids": [500]}]}).to_string(), Some("k"), 422, "sequences[1]"),
         ("empty prompt", json!({"sequences": [{"prompt_ids": [], "completion_ids": [3]}]}).to_string(), Some("k"), 422, "sequences[0]"),
         ("body over the limit", json!({"sequences": [{"prompt_ids": vec![1; 2000], "completion_ids": [2]}]}).to_string(), Some("k"), 413, "over the server's limit"),
@@ -231,4 +239,97 @@ async fn bad_inputs_get_their_status_and_message() {
             .as_u16(),
         200
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_while_scoring_fails_health_and_ends_the_process_non_zero() {
+    let (mut child, url) = serve_env(&[], &[("REF_SCORER_FAILPOINT", "engine-panic")]);
+    let http = reqwest::Client::new();
+    let status = |r: reqwest::Response| r.status().as_u16();
+    let health = || http.get(format!("{url}/health")).send();
+    assert_eq!(
+        status(health().await.unwrap()),
+        200,
+        "healthy before the fault"
+    );
+    let body = json!({"sequences": [{"prompt_ids": [1, 5], "completion_ids": [6, 7]}]});
+    let r = http
+        .post(format!("{url}/v1/score"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        500,
+        "an engine fault is the server's error"
+    );
+    let v: serde_json::Value = r.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("the engine failed") && msg.contains("send the request again"),
+        "{v}"
+    );
+    let r = health().await.unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        503,
+        "not ok once the model lock is poisoned"
+    );
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exiting to be restarted"),
+        "{v}"
+    );
+    // The process ends by itself, non-zero, so that its supervisor starts a new one.
+    let t = std::time::Instant::now();
+    let code = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "still running 30 s after the fault"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!code.success(), "exit status {code}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_bodies_never_break_the_scorer() {
+    let (_child, url) = serve(&["--api-key", "k"]);
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    // The scorer has one body route: it gets five times the cases.
+    let (cases, seed) = (5 * env("FUZZ_CASES", 400) as usize, env("FUZZ_SEED", 17));
+    let report = rl_http::fuzz::fuzz(&url, Some("k"), cases, seed, Duration::from_secs(120))
+        .await
+        .unwrap();
+    eprintln!(
+        "ref-scorer fuzz (seed {seed}): {} requests; statuses {:?}; per operation {:?}",
+        report.sent, report.statuses, report.per_operation
+    );
+    assert!(
+        report.problems.is_empty(),
+        "{} problems, first ones:\n{}",
+        report.problems.len(),
+        report
+            .problems
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(report.sent >= 2000, "thousands of requests");
+    let ok = report.statuses.get(&200).copied().unwrap_or(0);
+    assert!(ok > report.sent / 20, "enough bodies reach the model: {ok}");
 }

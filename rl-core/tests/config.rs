@@ -168,13 +168,41 @@ fn broken_configs_fail_with_their_message() {
             "negative temperature",
             "sampling:\n  test:\n    temperature: -0.5\n".into(),
             vec![],
-            vec!["test.yaml:3", "`sampling.test.temperature`", ">= 0"],
+            vec!["test.yaml:3", "`sampling.test.temperature`", "in [0, 100]"],
         ),
         (
             "greedy training",
             "sampling:\n  train:\n    temperature: 0\n".into(),
             vec![],
             vec!["`sampling.train.temperature`", "greedy training"],
+        ),
+        (
+            "a training temperature that scoring overflows",
+            "sampling:\n  train:\n    temperature: 5.0e-324\n".into(),
+            vec![],
+            vec![
+                "`sampling.train.temperature`",
+                "in [1e-5, 100]",
+                "scores the rollouts",
+            ],
+        ),
+        (
+            "no rate floor",
+            "services:\n  min_tokens_per_s: 0\n".into(),
+            vec![],
+            vec!["`services.min_tokens_per_s`", "rate > 0"],
+        ),
+        (
+            "no attempt",
+            "services:\n  max_attempts: 0\n".into(),
+            vec![],
+            vec!["`services.max_attempts`", "at least 1"],
+        ),
+        (
+            "the removed request_timeout_s",
+            "services:\n  request_timeout_s: 1800\n".into(),
+            vec![],
+            vec!["request_timeout_s"],
         ),
         (
             "max_tokens 0",
@@ -391,4 +419,17 @@ fn missing_files_are_named_with_their_key() {
         e.contains("run.yaml:4") && e.contains("`data.train`"),
         "{e}"
     );
+}
+
+#[test]
+fn a_request_deadline_grows_with_its_tokens_and_the_requests_in_flight() {
+    let s = rl_core::config::ServicesConfig::default();
+    assert_eq!((s.deadline_base_s, s.min_tokens_per_s), (60, 2.0));
+    let secs = |tokens, in_flight| s.deadline(tokens, in_flight).as_secs_f64();
+    assert_eq!(secs(0, 1), 60.0, "the base alone");
+    assert_eq!(secs(100, 1), 110.0, "base + 100 tokens at 2 tokens/s");
+    assert_eq!(secs(100, 4), 260.0, "four such requests share the server");
+    assert_eq!(secs(100, 0), 110.0, "nothing in flight counts as one");
+    // A huge request gets a huge deadline, not an overflow.
+    assert!(secs(u64::MAX, u32::MAX) > 1e9);
 }

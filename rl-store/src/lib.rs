@@ -236,7 +236,10 @@ impl Store {
         if !fk.is_empty() {
             let tables: Vec<String> = fk
                 .iter()
-                .map(|r| r.try_get::<String, _>(0).unwrap_or_else(|e| format!("({e})")))
+                .map(|r| {
+                    r.try_get::<String, _>(0)
+                        .unwrap_or_else(|e| format!("({e})"))
+                })
                 .collect();
             return Err(corrupt(format!(
                 "{} rows point at missing parents (tables: {})",

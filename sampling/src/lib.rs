@@ -34,11 +34,20 @@ pub fn check_score_temperature(temperature: f64) -> Result<(), Invalid> {
     if !(GREEDY_BELOW..=MAX_TEMPERATURE).contains(&temperature) {
         return Err(Invalid {
             field: "temperature",
-            value: temperature.to_string(),
+            value: shown(temperature),
             rule: "in [1e-5, 100] (the sampling temperature; 1 for raw logprobs)",
         });
     }
     Ok(())
+}
+
+/// A float as a message shows it: `1e300` and `5e-324` rather than hundreds of digits.
+fn shown(x: f64) -> String {
+    if x.is_finite() && x != 0.0 && (x.abs() >= 1e16 || x.abs() < 1e-4) {
+        format!("{x:e}")
+    } else {
+        x.to_string()
+    }
 }
 
 /// The knobs every sampler takes that have a rule (`top_k` has none: any value, 0 for no
@@ -70,14 +79,14 @@ impl Knobs {
         if !(0.0..=MAX_TEMPERATURE).contains(&self.temperature) {
             return bad(
                 "temperature",
-                self.temperature.to_string(),
+                shown(self.temperature),
                 "in [0, 100] (0 is greedy)",
             );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(
                 "top_p",
-                self.top_p.to_string(),
+                shown(self.top_p),
                 "in (0, 1] (1 keeps every token)",
             );
         }

@@ -24,7 +24,12 @@ impl Run {
         let mut done = futures::stream::iter(todo.into_iter().map(|i| self.eval_one(i)))
             .buffer_unordered(concurrency);
         while let Some(r) = done.next().await {
-            self.store.insert_eval_result(it, "test", &r?).await?;
+            let r = r?;
+            self.store.insert_eval_result(it, "test", &r).await?;
+            tracing::debug!(
+                "iteration {it}: evaluating: problem {} stored",
+                r.problem_index
+            );
             crash_at("evaluating", it);
             bar.inc(1);
         }

@@ -94,6 +94,10 @@ impl Run {
         self.store
             .insert_group(it, task.group_index, &rollouts)
             .await?;
+        tracing::debug!(
+            "iteration {it}: sampling: group {} stored",
+            task.group_index
+        );
         crash_at("sampling", it);
         for (point, signal, doing) in [
             ("kill-rollout-server", "-KILL", "killing"),

@@ -39,6 +39,7 @@ impl Run {
                 .await?;
             let lps: Vec<Vec<f32>> = out.results.into_iter().map(|r| r.logprobs).collect();
             self.store.set_ref_logprobs(it, g, &lps).await?;
+            tracing::debug!("iteration {it}: scoring_ref: group {g} stored");
             crash_at("scoring_ref", it);
             bar.inc(1);
         }

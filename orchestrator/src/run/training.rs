@@ -25,7 +25,10 @@ impl Run {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
             let aside = dir.with_file_name(format!("{}.damaged-{stamp}", checkpoint::name(it)));
-            tracing::warn!("{e:#}; moving it to {} and training iteration {it} again", aside.display());
+            tracing::warn!(
+                "{e:#}; moving it to {} and training iteration {it} again",
+                aside.display()
+            );
             if dir.exists() {
                 std::fs::rename(&dir, &aside).with_context(|| {
                     format!("moving the damaged checkpoint {} aside", dir.display())
@@ -34,7 +37,9 @@ impl Run {
             self.train(it).await?;
             let now = checkpoint::weights_sha256(&dir)?;
             if now == c.sha256 {
-                tracing::info!("iteration {it}: checkpoint trained again, identical to the recorded one");
+                tracing::info!(
+                    "iteration {it}: checkpoint trained again, identical to the recorded one"
+                );
             } else {
                 tracing::warn!(
                     "iteration {it}: the checkpoint trained again differs from the recorded one \
@@ -91,7 +96,15 @@ impl Run {
             dtype: c.model.dtype.name(),
         }
         .command()?;
-        let output = cmd.output().await.context("starting the learner")?;
+        let child = cmd.spawn().context("starting the learner")?;
+        tracing::debug!(
+            "iteration {it}: training: learner started (pid {})",
+            child.id().map_or_else(|| "?".into(), |p| p.to_string())
+        );
+        let output = child
+            .wait_with_output()
+            .await
+            .context("waiting for the learner")?;
         bar.finish_and_clear();
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
