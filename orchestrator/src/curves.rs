@@ -3,7 +3,6 @@
 //! the first of `CURVES_FONT` and the usual DejaVu/Liberation paths; without one the panels are
 //! drawn without labels (and the log says so) rather than not at all.
 
-use std::path::Path;
 use std::sync::OnceLock;
 
 use plotters::prelude::*;
@@ -44,10 +43,29 @@ pub struct Series {
     pub color: RGBColor,
 }
 
-/// Draws the panels (title, series) side by side in a grid into `path`.
-pub fn draw(panels: &[(&str, Vec<Series>)], path: &Path) -> anyhow::Result<()> {
+/// The picture's size in pixels.
+const SIZE: (u32, u32) = (1200, 800);
+
+/// Draws the panels (title, series) side by side in a grid; returns the PNG's bytes (written by
+/// the caller through [`rl_core::files`], so that a full disk is reported like any other write).
+pub fn draw(panels: &[(&str, Vec<Series>)]) -> anyhow::Result<Vec<u8>> {
+    let mut pixels = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
+    draw_into(panels, &mut pixels)?;
+    let mut png = Vec::new();
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(&mut png),
+        &pixels,
+        SIZE.0,
+        SIZE.1,
+        image::ColorType::Rgb8,
+    )?;
+    Ok(png)
+}
+
+/// Draws into an RGB buffer of [`SIZE`].
+fn draw_into(panels: &[(&str, Vec<Series>)], pixels: &mut [u8]) -> anyhow::Result<()> {
     let text = have_font();
-    let root = BitMapBackend::new(path, (1200, 800)).into_drawing_area();
+    let root = BitMapBackend::with_buffer(pixels, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let cols = 2;
     let rows = panels.len().div_ceil(cols).max(1);
@@ -116,7 +134,6 @@ pub fn draw(panels: &[(&str, Vec<Series>)], path: &Path) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
     }
-    root.present()
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }

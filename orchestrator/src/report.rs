@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::Path;
 
+use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use rl_core::stats;
 use rl_core::wire::FinishReason;
@@ -146,9 +147,8 @@ fn draw_curves(summaries: &[IterationSummary], dir: &Path) -> anyhow::Result<()>
             vec![series("kl", |s| s.mean_kl, MAGENTA)],
         ),
     ];
-    rl_core::files::write_file_with(&dir.join("curves.png"), |tmp| {
-        crate::curves::draw(&panels, tmp)
-    })
+    let png = crate::curves::draw(&panels).context("drawing curves.png")?;
+    Ok(rl_core::files::write_file(&dir.join("curves.png"), &png)?)
 }
 
 /// The timed phases, in the order they run.

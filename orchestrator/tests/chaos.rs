@@ -196,10 +196,14 @@ fn sigkills_of_the_whole_process_group_at_random_moments_lose_nothing() {
         assert_eq!(query(&db(&run), "PRAGMA integrity_check"), ["ok"]);
     }
     let hit: std::collections::BTreeSet<&str> = kills.iter().map(|k| k.0).collect();
-    eprintln!(
-        "chaos (seed {seed}): {} SIGKILLs of the process group in {} starts, phases hit: {hit:?}; kills: {kills:?}",
-        kills.len(),
-        starts
+    let inside = kills.iter().filter(|k| k.2).count();
+    record(
+        "TEST_COUNTS_FILE",
+        &format!(
+            "chaos (seed {seed}): {} SIGKILLs of the process group in {starts} starts, phases hit \
+             {hit:?}, {inside} before the run's next line; kills (phase, ms, inside): {kills:?}",
+            kills.len()
+        ),
     );
     assert!(kills.len() >= 8, "at least 8 kills: {kills:?}");
     assert_eq!(hit.len(), 4, "every phase hit: {kills:?}");
@@ -209,7 +213,10 @@ fn sigkills_of_the_whole_process_group_at_random_moments_lose_nothing() {
     );
     let compared = assert_same_outcome(&outcome(&db(&run)), want);
     assert_store_sound(&run, 3, 2, 2);
-    eprintln!("chaos: {compared} rollouts compared with the uninterrupted run, all equal");
+    record(
+        "TEST_COUNTS_FILE",
+        &format!("chaos: {compared} rollouts, 3 checkpoints and 3 evals compared with the uninterrupted run: equal"),
+    );
 }
 
 /// Whether `/proc/PID` is gone or a zombie (dead, not yet reaped by its new parent).
@@ -330,4 +337,104 @@ fn two_orchestrators_never_drive_one_run() {
     assert!(!second.status.success());
     let e = String::from_utf8_lossy(&second.stderr);
     assert!(e.contains("is in use by another orchestrate (pid"), "{e}");
+}
+
+/// Whether this machine can mount a small tmpfs in a private mount namespace (`unshare -rm`:
+/// root, or unprivileged user namespaces).
+fn can_mount_tmpfs() -> bool {
+    Command::new("unshare")
+        .args(["-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn a_full_disk_or_a_read_only_one_fails_clearly_and_the_run_resumes_once_fixed() {
+    if !can_mount_tmpfs() {
+        skipped(
+            "a_full_disk_or_a_read_only_one_fails_clearly_and_the_run_resumes_once_fixed",
+            "`unshare -rm` cannot mount a tmpfs here (needs root or unprivileged user namespaces)",
+        );
+        return;
+    }
+    let want = reference();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), "");
+    let run = dir.path().join("run");
+    let saved = dir.path().join("saved");
+    let out = dir.path().join("out");
+    for d in [&run, &saved, &out] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    // The run directory is a tmpfs of 64 KiB (the database cannot even be created), then 320 KiB
+    // (the first iteration fits, its report does not), then read-only, then large enough; the
+    // user's fix each time is the same command again. What the directory held after the second
+    // failure is copied out, and so is the finished run.
+    let script = r#"
+        set -u
+        step() { "$ORCH" run "$CFG" > "$OUT/$1.log" 2>&1; echo $? > "$OUT/$1.rc"; }
+        mount -t tmpfs -o size=64k tmpfs "$RUN" || exit 90
+        step tiny
+        mount -o remount,size=320k "$RUN" || exit 91
+        step small
+        mkdir -p "$SAVED/small" && cp -a "$RUN/." "$SAVED/small/"
+        mount -o remount,ro "$RUN" || exit 92
+        step readonly
+        mount -o remount,rw,size=64m "$RUN" || exit 93
+        step room
+        mkdir -p "$SAVED/room" && cp -a "$RUN/." "$SAVED/room/"
+    "#;
+    let status = Command::new("unshare")
+        .args(["-rm", "sh", "-c", script])
+        .env("ORCH", env!("CARGO_BIN_EXE_orchestrate"))
+        .env("ORCHESTRATE_BIN_DIR", service_bins())
+        .env("CFG", &cfg)
+        .env("RUN", &run)
+        .env("OUT", &out)
+        .env("SAVED", &saved)
+        .status()
+        .unwrap();
+    assert!(status.success(), "the mount script failed: {status}");
+    let step = |name: &str| {
+        let rc = std::fs::read_to_string(out.join(format!("{name}.rc"))).unwrap();
+        let log = std::fs::read_to_string(out.join(format!("{name}.log"))).unwrap();
+        (rc.trim().to_string(), log)
+    };
+    let run_s = run.display().to_string();
+    for (name, says) in [
+        ("tiny", "is full: free space there"),
+        ("small", "is full: free space there"),
+        ("readonly", "read-only file system: make it writable"),
+    ] {
+        let (rc, log) = step(name);
+        assert_ne!(rc, "0", "{name}: the run fails");
+        assert!(log.contains(says), "{name}: `{says}` not in:\n{log}");
+        assert!(
+            log.contains(&run_s),
+            "{name}: the message names the run's files:\n{log}"
+        );
+    }
+    // Nothing half-written under a final name after the disk filled mid-run.
+    let small = saved.join("small");
+    assert_eq!(query(&db(&small), "PRAGMA integrity_check"), ["ok"]);
+    for e in std::fs::read_dir(small.join("checkpoints")).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with('.') {
+            assert!(p.join("training_state.json").exists(), "{name} is complete");
+        }
+    }
+    if let Ok(png) = std::fs::read(small.join("curves.png")) {
+        assert!(
+            png.starts_with(b"\x89PNG") && png.ends_with(b"IEND\xaeB`\x82"),
+            "a whole PNG or none"
+        );
+    }
+    let (rc, log) = step("room");
+    assert_eq!(rc, "0", "{log}");
+    let room = saved.join("room");
+    assert_same_outcome(&outcome(&db(&room)), want);
+    assert_store_sound(&room, 3, 2, 2);
 }

@@ -30,6 +30,16 @@ pub struct FuzzReport {
     pub problems: Vec<String>,
 }
 
+impl FuzzReport {
+    /// One line: requests sent, statuses seen, requests per operation.
+    pub fn summary(&self, service: &str, seed: u64) -> String {
+        format!(
+            "fuzz {service} (seed {seed}): {} requests, statuses {:?}, per operation {:?}",
+            self.sent, self.statuses, self.per_operation
+        )
+    }
+}
+
 /// Sends `cases` generated requests to every operation of the service at `base` (key `api_key`),
 /// each with `deadline`, from `seed`.
 pub async fn fuzz(
@@ -370,4 +380,23 @@ fn mutate(mut v: Value, rng: &mut ChaCha8Rng) -> Value {
         }
     }
     v
+}
+
+/// Appends `line` to the file named by the environment variable `var`, if set, and prints it
+/// on stderr: how the tests report their counts (`TEST_COUNTS_FILE`) and skips
+/// (`TEST_SKIPS_FILE`), which scripts/test prints at the end of a run.
+pub fn record(var: &str, line: &str) {
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os(var) {
+        use std::io::Write;
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            // One write of the whole line: concurrent tests append without interleaving.
+            .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
+        if let Err(e) = written {
+            panic!("cannot append to {var} {path:?}: {e}");
+        }
+    }
 }

@@ -49,7 +49,7 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
-    #[error("{path}: applying the migrations failed: {source}")]
+    #[error("{path}: applying the migrations failed: {source}{}", migrate_fix(source, path))]
     Migrate {
         path: String,
         #[source]
@@ -120,6 +120,24 @@ impl Store {
             run_id,
             path: path.to_path_buf(),
         })
+    }
+
+    /// Opens the run's database at `path`, or creates it for `spec` when there is none yet or
+    /// the file holds no run (its creation was cut short: a crash, a full disk). Returns the
+    /// store and whether it was created.
+    pub async fn open_or_create(path: &Path, spec: &RunSpec) -> Result<(Store, bool), StoreError> {
+        if path.is_file() {
+            let pool = connect(path, false).await?;
+            let runs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM runs")
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| sql_err(path, "counting runs", e))?;
+            pool.close().await;
+            if runs > 0 {
+                return Ok((Store::open(path).await?, false));
+            }
+        }
+        Ok((Store::create(path, spec).await?, true))
     }
 
     /// Opens an existing run's database: applies pending migrations and checks its integrity.
@@ -325,6 +343,15 @@ fn sqlite_fix(e: &sqlx::Error, path: &str) -> String {
         Some(5 | 6) => "; another process holds the database (another orchestrate on this run?): \
                         stop it, then resume"
             .into(),
+        _ => String::new(),
+    }
+}
+
+/// [`sqlite_fix`] of the SQLite error under a failed migration.
+fn migrate_fix(e: &sqlx::migrate::MigrateError, path: &str) -> String {
+    use sqlx::migrate::MigrateError as M;
+    match e {
+        M::Execute(e) | M::ExecuteMigration(e, _) => sqlite_fix(e, path),
         _ => String::new(),
     }
 }

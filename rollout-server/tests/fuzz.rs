@@ -41,10 +41,7 @@ async fn generated_bodies_never_break_the_server() {
     )
     .await
     .unwrap();
-    eprintln!(
-        "rollout-server fuzz (seed {seed}): {} requests; statuses {:?}; per operation {:?}",
-        report.sent, report.statuses, report.per_operation
-    );
+    rl_http::fuzz::record("TEST_COUNTS_FILE", &report.summary("rollout-server", seed));
     assert!(
         report.problems.is_empty(),
         "{} problems, first ones:\n{}",

@@ -70,7 +70,13 @@ fn lock_run_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
         .create(true)
         .truncate(false)
         .open(&path)
-        .with_context(|| format!("opening the run's lock {}", path.display()))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "opening the run's lock {}: {e}{}",
+                path.display(),
+                rl_core::files::fix_for(e.kind(), dir)
+            )
+        })?;
     if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         let holder = std::fs::read_to_string(&path).unwrap_or_default();
         anyhow::bail!(
@@ -80,8 +86,15 @@ fn lock_run_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
             path.display()
         );
     }
-    file.set_len(0)?;
-    write!(file, "{}", std::process::id())?;
+    file.set_len(0)
+        .and_then(|()| write!(file, "{}", std::process::id()))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "writing the run's lock {}: {e}{}",
+                path.display(),
+                rl_core::files::fix_for(e.kind(), dir)
+            )
+        })?;
     Ok(file)
 }
 
@@ -123,23 +136,17 @@ impl Run {
         }
         let db = dir.join("rollouts.sqlite");
         let yaml = config.to_yaml().map_err(anyhow::Error::msg)?;
-        let store = if db.exists() {
-            let store = Store::open(&db).await?;
+        let spec = RunSpec {
+            config_yaml: yaml.clone(),
+            model: config.model.path.clone(),
+            seed: config.seed,
+            attempts: config.attempts,
+        };
+        let (store, created) = Store::open_or_create(&db, &spec).await?;
+        if !created {
             check_compatible(&store.run().await?.spec, &config, &db)?;
             store.update_config(&yaml).await?;
-            store
-        } else {
-            Store::create(
-                &db,
-                &RunSpec {
-                    config_yaml: yaml.clone(),
-                    model: config.model.path.clone(),
-                    seed: config.seed,
-                    attempts: config.attempts,
-                },
-            )
-            .await?
-        };
+        }
         rl_core::files::write_file(&dir.join("config.yaml"), yaml.as_bytes())?;
         let train = tasks::load_gsm8k(&config.data.train)?;
         let mut test = tasks::load_gsm8k(&config.data.test)?;

@@ -324,3 +324,10 @@ pub fn assert_store_sound(run: &Path, iterations: usize, groups: usize, attempts
         "one finished checkpoint folder per iteration, no partial one"
     );
 }
+
+pub use rl_http::fuzz::record;
+
+/// Says that `test` checked nothing on this machine and why (`TEST_SKIPS_FILE`).
+pub fn skipped(test: &str, reason: &str) {
+    record("TEST_SKIPS_FILE", &format!("SKIPPED {test}: {reason}"));
+}
