@@ -49,7 +49,10 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
-    #[error("{path}: applying the migrations failed: {source}{}", migrate_fix(source, path))]
+    #[error(
+        "{path}: applying the migrations failed: {source}{}",
+        migrate_fix(source, path)
+    )]
     Migrate {
         path: String,
         #[source]

@@ -110,7 +110,7 @@ impl Run {
             if failpoint(point, it) && !self.killed.swap(true, std::sync::atomic::Ordering::SeqCst)
             {
                 if let Some(pid) = self.rollout.pid().await {
-                    eprintln!("{FAILPOINT_ENV}: {doing} the rollout server (pid {pid})");
+                    tracing::warn!("{FAILPOINT_ENV}: {doing} the rollout server (pid {pid})");
                     let _ = tokio::process::Command::new("kill")
                         .args([signal, &pid.to_string()])
                         .status()
