@@ -4,6 +4,11 @@
 //! learner issue).
 //!
 //!     cargo bench -p learner --bench step -- [--model PATH] [--repeats N] [--micro-batch N]
+//!         [--steps N]
+//!
+//! `--steps 2` splits the iteration into two optimizer steps (the default config's
+//! `steps_per_iteration`): the second step's share is first scored at the starting adapter (its
+//! old logprobs), so the difference to `--steps 1` is that forward's cost.
 
 use std::time::Instant;
 
@@ -25,7 +30,7 @@ fn peak_rss_bytes() -> u64 {
 fn main() {
     model::alloc::tune();
     let mut model_path = "assets/SmolLM2-135M-Instruct.Q4_1.gguf".to_string();
-    let (mut repeats, mut micro) = (2usize, 4u32);
+    let (mut repeats, mut micro, mut steps) = (2usize, 4u32, 1u32);
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -37,6 +42,7 @@ fn main() {
                     .and_then(|v| v.parse().ok())
                     .expect("--micro-batch N")
             }
+            "--steps" => steps = it.next().and_then(|v| v.parse().ok()).expect("--steps N"),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -46,7 +52,7 @@ fn main() {
     let vocab = engine.config().vocab_size as u32;
     let overrides = vec![
         format!("learner.micro_batch={micro}"),
-        "learner.steps_per_iteration=1".to_string(),
+        format!("learner.steps_per_iteration={steps}"),
         "attempts=4".to_string(),
         "problems_per_iteration=4".to_string(),
     ];
@@ -92,8 +98,8 @@ fn main() {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let out = serde_json::json!({
-        "impl": "learner", "seqs": 16, "len": prompt_len + completion_len, "micro_batch": micro,
-        "seconds_per_step": median, "peak_rss_bytes": peak_rss_bytes(),
+        "impl": "learner", "seqs": 16, "len": prompt_len + completion_len, "micro_batch": micro, "steps": steps,
+        "seconds_per_iteration": median, "peak_rss_bytes": peak_rss_bytes(),
     });
     println!("{out}");
 }

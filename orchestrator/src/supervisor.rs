@@ -145,6 +145,9 @@ impl Service {
         for attempt in 1..=self.max_attempts {
             // A dead child is noticed here, before its requests time out.
             self.ensure_running().await?;
+            // Which child this send reaches: a deadline missed on it must not kill a successor
+            // that another request already started.
+            let generation = self.restarts().await;
             match f(self.client(deadline).await?).await {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_refusal() => {
@@ -157,7 +160,7 @@ impl Service {
                         self.max_attempts
                     );
                     if e.is_timeout() {
-                        self.kill_hung().await;
+                        self.kill_hung(generation).await;
                     }
                     last = Some(e);
                 }
@@ -172,49 +175,54 @@ impl Service {
     }
 
     /// Makes the service serve `adapter` (a checkpoint name; `None`: the base model), and again
-    /// after every restart. A no-op when it already does.
+    /// after every restart. A no-op when it already does. Sent through [`Service::call`].
     pub async fn serve_adapter(&self, adapter: Option<&str>) -> anyhow::Result<()> {
-        self.ensure_running().await?;
-        let mut st = self.state.lock().await;
         let wanted = adapter.map(str::to_string);
-        if st.adapter.as_ref() == Some(&wanted) {
-            return Ok(());
-        }
-        let url = st.url.clone();
-        Self::push_adapter(self.name, &url, self.api_key.clone(), adapter).await?;
-        st.adapter = Some(wanted);
-        Ok(())
-    }
-
-    async fn push_adapter(
-        name: &str,
-        url: &str,
-        api_key: Option<String>,
-        adapter: Option<&str>,
-    ) -> anyhow::Result<()> {
-        let client = ServiceClient::new(url, api_key, Duration::from_secs(600))?;
-        match adapter {
-            Some(a) => {
-                let r = client
-                    .load_adapter(a)
-                    .await
-                    .with_context(|| format!("{name}: hot-swapping the adapter {a}"))?;
-                tracing::info!("{name} now serves {a} (swap {:.1} ms)", r.swap_ms);
+        {
+            let mut st = self.state.lock().await;
+            if st.adapter.as_ref() == Some(&wanted) {
+                drop(st);
+                self.ensure_running().await?;
+                return Ok(());
             }
-            None => {
-                client.unload_adapter().await?;
+            // Recorded first: a restart in between puts back this one, not the previous.
+            st.adapter = Some(wanted.clone());
+        }
+        let what = format!("serving {}", adapter.unwrap_or("the base model"));
+        let swapped = self
+            .call(&what, self.startup_timeout, |cl| {
+                let wanted = wanted.clone();
+                async move { swap(&cl, wanted.as_deref()).await }
+            })
+            .await;
+        match swapped {
+            Ok(ms) => {
+                tracing::info!(
+                    "{} now serves {} (swap {ms:.1} ms)",
+                    self.name,
+                    what.trim_start_matches("serving ")
+                );
+                Ok(())
+            }
+            Err(e) => {
+                // Unknown now: the next call sends it again.
+                self.state.lock().await.adapter = None;
+                Err(e)
             }
         }
-        Ok(())
     }
 
     /// SIGKILLs our child after it missed a deadline (a hung server keeps its port and accepts
-    /// connections); the next [`Service::ensure_running`] starts a new one.
-    async fn kill_hung(&self) {
+    /// connections), unless it was already replaced since `generation`; the next
+    /// [`Service::ensure_running`] starts a new one.
+    async fn kill_hung(&self, generation: u32) {
         if self.spec.is_none() {
             return;
         }
         let mut st = self.state.lock().await;
+        if st.restarts != generation {
+            return;
+        }
         if let Some(child) = st.child.as_mut() {
             tracing::warn!(
                 "{} (pid {:?}) missed its deadline; killing it",
@@ -263,7 +271,10 @@ impl Service {
         // serves the adapter again (it starts on the base model).
         self.wait_healthy(&url).await?;
         if let Some(Some(adapter)) = &st.adapter {
-            Self::push_adapter(self.name, &url, self.api_key.clone(), Some(adapter)).await?;
+            let client = ServiceClient::new(&url, self.api_key.clone(), self.startup_timeout)?;
+            swap(&client, Some(adapter))
+                .await
+                .with_context(|| format!("{}: putting back the adapter {adapter}", self.name))?;
         }
         Ok(true)
     }
@@ -292,6 +303,14 @@ impl Service {
             }
         }
         let _ = child.kill().await;
+    }
+}
+
+/// Loads `adapter` (`None`: back to the base model); the swap time in ms.
+async fn swap(client: &ServiceClient, adapter: Option<&str>) -> Result<f64, ClientError> {
+    match adapter {
+        Some(a) => client.load_adapter(a).await.map(|r| r.swap_ms),
+        None => client.unload_adapter().await.map(|r| r.swap_ms),
     }
 }
 

@@ -431,26 +431,36 @@ async fn assert_readable_with_sqlite3(path: &Path) {
     }
 }
 
-#[tokio::test]
-async fn open_refuses_a_file_with_a_partial_group() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("rollouts.sqlite");
-    let store = Store::create(&path, &spec()).await.expect("create");
+/// A run's database at `path` with iteration 0 (two tasks) and its group `g`, then `edits`
+/// applied by hand through a plain connection.
+async fn edited_by_hand(path: &Path, g: u32, edits: &[&'static str]) {
+    let store = Store::create(path, &spec()).await.expect("create");
     store
         .begin_iteration(0, ATTEMPTS, &tasks(2))
         .await
         .expect("iteration");
-    store.insert_group(0, 1, &group(1)).await.expect("group");
+    store.insert_group(0, g, &group(g)).await.expect("group");
     store.close().await;
-    // Someone deletes a row by hand: the group is no longer whole.
     let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
         .await
         .expect("raw");
-    sqlx::query("DELETE FROM rollouts WHERE group_index = 1 AND attempt = 2")
-        .execute(&mut conn)
-        .await
-        .expect("delete");
+    for sql in edits {
+        sqlx::query(*sql).execute(&mut conn).await.expect(sql);
+    }
     conn.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn open_refuses_a_file_with_a_partial_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("rollouts.sqlite");
+    // Someone deletes a row by hand: the group is no longer whole.
+    edited_by_hand(
+        &path,
+        1,
+        &["DELETE FROM rollouts WHERE group_index = 1 AND attempt = 2"],
+    )
+    .await;
     let e = Store::open(&path).await.expect_err("partial group");
     assert!(
         e.to_string()
@@ -461,4 +471,37 @@ async fn open_refuses_a_file_with_a_partial_group() {
         .await
         .expect_err("no file");
     assert!(e.to_string().contains("no such database"), "{e}");
+}
+
+#[tokio::test]
+async fn malformed_rows_are_errors_naming_the_file_never_panics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("rollouts.sqlite");
+    // Hand edits the schema's checks let through: JSON of the wrong element type, a text where
+    // an integer belongs.
+    edited_by_hand(
+        &path,
+        0,
+        &[
+            "UPDATE rollouts SET logprobs = (SELECT json_group_array('x') FROM json_each(completion_ids)) \
+             WHERE group_index = 0 AND attempt = 1",
+            "UPDATE tasks SET seed = 'not a number' WHERE group_index = 1",
+        ],
+    )
+    .await;
+    let store = Store::open(&path).await.expect("the file itself is sound");
+    let shown = path.display().to_string();
+    let e = store
+        .rollouts(0)
+        .await
+        .expect_err("a logprob that is a string");
+    assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+    assert!(e.to_string().contains(&shown), "{e}");
+    let e = store
+        .group(0, 0)
+        .await
+        .expect_err("the same row through another query");
+    assert!(e.to_string().contains(&shown), "{e}");
+    let e = store.tasks(0).await.expect_err("a seed that is text");
+    assert!(e.to_string().contains(&shown), "{e}");
 }
