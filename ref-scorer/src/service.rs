@@ -51,6 +51,8 @@ pub const FAILPOINT_ENV: &str = "REF_SCORER_FAILPOINT";
 pub struct ScorerState {
     /// Failed once the model lock is poisoned: `/health` 503, the process exits.
     pub liveness: Liveness,
+    /// The `engine-panic` failpoint is set ([`FAILPOINT_ENV`], read once at start).
+    panic_failpoint: bool,
     engine: Arc<Mutex<Engine>>,
     model_name: String,
     adapter: Option<String>,
@@ -117,6 +119,7 @@ pub fn app(engine: Engine, opts: &Options) -> (axum::Router, Arc<ScorerState>) {
     let (metrics, counters) = Metrics::new("scorer", engine.matmul_backend(), Counters::new);
     let state = Arc::new(ScorerState {
         liveness: Liveness::default(),
+        panic_failpoint: rl_http::server::failpoint(FAILPOINT_ENV, "engine-panic").is_some(),
         engine: Arc::new(Mutex::new(engine)),
         model_name: opts.model_name.clone(),
         adapter,
@@ -191,13 +194,14 @@ async fn score(
     let temperature = req.temperature;
     let counters = state.counters.clone();
     let liveness = state.liveness.clone();
+    let panic_failpoint = state.panic_failpoint;
     let scored = tokio::task::spawn_blocking(move || {
         let waited = Instant::now();
         let engine = engine.lock().map_err(|_| {
             liveness.fail("the model lock is poisoned: a scoring panicked while holding it");
             liveness.engine_error()
         })?;
-        if rl_http::server::failpoint(FAILPOINT_ENV, "engine-panic").is_some() {
+        if panic_failpoint {
             panic!("{FAILPOINT_ENV}: engine-panic while holding the model lock");
         }
         counters
