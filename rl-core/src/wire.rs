@@ -149,6 +149,21 @@ pub struct AdapterRequest {
     pub path: String,
 }
 
+/// `PUT /v1/adapters/{name}`: a PEFT adapter sent as bytes, for a server that shares no file
+/// system with the sender. The server checks the sha256, keeps the adapter in its checkpoints
+/// folder under `name` and serves it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterUpload {
+    /// `adapter_config.json`, as JSON.
+    #[schema(value_type = Object)]
+    pub config: serde_json::Value,
+    /// `adapter_model.safetensors`, base64 (standard alphabet, padded).
+    pub weights_base64: String,
+    /// Hex sha256 of the weights' bytes (what a run's database records for its checkpoint).
+    pub sha256: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AdapterResponse {
     /// The adapter now served (`null`: the base model).

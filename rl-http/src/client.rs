@@ -12,8 +12,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use rl_core::wire::{
-    AdapterRequest, AdapterResponse, ErrorBody, GenerateRequest, GenerateResponse, Health,
-    ScoreRequest, ScoreResponse, TokenizeRequest, TokenizeResponse,
+    AdapterRequest, AdapterResponse, AdapterUpload, ErrorBody, GenerateRequest, GenerateResponse,
+    Health, ScoreRequest, ScoreResponse, TokenizeRequest, TokenizeResponse,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +169,29 @@ impl ServiceClient {
             .await
     }
 
+    /// Sends a PEFT adapter as bytes with its sha256 (`PUT /v1/adapters/{name}`): its
+    /// `adapter_config.json` and its weights file; the server keeps it under `name` and serves
+    /// it. For a server on another machine.
+    pub async fn upload_adapter(
+        &self,
+        name: &str,
+        config: serde_json::Value,
+        weights: &[u8],
+    ) -> Result<AdapterResponse, ClientError> {
+        use base64::Engine as _;
+        let req = AdapterUpload {
+            config,
+            sha256: rl_core::files::sha256_bytes(weights),
+            weights_base64: base64::engine::general_purpose::STANDARD.encode(weights),
+        };
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/v1/adapters/{name}"),
+            Some(&req),
+        )
+        .await
+    }
+
     pub async fn unload_adapter(&self) -> Result<AdapterResponse, ClientError> {
         self.call::<(), _>(reqwest::Method::DELETE, "/v1/adapters", None)
             .await
@@ -185,6 +208,7 @@ impl ServiceClient {
         let name: &'static str = match method {
             reqwest::Method::GET => "GET",
             reqwest::Method::DELETE => "DELETE",
+            reqwest::Method::PUT => "PUT",
             _ => "POST",
         };
         let started = Instant::now();

@@ -75,7 +75,18 @@ pub async fn fuzz(
             let name = format!("{} {path}", method.to_uppercase());
             for _ in 0..n {
                 let body = (!schema.is_null()).then(|| body(&doc, schema, &mut rng));
-                send(&http, base, api_key, method, path, &name, body, &mut report).await;
+                let url_path = fill_params(path, &mut rng);
+                send(
+                    &http,
+                    base,
+                    api_key,
+                    method,
+                    &url_path,
+                    &name,
+                    body,
+                    &mut report,
+                )
+                .await;
             }
         }
     }
@@ -217,6 +228,35 @@ fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
         }
         None => schema,
     }
+}
+
+/// Path segments for the parameters of a path (`{name}`): plain, hidden, long, escaped.
+const SEGMENTS: [&str; 7] = [
+    "a",
+    "iter_0",
+    ".hidden",
+    "a.b-c_d",
+    "%2e%2e",
+    "%00",
+    "%E2%80%AE",
+];
+
+/// `path` with each `{param}` replaced by a generated segment.
+fn fill_params(path: &str, rng: &mut ChaCha8Rng) -> String {
+    path.split('/')
+        .map(|seg| {
+            if seg.starts_with('{') && seg.ends_with('}') {
+                if rng.random_bool(0.1) {
+                    "x".repeat(200)
+                } else {
+                    SEGMENTS.choose(rng).unwrap_or(&"a").to_string()
+                }
+            } else {
+                seg.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// The numbers that break arithmetic.

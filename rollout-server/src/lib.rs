@@ -2,7 +2,8 @@
 //! orchestrator, a notebook with the openai SDK or TapeAgents can sample from it. OpenAI's
 //! `/v1/completions` and `/v1/chat/completions`, a native `/v1/generate` on token ids (what the
 //! orchestrator uses: ids and logprobs exactly as the learner needs them), `/v1/tokenize`,
-//! adapter hot-swap (`POST`/`DELETE /v1/adapters`), `/health`, `/metrics`, `/openapi.json`.
+//! adapter hot-swap (`POST`/`DELETE /v1/adapters`, and `PUT /v1/adapters/{name}` with the
+//! adapter's bytes for a server on another machine), `/health`, `/metrics`, `/openapi.json`.
 //!
 //! One engine actor ([`batcher`]) owns the model and batches concurrent requests together; a
 //! bounded queue answers 503 with `Retry-After` when full; an engine fault answers 500, makes
@@ -40,6 +41,8 @@ pub struct Options {
     pub max_n: u32,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
+    /// Largest adapter upload (`PUT /v1/adapters/{name}`) in bytes.
+    pub max_adapter_bytes: usize,
 }
 
 impl Default for Options {
@@ -52,6 +55,7 @@ impl Default for Options {
             max_queue: 1024,
             max_n: 128,
             max_body_bytes: 8 << 20,
+            max_adapter_bytes: 1 << 30,
         }
     }
 }
@@ -109,7 +113,8 @@ pub fn app(engine: Engine, opts: &Options) -> anyhow::Result<(axum::Router, Arc<
         max_body_bytes: opts.max_body_bytes,
     };
     let max_n = opts.max_n;
-    let (router, _) = assemble(routes::router(), state.clone(), metrics, frame, |doc| {
+    let routes = routes::router(opts.max_adapter_bytes);
+    let (router, _) = assemble(routes, state.clone(), metrics, frame, |doc| {
         // The server's own limit on `n` (--max-n), where each request takes it.
         for schema in ["GenerateRequest", "CompletionRequest", "ChatRequest"] {
             set_maximum(doc, schema, "n", f64::from(max_n));

@@ -41,6 +41,9 @@ struct Args {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 8 << 20)]
     max_body_bytes: usize,
+    /// Largest adapter upload (`PUT /v1/adapters/{name}`) in bytes.
+    #[arg(long, default_value_t = 1 << 30)]
+    max_adapter_bytes: usize,
     /// The name clients send as `model` (default: the model's file or folder name).
     #[arg(long)]
     served_model_name: Option<String>,
@@ -71,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         max_queue: args.max_queue,
         max_n: args.max_n,
         max_body_bytes: args.max_body_bytes,
+        max_adapter_bytes: args.max_adapter_bytes,
     };
     let (router, state) = rollout_server::app(engine, &opts)?;
     let what = format!("serving {}", opts.model_name);

@@ -621,3 +621,117 @@ async fn bad_inputs_get_their_status_and_message() {
     assert_eq!(r.status().as_u16(), 403);
     assert!(r.text().await.expect("body").contains("--checkpoints-dir"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_sent_as_bytes_is_checked_kept_and_served() {
+    // A server that shares no folder with the sender: its own, empty checkpoints directory.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = tiny_model_dir(dir.path());
+    let own = dir.path().join("remote-checkpoints");
+    std::fs::create_dir_all(&own).expect("mkdir");
+    let server = start(
+        load(&model),
+        rollout_server::Options {
+            checkpoints_dir: Some(own.clone()),
+            ..opts()
+        },
+    )
+    .await;
+    let client = ServiceClient::new(&server.url, None, Duration::from_secs(30)).expect("client");
+    let source = golden().join("tiny_adapter");
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(source.join(model::lora::CONFIG_FILE)).expect("config"),
+    )
+    .expect("config json");
+    let weights = std::fs::read(source.join(model::lora::WEIGHTS_FILE)).expect("weights");
+    let put = |name: &str, body: serde_json::Value| {
+        let http = reqwest::Client::new();
+        let url = format!("{}/v1/adapters/{name}", server.url);
+        async move {
+            let r = http.put(url).json(&body).send().await.expect("put");
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.expect("json"))
+        }
+    };
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&weights);
+    let sha = rl_core::files::sha256_bytes(&weights);
+
+    // Refused, and nothing kept: a wrong sha256, a bad name, weights that are not base64.
+    let bad_sha = json!({"config": config, "weights_base64": b64, "sha256": "00".repeat(32)});
+    let (status, v) = put("iter_0", bad_sha).await;
+    assert_eq!(status, 422, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("nothing was kept"),
+        "{v}"
+    );
+    let good = json!({"config": config, "weights_base64": b64, "sha256": sha});
+    let (status, v) = put(".hidden", good.clone()).await;
+    assert_eq!(status, 422, "{v}");
+    let not_b64 = json!({"config": config, "weights_base64": "@@@", "sha256": sha});
+    assert_eq!(put("iter_0", not_b64).await.0, 422);
+    assert_eq!(
+        std::fs::read_dir(&own).expect("own").count(),
+        0,
+        "nothing kept"
+    );
+
+    // Accepted: kept under its name in the server's own folder, and served.
+    let r = client
+        .upload_adapter("iter_0", config.clone(), &weights)
+        .await
+        .expect("upload");
+    let kept = own.join("iter_0");
+    let served = own.canonicalize().expect("own").join("iter_0");
+    assert_eq!(r.adapter, Some(served.display().to_string()));
+    assert_eq!(
+        rl_core::files::sha256(&kept.join(model::lora::WEIGHTS_FILE)).expect("sha"),
+        sha,
+        "the bytes kept are the bytes sent"
+    );
+    // Sent again (a retry): the same adapter, fine. Other weights under the name: refused.
+    assert_eq!(put("iter_0", good).await.0, 200);
+    let mut other = weights.clone();
+    let last = other.len() - 1;
+    other[last] ^= 1;
+    let other_body = json!({
+        "config": config,
+        "weights_base64": base64::engine::general_purpose::STANDARD.encode(&other),
+        "sha256": rl_core::files::sha256_bytes(&other),
+    });
+    let (status, v) = put("iter_0", other_body).await;
+    assert_eq!(status, 409, "{v}");
+
+    // Its outputs equal an in-process engine that loaded the adapter from the sender's folder.
+    let req = GenerateRequest {
+        prompt_ids: vec![1, 60, 61, 62, 63],
+        n: 2,
+        max_tokens: 16,
+        temperature: 1.0,
+        top_p: 1.0,
+        top_k: 0,
+        stop_token_ids: Some(vec![]),
+        seed: Some(11),
+    };
+    let got = client.generate(&req).await.expect("generate");
+    let mut reference = load(&model);
+    reference.load_adapter(&source).expect("reference adapter");
+    let rows: Vec<model::GenerateRequest> = (0..2)
+        .map(|i| model::GenerateRequest {
+            prompt: req.prompt_ids.clone(),
+            params: model::SamplingParams {
+                temperature: 1.0,
+                max_tokens: 16,
+                seed: 11 + i,
+                ..Default::default()
+            },
+        })
+        .collect();
+    let want = reference.generate(&rows).expect("reference generate");
+    for (g, w) in got.choices.iter().zip(&want) {
+        assert_eq!((&g.token_ids, &g.logprobs), (&w.tokens, &w.logprobs));
+    }
+}

@@ -1,20 +1,28 @@
 //! Adapter hot-swap: `POST /v1/adapters` loads a PEFT folder from inside `--checkpoints-dir`
-//! (between batches: no response mixes two adapters), `DELETE /v1/adapters` goes back to the
-//! base model.
+//! (between batches: no response mixes two adapters), `PUT /v1/adapters/{name}` receives one as
+//! bytes with its sha256 (for a server that shares no file system with the sender), keeps it in
+//! `--checkpoints-dir/{name}` and loads it, `DELETE /v1/adapters` goes back to the base model.
 
 use std::path::Path;
 
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
 use axum::Json;
-use rl_core::wire::{AdapterRequest, AdapterResponse, ErrorBody};
+use rl_core::wire::{AdapterRequest, AdapterResponse, AdapterUpload, ErrorBody};
 use rl_http::server::{ApiError, ApiJson};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{job_error, Router, Shared};
+use super::{job_error, off_runtime, Router, Shared};
 
-pub fn router() -> Router {
-    OpenApiRouter::new().routes(routes!(load_adapter, unload_adapter))
+/// The adapter routes; uploads may be up to `max_upload` bytes.
+pub fn router(max_upload: usize) -> Router {
+    OpenApiRouter::new()
+        .routes(routes!(load_adapter, unload_adapter))
+        .merge(
+            OpenApiRouter::new()
+                .routes(routes!(upload_adapter))
+                .layer(DefaultBodyLimit::max(max_upload)),
+        )
 }
 
 /// `POST /v1/adapters`: load a PEFT adapter from inside the checkpoints directory.
@@ -81,4 +89,101 @@ pub async fn unload_adapter(State(state): Shared) -> Result<Json<AdapterResponse
         adapter: None,
         swap_ms,
     }))
+}
+
+/// Longest adapter name.
+const MAX_NAME: usize = 128;
+
+/// `PUT /v1/adapters/{name}`: receive an adapter's bytes, keep it, serve it.
+#[utoipa::path(put, path = "/v1/adapters/{name}", tag = "adapters",
+    summary = "Receive a PEFT LoRA adapter as bytes (checked by sha256), keep it in the checkpoints directory and serve it",
+    params(("name" = String, Path, description = "The folder it is kept in, inside --checkpoints-dir: 1 to 128 of A-Z a-z 0-9 . _ -, not starting with a dot")),
+    request_body = AdapterUpload,
+    responses((status = 200, description = "The adapter now served", body = AdapterResponse),
+        (status = 403, description = "Adapter loading is off (no --checkpoints-dir)", body = ErrorBody),
+        (status = 409, description = "Another adapter is kept under this name", body = ErrorBody)))]
+pub async fn upload_adapter(
+    State(state): Shared,
+    UrlPath(name): UrlPath<String>,
+    ApiJson(req): ApiJson<AdapterUpload>,
+) -> Result<Json<AdapterResponse>, ApiError> {
+    let Some(root) = state.checkpoints_dir.clone() else {
+        return Err(ApiError::forbidden(
+            "adapter loading is off: start the server with --checkpoints-dir DIR",
+        ));
+    };
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty() || name.len() > MAX_NAME || name.starts_with('.') || !name.chars().all(valid)
+    {
+        return Err(ApiError::unprocessable(format!(
+            "the adapter name `{name}` is not 1 to {MAX_NAME} of A-Z a-z 0-9 . _ - (not starting with a dot)"
+        )));
+    }
+    // Decoding, hashing and writing megabytes: off the async workers.
+    let (dir, fresh) = off_runtime(&state, move |_| keep(&root.join(&name), &req)).await?;
+    let swap_ms = match state.batcher.set_adapter(Some(dir.clone())).await {
+        Ok(ms) => ms,
+        Err(e) => {
+            // An upload the engine cannot load is not kept: the name stays free for a good one.
+            if fresh {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            return Err(job_error(e));
+        }
+    };
+    Ok(Json(AdapterResponse {
+        adapter: Some(dir.display().to_string()),
+        swap_ms,
+    }))
+}
+
+/// Checks an upload and writes it to `dir` whole (a hidden temporary, renamed), unless `dir`
+/// already holds the same weights; returns `dir` and whether it was written now.
+fn keep(dir: &Path, req: &AdapterUpload) -> Result<(std::path::PathBuf, bool), ApiError> {
+    use base64::Engine as _;
+    let weights = base64::engine::general_purpose::STANDARD
+        .decode(&req.weights_base64)
+        .map_err(|e| ApiError::unprocessable(format!("`weights_base64` is not base64: {e}")))?;
+    let sha256 = rl_core::files::sha256_bytes(&weights);
+    if !sha256.eq_ignore_ascii_case(&req.sha256) {
+        return Err(ApiError::unprocessable(format!(
+            "`sha256` is {} but the weights sent hash to {sha256}; nothing was kept",
+            req.sha256
+        )));
+    }
+    if !req.config.is_object() {
+        return Err(ApiError::unprocessable(
+            "`config` must be the adapter_config.json object",
+        ));
+    }
+    let kept = dir.join(model::lora::WEIGHTS_FILE);
+    if dir.exists() {
+        return match rl_core::files::sha256(&kept) {
+            Ok(on_disk) if on_disk == sha256 => Ok((dir.to_path_buf(), false)),
+            _ => Err(ApiError::conflict(format!(
+                "another adapter is kept as {}; send it under another name",
+                dir.display()
+            ))),
+        };
+    }
+    let config = serde_json::to_vec_pretty(&req.config)
+        .map_err(|e| ApiError::internal(format!("writing the adapter config: {e}")))?;
+    rl_core::files::write_dir_with(
+        dir,
+        |tmp| -> Result<(), rl_core::files::FileError> {
+            let write = |file: &str, bytes: &[u8]| {
+                let path = tmp.join(file);
+                std::fs::write(&path, bytes).map_err(|source| rl_core::files::FileError {
+                    action: "writing",
+                    path,
+                    source,
+                })
+            };
+            write(model::lora::CONFIG_FILE, &config)?;
+            write(model::lora::WEIGHTS_FILE, &weights)
+        },
+        |_| {},
+    )
+    .map_err(|e| ApiError::internal(format!("keeping the adapter: {e}")))?;
+    Ok((dir.to_path_buf(), true))
 }

@@ -45,11 +45,12 @@ type Shared = State<Arc<AppState>>;
 /// A documented router over the server's state.
 pub type Router = utoipa_axum::router::OpenApiRouter<Arc<AppState>>;
 
-/// Every route of the server (`/openapi.json` is added by the HTTP kit).
-pub fn router() -> Router {
+/// Every route of the server (`/openapi.json` is added by the HTTP kit); adapter uploads may be
+/// up to `max_adapter_bytes`.
+pub fn router(max_adapter_bytes: usize) -> Router {
     native::router()
         .merge(openai::router())
-        .merge(adapters::router())
+        .merge(adapters::router(max_adapter_bytes))
         .merge(service::router())
 }
 
