@@ -8,7 +8,8 @@
 //! it has a deadline derived from its size; a service that died, answered 5xx or missed the
 //! deadline is restarted (a hung one killed first) and the request re-sent, at most
 //! `max_attempts` times in all. A restarted rollout server gets its adapter back before the
-//! request is re-sent.
+//! request is re-sent. Adapters travel as bytes with the sha256 the run recorded (`PUT
+//! /v1/adapters/{name}`), so a server on another machine needs no shared file system.
 //!
 //! A service the config names by URL (`services.*.endpoint(s)`) is used as is: nothing is
 //! spawned, and it is never restarted or stopped (its requests are still re-sent).
@@ -18,6 +19,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use learner::checkpoint;
 use rl_http::client::{ClientError, RetryPolicy, ServiceClient};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -29,6 +31,15 @@ pub struct ChildSpec {
     pub name: &'static str,
     pub program: PathBuf,
     pub args: Vec<String>,
+}
+
+/// A checkpoint's adapter as a service is told to serve it: its name (`iter_N`), its folder
+/// here, and the sha256 of its weights the run recorded (the server checks the bytes against it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adapter {
+    pub name: String,
+    pub dir: PathBuf,
+    pub sha256: String,
 }
 
 /// A service: a supervised child, or an endpoint someone else runs.
@@ -47,9 +58,9 @@ struct State {
     child: Option<Child>,
     url: String,
     restarts: u32,
-    /// The adapter (checkpoint name) this service was told to serve (`Some(None)`: the base
-    /// model; `None`: not told yet), put back after a restart.
-    adapter: Option<Option<String>>,
+    /// The adapter this service was told to serve (`Some(None)`: the base model; `None`: not
+    /// told yet), put back after a restart.
+    adapter: Option<Option<Adapter>>,
 }
 
 impl Service {
@@ -174,10 +185,10 @@ impl Service {
         ))
     }
 
-    /// Makes the service serve `adapter` (a checkpoint name; `None`: the base model), and again
-    /// after every restart. A no-op when it already does. Sent through [`Service::call`].
-    pub async fn serve_adapter(&self, adapter: Option<&str>) -> anyhow::Result<()> {
-        let wanted = adapter.map(str::to_string);
+    /// Makes the service serve `adapter` (`None`: the base model), and again after every
+    /// restart. A no-op when it already does. Sent through [`Service::call`].
+    pub async fn serve_adapter(&self, adapter: Option<&Adapter>) -> anyhow::Result<()> {
+        let wanted = adapter.cloned();
         {
             let mut st = self.state.lock().await;
             if st.adapter.as_ref() == Some(&wanted) {
@@ -188,20 +199,16 @@ impl Service {
             // Recorded first: a restart in between puts back this one, not the previous.
             st.adapter = Some(wanted.clone());
         }
-        let what = format!("serving {}", adapter.unwrap_or("the base model"));
+        let shown = adapter.map_or("the base model", |a| a.name.as_str());
         let swapped = self
-            .call(&what, self.startup_timeout, |cl| {
+            .call(&format!("serving {shown}"), self.startup_timeout, |cl| {
                 let wanted = wanted.clone();
-                async move { swap(&cl, wanted.as_deref()).await }
+                async move { swap(&cl, wanted.as_ref()).await }
             })
             .await;
         match swapped {
             Ok(ms) => {
-                tracing::info!(
-                    "{} now serves {} (swap {ms:.1} ms)",
-                    self.name,
-                    what.trim_start_matches("serving ")
-                );
+                tracing::info!("{} now serves {shown} (swap {ms:.1} ms)", self.name);
                 Ok(())
             }
             Err(e) => {
@@ -272,9 +279,9 @@ impl Service {
         self.wait_healthy(&url).await?;
         if let Some(Some(adapter)) = &st.adapter {
             let client = ServiceClient::new(&url, self.api_key.clone(), self.startup_timeout)?;
-            swap(&client, Some(adapter))
-                .await
-                .with_context(|| format!("{}: putting back the adapter {adapter}", self.name))?;
+            swap(&client, Some(adapter)).await.with_context(|| {
+                format!("{}: putting back the adapter {}", self.name, adapter.name)
+            })?;
         }
         Ok(true)
     }
@@ -306,12 +313,30 @@ impl Service {
     }
 }
 
-/// Loads `adapter` (`None`: back to the base model); the swap time in ms.
-async fn swap(client: &ServiceClient, adapter: Option<&str>) -> Result<f64, ClientError> {
-    match adapter {
-        Some(a) => client.load_adapter(a).await.map(|r| r.swap_ms),
-        None => client.unload_adapter().await.map(|r| r.swap_ms),
-    }
+/// Sends `adapter` as bytes and has it served (`None`: back to the base model); the swap time
+/// in ms.
+async fn swap(client: &ServiceClient, adapter: Option<&Adapter>) -> Result<f64, ClientError> {
+    let Some(a) = adapter else {
+        return client.unload_adapter().await.map(|r| r.swap_ms);
+    };
+    let unreadable = |file: &str, e: String| ClientError::Transport {
+        method: "PUT",
+        url: format!("{}/v1/adapters/{}", client.base(), a.name),
+        message: format!("reading {}: {e}", a.dir.join(file).display()),
+    };
+    let (config_file, weights_file) = (checkpoint::ADAPTER_CONFIG_FILE, checkpoint::ADAPTER_FILE);
+    let config = tokio::fs::read(a.dir.join(config_file))
+        .await
+        .map_err(|e| unreadable(config_file, e.to_string()))?;
+    let config =
+        serde_json::from_slice(&config).map_err(|e| unreadable(config_file, e.to_string()))?;
+    let weights = tokio::fs::read(a.dir.join(weights_file))
+        .await
+        .map_err(|e| unreadable(weights_file, e.to_string()))?;
+    client
+        .upload_adapter(&a.name, config, &weights, &a.sha256)
+        .await
+        .map(|r| r.swap_ms)
 }
 
 async fn start(spec: &ChildSpec, timeout: Duration) -> anyhow::Result<(Child, String)> {

@@ -477,3 +477,63 @@ fn a_full_disk_or_a_read_only_one_fails_clearly_and_the_run_resumes_once_fixed()
     assert_same_outcome(&outcome(&db(&room)), want);
     assert_store_sound(&room, 3, 2, 2);
 }
+
+#[test]
+fn a_rollout_server_on_another_machine_gets_each_adapter_over_http() {
+    let want = reference();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), "");
+    // Started by someone else, with its own checkpoints folder: nothing shared with the run.
+    let own = tempfile::tempdir().unwrap();
+    let mut server = Command::new(service_bins().join("rollout-server"))
+        .args(["--model", dir.path().join("tiny").to_str().unwrap()])
+        .args(["--dtype", "f32", "--port", "0", "--max-batch", "4"])
+        .arg("--checkpoints-dir")
+        .arg(own.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let url = first
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let out = orchestrate(
+        &service_bins(),
+        &[
+            "run",
+            cfg.to_str().unwrap(),
+            &format!("services.rollout.endpoints=[\"{url}\"]"),
+        ],
+        None,
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = dir.path().join("run");
+    // Every checkpoint arrived as bytes: the server keeps each under its name, byte for byte.
+    for c in query(&db(&run), "SELECT iteration, sha256 FROM checkpoints") {
+        let (it, sha) = c.split_once('|').unwrap();
+        let kept = own
+            .path()
+            .join(format!("iter_{it}/adapter_model.safetensors"));
+        assert_eq!(
+            rl_core::files::sha256(&kept).unwrap(),
+            sha,
+            "iteration {it}'s adapter on the remote server"
+        );
+    }
+    assert_same_outcome(&outcome(&db(&run)), want);
+    record(
+        "TEST_COUNTS_FILE",
+        "remote rollout server: 3 adapters arrived over HTTP (sha256 equal), run equal to the local one",
+    );
+}

@@ -69,6 +69,15 @@ fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
     assert!(kinds.iter().any(|k| k == "step"));
     let whole = snapshot(&run.join("rollouts.sqlite"));
     let whole_outcome = outcome(&run.join("rollouts.sqlite"));
+    // Each rollout names the policy that sampled it: the base model, then the previous
+    // iteration's checkpoint.
+    assert_eq!(
+        query(
+            &run.join("rollouts.sqlite"),
+            "SELECT DISTINCT iteration, ifnull(adapter, '(base)') FROM rollouts ORDER BY iteration"
+        ),
+        ["0|(base)", "1|iter_0", "2|iter_1"]
+    );
     assert_eq!(whole.phases, vec!["0|done", "1|done", "2|done"]);
     assert_eq!(
         whole.keys.len(),

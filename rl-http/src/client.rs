@@ -169,19 +169,21 @@ impl ServiceClient {
             .await
     }
 
-    /// Sends a PEFT adapter as bytes with its sha256 (`PUT /v1/adapters/{name}`): its
-    /// `adapter_config.json` and its weights file; the server keeps it under `name` and serves
-    /// it. For a server on another machine.
+    /// Sends a PEFT adapter as bytes (`PUT /v1/adapters/{name}`): its `adapter_config.json` and
+    /// its weights file, with the sha256 the weights must have (the one a run recorded, so that
+    /// bytes damaged on disk or on the way are refused); the server keeps it under `name` and
+    /// serves it. For a server on another machine.
     pub async fn upload_adapter(
         &self,
         name: &str,
         config: serde_json::Value,
         weights: &[u8],
+        sha256: &str,
     ) -> Result<AdapterResponse, ClientError> {
         use base64::Engine as _;
         let req = AdapterUpload {
             config,
-            sha256: rl_core::files::sha256_bytes(weights),
+            sha256: sha256.to_string(),
             weights_base64: base64::engine::general_purpose::STANDARD.encode(weights),
         };
         self.call(

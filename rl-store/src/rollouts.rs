@@ -26,6 +26,9 @@ pub struct RolloutRecord {
     pub reward: f64,
     pub reward_components: BTreeMap<RewardKind, f64>,
     pub answer_status: AnswerStatus,
+    /// The policy version that sampled it: the served adapter's name (`iter_N`), `None` for the
+    /// base model.
+    pub adapter: Option<String>,
 }
 
 /// A group being written: one open transaction. Commit checks that every attempt is there.
@@ -80,8 +83,8 @@ impl GroupWriter<'_> {
         }
         sqlx::query(
             "INSERT INTO rollouts (run_id, iteration, group_index, attempt, prompt_ids, completion_ids, logprobs, \
-             ref_logprobs, finish_reason, text, reward, reward_components, answer_status) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             ref_logprobs, finish_reason, text, reward, reward_components, answer_status, adapter) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(self.store.run_id)
         .bind(i64::from(self.iteration))
@@ -96,6 +99,7 @@ impl GroupWriter<'_> {
         .bind(r.reward)
         .bind(json(&r.reward_components))
         .bind(text(r.answer_status))
+        .bind(&r.adapter)
         .execute(&mut *self.tx)
         .await
         .map_err(|e| sql_err(&self.store.path, &format!("inserting {where_}"), e))?;
@@ -285,7 +289,7 @@ impl Store {
     ) -> Result<Vec<(u32, RolloutRecord)>, StoreError> {
         let rows = sqlx::query(
             "SELECT group_index, attempt, prompt_ids, completion_ids, logprobs, ref_logprobs, finish_reason, text, \
-             reward, reward_components, answer_status FROM rollouts \
+             reward, reward_components, answer_status, adapter FROM rollouts \
              WHERE run_id = ? AND iteration = ? AND (? IS NULL OR group_index = ?) ORDER BY group_index, attempt",
         )
         .bind(self.run_id)
@@ -317,6 +321,7 @@ impl Store {
                         reward: r.reward,
                         reward_components: r.reward_components.0,
                         answer_status: self.parse(&r.answer_status, &at)?,
+                        adapter: r.adapter,
                     },
                 ))
             })
@@ -338,4 +343,5 @@ struct RolloutRow {
     reward: f64,
     reward_components: Json<BTreeMap<RewardKind, f64>>,
     answer_status: String,
+    adapter: Option<String>,
 }

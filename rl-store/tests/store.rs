@@ -70,6 +70,8 @@ fn rollout(group: u32, attempt: u32) -> RolloutRecord {
         } else {
             AnswerStatus::NoAnswer
         },
+        // Odd groups sampled by an adapter, even ones by the base model: both round-trip.
+        adapter: (group % 2 == 1).then(|| format!("iter_{group}")),
     }
 }
 

@@ -681,7 +681,7 @@ async fn an_adapter_sent_as_bytes_is_checked_kept_and_served() {
 
     // Accepted: kept under its name in the server's own folder, and served.
     let r = client
-        .upload_adapter("iter_0", config.clone(), &weights)
+        .upload_adapter("iter_0", config.clone(), &weights, &sha)
         .await
         .expect("upload");
     let kept = own.join("iter_0");

@@ -138,6 +138,7 @@ pub async fn make_db(path: &Path, iterations: u32) -> Store {
                         reward,
                         reward_components: BTreeMap::from([(RewardKind::Tapeagents, reward)]),
                         answer_status: AnswerStatus::Wrong,
+                        adapter: None,
                     }
                 })
                 .collect();

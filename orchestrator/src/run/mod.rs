@@ -28,7 +28,7 @@ use rl_core::tasks::{self, Problem};
 use rl_store::{Phase, RunSpec, Store, TaskRecord};
 
 use crate::children::{self, RolloutServer, ServiceArgs};
-use crate::supervisor::Service;
+use crate::supervisor::{Adapter, Service};
 
 use failpoints::crash_at;
 pub use failpoints::FAILPOINT_ENV;
@@ -226,18 +226,21 @@ impl Run {
         self.config.services.deadline(tokens, in_flight)
     }
 
-    /// Makes the rollout server serve the latest recorded checkpoint (if any).
+    /// Makes the rollout server serve the latest recorded checkpoint (if any), sent as bytes
+    /// with its recorded sha256.
     async fn serve_latest_checkpoint(&self) -> anyhow::Result<()> {
         let latest = self
             .store
             .checkpoints()
             .await?
             .into_iter()
-            .map(|c| c.iteration)
-            .max();
-        self.rollout
-            .serve_adapter(latest.map(checkpoint::name).as_deref())
-            .await
+            .max_by_key(|c| c.iteration)
+            .map(|c| Adapter {
+                name: checkpoint::name(c.iteration),
+                dir: self.checkpoint_dir(c.iteration),
+                sha256: c.sha256,
+            });
+        self.rollout.serve_adapter(latest.as_ref()).await
     }
 
     fn tasks_of(&self, iteration: u32) -> Vec<TaskRecord> {

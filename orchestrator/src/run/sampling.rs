@@ -65,6 +65,12 @@ impl Run {
                 },
             )
             .await?;
+        // The policy version: the served adapter's name (its folder on the server).
+        let adapter = out.adapter.as_deref().map(|a| {
+            std::path::Path::new(a)
+                .file_name()
+                .map_or_else(|| a.to_string(), |n| n.to_string_lossy().into_owned())
+        });
         let rollouts: Vec<RolloutRecord> = out
             .choices
             .into_iter()
@@ -88,6 +94,7 @@ impl Run {
                     reward: scored.total,
                     reward_components: scored.components,
                     answer_status: scored.verdict.status,
+                    adapter: adapter.clone(),
                 }
             })
             .collect();

@@ -202,7 +202,8 @@ pub struct Outcome {
     pub phases: Vec<String>,
     pub tasks: Vec<String>,
     /// Per rollout (iteration, group, attempt): prompt and completion ids, reward and its
-    /// components, reference logprobs, finish reason, verdict and text, exactly.
+    /// components, reference logprobs, finish reason, verdict, the adapter that sampled it and
+    /// the text, exactly.
     pub rollouts: BTreeMap<(i64, i64, i64), String>,
     /// Per rollout, the sampler's logprobs (compared within [`SAMPLER_LOGPROB_TOLERANCE`]).
     pub sampler: BTreeMap<(i64, i64, i64), Vec<f32>>,
@@ -225,7 +226,7 @@ pub fn outcome(db: &Path) -> Outcome {
     };
     let rollouts = q("SELECT iteration, group_index, attempt, prompt_ids || '|' || completion_ids || '|' || \
          printf('%.17g', reward) || '|' || reward_components || '|' || ref_logprobs || '|' || finish_reason \
-         || '|' || answer_status || '|' || text FROM rollouts")
+         || '|' || answer_status || '|' || ifnull(adapter, '(base)') || '|' || text FROM rollouts")
     .iter()
     .map(|l| key(l))
     .collect();
