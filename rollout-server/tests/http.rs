@@ -692,6 +692,28 @@ async fn an_adapter_sent_as_bytes_is_checked_kept_and_served() {
         sha,
         "the bytes kept are the bytes sent"
     );
+    // The same adapter sent four times at once under a new name: each is fine, one is kept.
+    let racing: Vec<_> = (0..4)
+        .map(|_| {
+            let (c, cfg, w, s) = (client.clone(), config.clone(), weights.clone(), sha.clone());
+            tokio::spawn(async move { c.upload_adapter("iter_1", cfg, &w, &s).await })
+        })
+        .collect();
+    for r in racing {
+        r.await
+            .expect("join")
+            .expect("a concurrent upload of the same bytes");
+    }
+    assert_eq!(
+        rl_core::files::sha256(&own.join("iter_1").join(model::lora::WEIGHTS_FILE)).expect("sha"),
+        sha
+    );
+    let left: Vec<String> = std::fs::read_dir(&own)
+        .expect("own")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "no temporary left behind: {left:?}");
     // Sent again (a retry): the same adapter, fine. Other weights under the name: refused.
     assert_eq!(put("iter_0", good).await.0, 200);
     let mut other = weights.clone();

@@ -156,15 +156,16 @@ fn keep(dir: &Path, req: &AdapterUpload) -> Result<(std::path::PathBuf, bool), A
             "`config` must be the adapter_config.json object",
         ));
     }
-    let kept = dir.join(model::lora::WEIGHTS_FILE);
+    // Kept already (a retry, or the same upload racing this one): the same weights are fine.
+    let already = || match rl_core::files::sha256(&dir.join(model::lora::WEIGHTS_FILE)) {
+        Ok(on_disk) if on_disk == sha256 => Ok((dir.to_path_buf(), false)),
+        _ => Err(ApiError::conflict(format!(
+            "another adapter is kept as {}; send it under another name",
+            dir.display()
+        ))),
+    };
     if dir.exists() {
-        return match rl_core::files::sha256(&kept) {
-            Ok(on_disk) if on_disk == sha256 => Ok((dir.to_path_buf(), false)),
-            _ => Err(ApiError::conflict(format!(
-                "another adapter is kept as {}; send it under another name",
-                dir.display()
-            ))),
-        };
+        return already();
     }
     let config = serde_json::to_vec_pretty(&req.config)
         .map_err(|e| ApiError::internal(format!("writing the adapter config: {e}")))?;
@@ -184,6 +185,12 @@ fn keep(dir: &Path, req: &AdapterUpload) -> Result<(std::path::PathBuf, bool), A
         },
         |_| {},
     )
-    .map_err(|e| ApiError::internal(format!("keeping the adapter: {e}")))?;
-    Ok((dir.to_path_buf(), true))
+    .map_or_else(
+        // Another upload of the name won the race: compare with what it kept.
+        |e| match dir.join(model::lora::WEIGHTS_FILE).exists() {
+            true => already(),
+            false => Err(ApiError::internal(format!("keeping the adapter: {e}"))),
+        },
+        |()| Ok((dir.to_path_buf(), true)),
+    )
 }
