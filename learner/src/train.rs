@@ -270,8 +270,8 @@ impl Learner {
                 )?;
                 let w: Vec<f64> = weights[m * micro..m * micro + chunk.len()].to_vec();
                 let adv: Vec<f64> = chunk.iter().map(|(_, a)| *a).collect();
-                let old: Vec<f64> = match old_of[s].get(m) {
-                    Some(old) => old.clone(),
+                let old: Vec<f64> = match old_of[s].get_mut(m) {
+                    Some(old) => std::mem::take(old),
                     None => out
                         .logprobs
                         .detach()

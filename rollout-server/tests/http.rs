@@ -380,6 +380,48 @@ async fn concurrent_clients_are_batched_and_the_queue_is_bounded() {
     }
 }
 
+/// The request the adapter tests sample with: two seeded choices of 16 tokens, no stop.
+fn adapter_request() -> GenerateRequest {
+    GenerateRequest {
+        prompt_ids: vec![1, 60, 61, 62, 63],
+        n: 2,
+        max_tokens: 16,
+        temperature: 1.0,
+        top_p: 1.0,
+        top_k: 0,
+        stop_token_ids: Some(vec![]),
+        seed: Some(11),
+    }
+}
+
+/// `got` (the server's answer to [`adapter_request`]) has exactly the token ids and logprobs of
+/// an in-process engine on `model` with the adapter in `adapter` loaded at start.
+fn assert_equals_in_process(
+    model: &std::path::Path,
+    adapter: &std::path::Path,
+    got: &rl_core::wire::GenerateResponse,
+) {
+    let req = adapter_request();
+    let mut reference = load(model);
+    reference.load_adapter(adapter).expect("reference adapter");
+    let rows: Vec<model::GenerateRequest> = (0..u64::from(req.n))
+        .map(|i| model::GenerateRequest {
+            prompt: req.prompt_ids.clone(),
+            params: model::SamplingParams {
+                temperature: req.temperature,
+                max_tokens: req.max_tokens as usize,
+                seed: req.seed.unwrap_or(0) + i,
+                ..Default::default()
+            },
+        })
+        .collect();
+    let want = reference.generate(&rows).expect("reference generate");
+    assert_eq!(got.choices.len(), want.len());
+    for (g, w) in got.choices.iter().zip(&want) {
+        assert_eq!((&g.token_ids, &g.logprobs), (&w.tokens, &w.logprobs));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adapter_hot_swap_follows_the_adapter() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -403,16 +445,7 @@ async fn adapter_hot_swap_follows_the_adapter() {
     )
     .await;
     let client = ServiceClient::new(&server.url, None, Duration::from_secs(30)).expect("client");
-    let req = GenerateRequest {
-        prompt_ids: vec![1, 60, 61, 62, 63],
-        n: 2,
-        max_tokens: 16,
-        temperature: 1.0,
-        top_p: 1.0,
-        top_k: 0,
-        stop_token_ids: Some(vec![]),
-        seed: Some(11),
-    };
+    let req = adapter_request();
     let base = client.generate(&req).await.expect("base");
     assert_eq!(base.adapter, None);
 
@@ -427,28 +460,7 @@ async fn adapter_hot_swap_follows_the_adapter() {
         .as_deref()
         .is_some_and(|a| a.ends_with("tiny_adapter")));
     // The same computation in-process, with the adapter loaded at start: identical numbers.
-    let mut reference = load(&model);
-    reference
-        .load_adapter(&ckpts.join("tiny_adapter"))
-        .expect("reference adapter");
-    let rows: Vec<model::GenerateRequest> = (0..2)
-        .map(|i| model::GenerateRequest {
-            prompt: req.prompt_ids.clone(),
-            params: model::SamplingParams {
-                temperature: 1.0,
-                max_tokens: 16,
-                seed: 11 + i,
-                ..Default::default()
-            },
-        })
-        .collect();
-    let expected = reference.generate(&rows).expect("reference generate");
-    for (got, want) in with.choices.iter().zip(&expected) {
-        assert_eq!(
-            (&got.token_ids, &got.logprobs),
-            (&want.tokens, &want.logprobs)
-        );
-    }
+    assert_equals_in_process(&model, &ckpts.join("tiny_adapter"), &with);
     assert_ne!(
         with.choices
             .iter()
@@ -728,32 +740,7 @@ async fn an_adapter_sent_as_bytes_is_checked_kept_and_served() {
     assert_eq!(status, 409, "{v}");
 
     // Its outputs equal an in-process engine that loaded the adapter from the sender's folder.
-    let req = GenerateRequest {
-        prompt_ids: vec![1, 60, 61, 62, 63],
-        n: 2,
-        max_tokens: 16,
-        temperature: 1.0,
-        top_p: 1.0,
-        top_k: 0,
-        stop_token_ids: Some(vec![]),
-        seed: Some(11),
-    };
+    let req = adapter_request();
     let got = client.generate(&req).await.expect("generate");
-    let mut reference = load(&model);
-    reference.load_adapter(&source).expect("reference adapter");
-    let rows: Vec<model::GenerateRequest> = (0..2)
-        .map(|i| model::GenerateRequest {
-            prompt: req.prompt_ids.clone(),
-            params: model::SamplingParams {
-                temperature: 1.0,
-                max_tokens: 16,
-                seed: 11 + i,
-                ..Default::default()
-            },
-        })
-        .collect();
-    let want = reference.generate(&rows).expect("reference generate");
-    for (g, w) in got.choices.iter().zip(&want) {
-        assert_eq!((&g.token_ids, &g.logprobs), (&w.tokens, &w.logprobs));
-    }
+    assert_equals_in_process(&model, &source, &got);
 }

@@ -25,6 +25,13 @@ pub fn router(max_upload: usize) -> Router {
         )
 }
 
+/// The folder adapters load from and are kept in; 403 when the server was started without one.
+fn checkpoints_dir(state: &super::AppState) -> Result<&Path, ApiError> {
+    state.checkpoints_dir.as_deref().ok_or_else(|| {
+        ApiError::forbidden("adapter loading is off: start the server with --checkpoints-dir DIR")
+    })
+}
+
 /// `POST /v1/adapters`: load a PEFT adapter from inside the checkpoints directory.
 #[utoipa::path(post, path = "/v1/adapters", tag = "adapters",
     summary = "Load a PEFT LoRA adapter from inside the checkpoints directory",
@@ -36,11 +43,7 @@ pub async fn load_adapter(
     State(state): Shared,
     ApiJson(req): ApiJson<AdapterRequest>,
 ) -> Result<Json<AdapterResponse>, ApiError> {
-    let Some(root) = &state.checkpoints_dir else {
-        return Err(ApiError::forbidden(
-            "adapter loading is off: start the server with --checkpoints-dir DIR",
-        ));
-    };
+    let root = checkpoints_dir(&state)?;
     let given = Path::new(&req.path);
     let candidate = if given.is_absolute() {
         given.to_path_buf()
@@ -107,11 +110,7 @@ pub async fn upload_adapter(
     UrlPath(name): UrlPath<String>,
     ApiJson(req): ApiJson<AdapterUpload>,
 ) -> Result<Json<AdapterResponse>, ApiError> {
-    let Some(root) = state.checkpoints_dir.clone() else {
-        return Err(ApiError::forbidden(
-            "adapter loading is off: start the server with --checkpoints-dir DIR",
-        ));
-    };
+    let root = checkpoints_dir(&state)?.to_path_buf();
     let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
     if name.is_empty() || name.len() > MAX_NAME || name.starts_with('.') || !name.chars().all(valid)
     {
