@@ -96,6 +96,7 @@ pub fn run(engine: &Engine, adapter_dir: &Path, batch: &CheckBatch) -> anyhow::R
         &reference,
         &grpo::per_token(&adv, &out.offsets),
         &grpo::per_token(&weights, &out.offsets),
+        None,
         obj,
     )?;
     let loss = t.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;

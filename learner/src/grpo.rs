@@ -5,7 +5,9 @@
 //!   `scale_rewards: none`; the batch's std instead of the group's with `batch`;
 //! - ratio `exp(logp - old_logp)`, surrogate `min(ratio A, clip(ratio, 1-eps_low, 1+eps_high) A)`;
 //! - k3 KL to the reference `exp(ref - logp) - (ref - logp) - 1`;
-//! - per-token loss `-(surrogate - beta KL)`;
+//! - per-token loss `-(surrogate - beta KL)`, or `-(w surrogate - beta KL)` with truncated
+//!   importance sampling (`learner.tis_cap`; TRL's `vllm_importance_sampling_correction`):
+//!   `w = min(exp(old_logp - sampler_logp), cap)`, a constant per token ([`tis_weights`]);
 //! - reductions: `grpo` (mean over sequences of each sequence's token mean), `dr_grpo` (sum over
 //!   tokens / (sequences x longest completion)), `dapo` (sum over tokens / tokens).
 //!
@@ -93,17 +95,39 @@ pub struct Terms {
     pub tokens: f64,
 }
 
+/// Truncated importance-sampling weights `min(exp(old - sampler), cap)` per token, and how many
+/// were cut to `cap`.
+pub fn tis_weights(old: &[f64], sampler: &[f64], cap: f64) -> (Vec<f64>, usize) {
+    let mut cut = 0;
+    let w = old
+        .iter()
+        .zip(sampler)
+        .map(|(o, s)| {
+            let w = (o - s).exp();
+            if w > cap {
+                cut += 1;
+                cap
+            } else {
+                w
+            }
+        })
+        .collect();
+    (w, cut)
+}
+
 /// The per-token objective over concatenated sequences.
 ///
-/// `logp` `[n]` is differentiable; `old`, `reference` `[n]` are the sampler's and the reference
-/// model's logprobs; `advantage` and `weight` give each token its sequence's advantage and loss
-/// weight (0 for masked sequences). Everything is computed in `logp`'s dtype.
+/// `logp` `[n]` is differentiable; `old`, `reference` `[n]` are the old policy's and the
+/// reference model's logprobs; `advantage` and `weight` give each token its sequence's advantage
+/// and loss weight (0 for masked sequences); `tis`, when given, each token's truncated
+/// importance-sampling weight ([`tis_weights`]). Everything is computed in `logp`'s dtype.
 pub fn terms(
     logp: &Tensor,
     old: &[f64],
     reference: &[f64],
     advantage: &[f64],
     weight: &[f64],
+    tis: Option<&[f64]>,
     obj: Objective,
 ) -> Result<Terms> {
     let dtype = logp.dtype();
@@ -113,7 +137,10 @@ pub fn terms(
     let ratio = (logp - &old)?.exp()?;
     let unclipped = (&ratio * &adv)?;
     let clipped_ratio = ratio.clamp(1.0 - obj.epsilon_low, 1.0 + obj.epsilon_high)?;
-    let surrogate = unclipped.minimum(&(&clipped_ratio * &adv)?)?;
+    let mut surrogate = unclipped.minimum(&(&clipped_ratio * &adv)?)?;
+    if let Some(tis) = tis {
+        surrogate = (surrogate * t(tis)?)?;
+    }
     let d = (&reference - logp)?;
     let kl = ((d.exp()? - &d)? - 1.0)?;
     let per_token = ((&kl * obj.beta)? - &surrogate)?;

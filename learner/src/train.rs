@@ -23,9 +23,10 @@ use crate::optim::{self, AdamW};
 pub struct Sequence {
     pub prompt: Vec<u32>,
     pub completion: Vec<u32>,
-    /// The sampler's logprobs. Kept for the sampler/learner mismatch it shows; the loss's "old"
-    /// policy is the learner's own logprobs under the iteration's starting adapter (see
-    /// [`Learner::train_iteration`]), so that training never depends on how the sampler batched.
+    /// The sampler's logprobs: the behaviour policy. They weigh the loss only through
+    /// truncated importance sampling (`learner.tis_cap`) and show the sampler/learner mismatch;
+    /// the clipped ratio's "old" policy is the learner's own logprobs under the iteration's
+    /// starting adapter (see [`Learner::train_iteration`]).
     pub sampler: Vec<f32>,
     /// The reference model's logprobs.
     pub reference: Vec<f32>,
@@ -247,8 +248,10 @@ impl Learner {
             }
         }
         let mut reports = Vec::new();
-        let mut mismatch = Mismatch::default();
+        let mut total = Mismatch::default();
         for (s, share) in shares.iter().enumerate() {
+            let mut mismatch = Mismatch::default();
+            let (mut tis_cut, mut tis_tokens) = (0usize, 0usize);
             let t0 = Instant::now();
             let lens: Vec<usize> = share.iter().map(|(q, _)| q.completion.len()).collect();
             let masked: Vec<bool> = share
@@ -279,6 +282,33 @@ impl Learner {
                         .to_vec1::<f64>()?,
                 };
                 mismatch.add(chunk, &old);
+                let token_weights = grpo::per_token(&w, &out.offsets);
+                // Truncated importance sampling: the sampler's policy (behaviour) against the
+                // learner's at the starting adapter.
+                let tis = match cfg.tis_cap {
+                    Some(cap) => {
+                        let sampler: Vec<f64> = chunk
+                            .iter()
+                            .flat_map(|(q, _)| q.sampler.iter().map(|&x| f64::from(x)))
+                            .collect();
+                        if sampler.len() != old.len() {
+                            bail!(
+                                "iteration {iteration}: {} sampler logprobs for {} completion tokens",
+                                sampler.len(),
+                                old.len()
+                            );
+                        }
+                        let (weights, _) = grpo::tis_weights(&old, &sampler, cap);
+                        for (wt, tw) in weights.iter().zip(&token_weights) {
+                            if *tw > 0.0 {
+                                tis_tokens += 1;
+                                tis_cut += usize::from(*wt >= cap);
+                            }
+                        }
+                        Some(weights)
+                    }
+                    None => None,
+                };
                 let reference: Vec<f64> = chunk
                     .iter()
                     .flat_map(|(q, _)| q.reference.iter().map(|&x| f64::from(x)))
@@ -288,7 +318,8 @@ impl Learner {
                     &old,
                     &reference,
                     &grpo::per_token(&adv, &out.offsets),
-                    &grpo::per_token(&w, &out.offsets),
+                    &token_weights,
+                    tis.as_deref(),
                     obj,
                 )?;
                 loss += t.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -356,14 +387,30 @@ impl Learner {
                 zero_std_fraction,
                 completion_len: lens.iter().sum::<usize>() as f64 / lens.len().max(1) as f64,
                 tokens_per_s: step_tokens as f64 / seconds.max(1e-9),
+                sampler_mismatch_mean: mismatch.mean(),
+                sampler_mismatch_max: mismatch.mean().map(|_| mismatch.max),
+                tis_clip_fraction: cfg
+                    .tis_cap
+                    .map(|_| tis_cut as f64 / tis_tokens.max(1) as f64),
             });
-        }
-        if mismatch.tokens > 0 {
             tracing::info!(
-                "iteration {iteration}: sampler vs learner logprobs at the starting adapter: mean |diff| {:.2e}, max {:.2e} over {} tokens",
-                mismatch.sum / mismatch.tokens as f64,
+                "iteration {iteration} step {}: sampler vs learner logprobs before the update: mean |diff| {:.2e}, max {:.2e} over {} tokens{}",
+                self.opt.step,
+                mismatch.mean().unwrap_or(0.0),
                 mismatch.max,
-                mismatch.tokens
+                mismatch.tokens,
+                match cfg.tis_cap {
+                    Some(cap) => format!("; importance weights cut to {cap}: {tis_cut} of {tis_tokens} tokens"),
+                    None => String::new(),
+                }
+            );
+            total.merge(&mismatch);
+        }
+        if let Some(mean) = total.mean() {
+            tracing::info!(
+                "iteration {iteration}: sampler vs learner logprobs at the starting adapter: mean |diff| {mean:.2e}, max {:.2e} over {} tokens",
+                total.max,
+                total.tokens
             );
         }
         self.iteration = Some(iteration);
@@ -401,5 +448,16 @@ impl Mismatch {
             self.max = self.max.max(d);
             self.tokens += 1;
         }
+    }
+
+    fn merge(&mut self, other: &Mismatch) {
+        self.sum += other.sum;
+        self.max = self.max.max(other.max);
+        self.tokens += other.tokens;
+    }
+
+    /// The mean difference (`None`: no tokens).
+    fn mean(&self) -> Option<f64> {
+        (self.tokens > 0).then(|| self.sum / self.tokens as f64)
     }
 }

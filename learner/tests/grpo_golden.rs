@@ -89,6 +89,7 @@ fn every_case_matches_the_oracle() {
                 &reference,
                 &grpo::per_token(&adv, &offsets),
                 &grpo::per_token(&weights, &offsets),
+                None,
                 obj,
             )
             .unwrap();
@@ -155,6 +156,7 @@ fn micro_batches_sum_to_the_whole_step() {
                 &reference[a..b],
                 &grpo::per_token(&adv[from..to], &off),
                 &grpo::per_token(&w[from..to], &off),
+                None,
                 obj,
             )
             .unwrap();

@@ -136,6 +136,7 @@ fn loss_gradient_matches_finite_differences_in_f64() {
             &reference,
             &grpo::per_token(&adv, &out.offsets),
             &grpo::per_token(&weights, &out.offsets),
+            None,
             obj,
         )
         .unwrap()

@@ -17,7 +17,7 @@ use rl_store::{EvalResult, EvalSummary};
 use serde::Serialize;
 
 use crate::children::{RolloutServer, ServiceArgs};
-use crate::supervisor::Service;
+use crate::supervisor::{Pool, Service};
 
 /// The greedy (per `sampling.test`) answer to `problem`, graded.
 pub async fn answer(
@@ -122,7 +122,8 @@ pub async fn command(
     }
     let s = &config.services;
     let startup = Duration::from_secs(u64::from(s.startup_timeout_s));
-    let svc = Service::spawn(spec, s.api_key.clone(), startup, s.max_attempts).await?;
+    let svc = Service::spawn("rollout-server".into(), spec, s.api_key.clone(), startup).await?;
+    let svc = Pool::new("rollout-server", vec![svc], s.max_attempts)?;
     let bar = crate::report::bar(problems.len() as u64, &format!("evaluating on {split}"));
     let concurrency = s.rollout.max_batch.max(1);
     let svc = &svc;

@@ -54,6 +54,9 @@ pub struct IterationSummary {
     pub eval_n: Option<u32>,
     /// Seconds per phase.
     pub seconds: BTreeMap<String, f64>,
+    /// Seconds the learner (waiting for rollouts) and the samplers (waiting for a checkpoint)
+    /// sat idle, by side.
+    pub idle_seconds: BTreeMap<String, f64>,
 }
 
 impl IterationSummary {
@@ -89,6 +92,7 @@ impl IterationSummary {
             eval_format_rate: eval.as_ref().map(|e| e.format_rate),
             eval_n: eval.as_ref().map(|e| e.n),
             seconds: store.phase_seconds(it).await?,
+            idle_seconds: store.idle_seconds(it).await?,
         })
     }
 }
@@ -155,12 +159,18 @@ fn draw_curves(summaries: &[IterationSummary], dir: &Path) -> anyhow::Result<()>
 const PHASES: [&str; 4] = ["sampling", "scoring_ref", "training", "evaluating"];
 
 /// After an iteration: its line in the log and the refreshed `metrics.jsonl`.
-pub async fn iteration_done(store: &Store, dir: &Path, it: u32, total: f64) -> anyhow::Result<()> {
+pub async fn iteration_done(store: &Store, dir: &Path, it: u32) -> anyhow::Result<()> {
     let s = IterationSummary::read(store, it).await?;
-    let phases: Vec<String> = PHASES
+    let mut phases: Vec<String> = PHASES
         .iter()
         .filter_map(|k| Some(format!("{k} {:.1}s", s.seconds.get(*k)?)))
         .collect();
+    phases.extend(
+        s.idle_seconds
+            .iter()
+            .map(|(side, secs)| format!("{side} idle {secs:.1}s")),
+    );
+    let total: f64 = s.seconds.values().sum();
     let eval = match (s.eval_accuracy, s.eval_format_rate) {
         (Some(a), Some(f)) => format!(", eval accuracy {a:.3} format {f:.3}"),
         _ => String::new(),

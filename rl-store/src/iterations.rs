@@ -205,6 +205,41 @@ impl Store {
         Ok(rows.into_iter().collect())
     }
 
+    /// Adds `seconds` to the time `side` (`learner` or `samplers`) sat idle in `iteration`.
+    pub async fn add_idle_seconds(
+        &self,
+        iteration: u32,
+        side: IdleSide,
+        seconds: f64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "INSERT INTO idle_seconds (run_id, iteration, side, seconds) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (run_id, iteration, side) DO UPDATE SET seconds = seconds + excluded.seconds",
+        )
+        .bind(self.run_id)
+        .bind(i64::from(iteration))
+        .bind(text(side))
+        .bind(seconds.max(0.0))
+        .execute(&mut *tx)
+        .await
+        .map_err(self.err("recording idle time"))?;
+        tx.commit().await.map_err(self.err("committing idle time"))
+    }
+
+    /// Seconds the learner and the samplers sat idle in an iteration, by side name.
+    pub async fn idle_seconds(&self, iteration: u32) -> Result<BTreeMap<String, f64>, StoreError> {
+        let rows: Vec<(String, f64)> = sqlx::query_as(
+            "SELECT side, seconds FROM idle_seconds WHERE run_id = ? AND iteration = ?",
+        )
+        .bind(self.run_id)
+        .bind(i64::from(iteration))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.err("reading idle times"))?;
+        Ok(rows.into_iter().collect())
+    }
+
     /// Every iteration, in order.
     pub async fn iterations(&self) -> Result<Vec<IterationState>, StoreError> {
         let rows: Vec<(i64, String, i64)> = sqlx::query_as(
@@ -254,4 +289,12 @@ impl Store {
             )
             .collect())
     }
+}
+
+/// Who sat idle: the learner waiting for rollouts, or the samplers waiting for a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdleSide {
+    Learner,
+    Samplers,
 }

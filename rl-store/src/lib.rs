@@ -32,7 +32,7 @@ use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
 pub use checkpoints::CheckpointRecord;
 pub use evals::{EvalResult, EvalSummary};
-pub use iterations::{IterationState, Phase, TaskRecord};
+pub use iterations::{IdleSide, IterationState, Phase, TaskRecord};
 pub use rollouts::{GroupWriter, RolloutRecord};
 pub use runs::{RunInfo, RunSpec};
 pub use train_metrics::TrainMetrics;

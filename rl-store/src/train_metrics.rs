@@ -20,6 +20,13 @@ pub struct TrainMetrics {
     pub zero_std_fraction: f64,
     pub completion_len: f64,
     pub tokens_per_s: f64,
+    /// Mean and max |sampler logprob - learner logprob| over the step's tokens, at the
+    /// iteration's starting adapter (before any update); `None` in rows older than the field.
+    pub sampler_mismatch_mean: Option<f64>,
+    pub sampler_mismatch_max: Option<f64>,
+    /// The fraction of the step's tokens whose importance weight was cut to `learner.tis_cap`
+    /// (`None`: truncated importance sampling off).
+    pub tis_clip_fraction: Option<f64>,
 }
 
 impl Store {
@@ -31,8 +38,9 @@ impl Store {
     ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT OR REPLACE INTO train_metrics (run_id, iteration, step, loss, mean_kl, clip_fraction, grad_norm, lr, \
-             reward_mean, reward_std, zero_std_fraction, completion_len, tokens_per_s) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             reward_mean, reward_std, zero_std_fraction, completion_len, tokens_per_s, sampler_mismatch_mean, \
+             sampler_mismatch_max, tis_clip_fraction) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(self.run_id)
         .bind(i64::from(iteration))
@@ -47,6 +55,9 @@ impl Store {
         .bind(m.zero_std_fraction)
         .bind(m.completion_len)
         .bind(m.tokens_per_s)
+        .bind(m.sampler_mismatch_mean)
+        .bind(m.sampler_mismatch_max)
+        .bind(m.tis_clip_fraction)
         .execute(&self.pool)
         .await
         .map_err(self.err("recording training metrics"))?;
@@ -57,7 +68,8 @@ impl Store {
     pub async fn train_metrics(&self, iteration: u32) -> Result<Vec<TrainMetrics>, StoreError> {
         let rows: Vec<TrainMetrics> = sqlx::query_as(
             "SELECT step, loss, mean_kl, clip_fraction, grad_norm, lr, reward_mean, reward_std, zero_std_fraction, \
-             completion_len, tokens_per_s FROM train_metrics WHERE run_id = ? AND iteration = ? ORDER BY step",
+             completion_len, tokens_per_s, sampler_mismatch_mean, sampler_mismatch_max, tis_clip_fraction \
+             FROM train_metrics WHERE run_id = ? AND iteration = ? ORDER BY step",
         )
         .bind(self.run_id)
         .bind(i64::from(iteration))

@@ -8,8 +8,8 @@ use std::time::Duration;
 use rl_core::rewards::{AnswerStatus, RewardKind};
 use rl_core::wire::FinishReason;
 use rl_store::{
-    CheckpointRecord, EvalResult, Phase, RolloutRecord, RunSpec, Store, StoreError, TaskRecord,
-    TrainMetrics,
+    CheckpointRecord, EvalResult, IdleSide, Phase, RolloutRecord, RunSpec, Store, StoreError,
+    TaskRecord, TrainMetrics,
 };
 use sqlx::Connection;
 
@@ -332,12 +332,28 @@ async fn phases_ref_scoring_checkpoints_evals_and_metrics() {
         zero_std_fraction: 0.25,
         completion_len: 120.0,
         tokens_per_s: 300.0,
+        sampler_mismatch_mean: Some(2e-6),
+        sampler_mismatch_max: Some(3e-5),
+        tis_clip_fraction: None,
     };
     store
         .insert_train_metrics(0, &metrics)
         .await
         .expect("metrics");
     assert_eq!(store.train_metrics(0).await.expect("read"), vec![metrics]);
+    // Idle times add up across resumes, per side.
+    for (side, s) in [
+        (IdleSide::Learner, 1.5),
+        (IdleSide::Samplers, 0.25),
+        (IdleSide::Learner, 2.0),
+    ] {
+        store.add_idle_seconds(0, side, s).await.expect("idle");
+    }
+    let idle = store.idle_seconds(0).await.expect("read idle");
+    assert_eq!(
+        idle.into_iter().collect::<Vec<_>>(),
+        vec![("learner".to_string(), 3.5), ("samplers".to_string(), 0.25)]
+    );
     let ckpt = CheckpointRecord {
         iteration: 0,
         path: "checkpoints/iter_0".into(),

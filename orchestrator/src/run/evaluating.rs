@@ -20,7 +20,8 @@ impl Run {
             .filter(|i| !done.contains(&(*i as u64)))
             .collect();
         let bar = crate::report::bar(todo.len() as u64, &format!("iteration {it}: evaluating"));
-        let concurrency = self.config.services.rollout.max_batch.max(1) as usize;
+        let concurrency =
+            self.config.services.rollout.max_batch.max(1) as usize * self.rollout.len();
         let mut done = futures::stream::iter(todo.into_iter().map(|i| self.eval_one(i)))
             .buffer_unordered(concurrency);
         while let Some(r) = done.next().await {

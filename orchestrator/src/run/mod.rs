@@ -5,10 +5,20 @@
 //! `evaluating` (every `test_every_n_iterations`). Crash points for the tests are in
 //! `failpoints`.
 //!
+//! Two actors drive the phases, talking through the database and a change signal: the samplers'
+//! side (`produce`: sampling, reference scoring, evaluation, all on the rollout servers) and the
+//! learner's side (`consume`: training). Iteration `N` is sampled with the checkpoint of
+//! iteration `N - 1 - async.max_lag` ([`rl_core::config::AsyncConfig::sampling_adapter`]), so
+//! with `max_lag: 0` the two take turns (the synchronous loop) and with `k > 0` sampling runs up
+//! to `k` iterations ahead of training. Which checkpoint samples which iteration is fixed by the
+//! config, never by timing: a resumed run samples each group with the same adapter as an
+//! uninterrupted one, and evaluation of checkpoint `N` runs on the samplers' side when they
+//! serve `N` anyway.
+//!
 //! A failing child is reported with what it said; a crashed or hung server is restarted and the
-//! request sent again (the supervisor's [`Service::call`], with a deadline from the request's
-//! size). Nothing here holds state that the database does not: killing the orchestrator at any
-//! point and running it again continues where it stopped.
+//! request sent again, to another replica when there is one (the supervisor's [`Pool::call`],
+//! with a deadline from the request's size). Nothing here holds state that the database does
+//! not: killing the orchestrator at any point and running it again continues where it stopped.
 
 mod evaluating;
 mod failpoints;
@@ -25,10 +35,10 @@ use learner::checkpoint;
 use rl_core::config::Config;
 use rl_core::prompts::PromptStyle;
 use rl_core::tasks::{self, Problem};
-use rl_store::{Phase, RunSpec, Store, TaskRecord};
+use rl_store::{IdleSide, Phase, RunSpec, Store, TaskRecord};
 
 use crate::children::{self, RolloutServer, ServiceArgs};
-use crate::supervisor::{Adapter, Service};
+use crate::supervisor::{Adapter, ChildSpec, Pool, Service};
 
 use failpoints::crash_at;
 pub use failpoints::FAILPOINT_ENV;
@@ -41,8 +51,10 @@ pub struct Run {
     pub store: Store,
     train: Vec<Problem>,
     test: Vec<Problem>,
-    rollout: Service,
-    scorer: Service,
+    rollout: Pool,
+    scorer: Pool,
+    /// Bumped after every phase change, so that each side sees what the other finished.
+    changes: tokio::sync::watch::Sender<u64>,
     /// The `kill-rollout-server` / `stop-rollout-server` failpoint fired (each run fires one once).
     killed: std::sync::atomic::AtomicBool,
     /// The run directory's lock, held while this run is open.
@@ -110,14 +122,25 @@ impl Run {
             // The services this run starts itself (the learner always) must run on its device.
             let s = &config.services;
             let mut local = vec![bins.join("learner")];
-            if s.rollout.endpoints.is_empty() {
-                local.push(bins.join("rollout-server"));
-            }
-            if s.ref_scorer.endpoint.is_none() {
+            if s.ref_scorer.local_replicas() > 0 {
                 local.push(bins.join("ref-scorer"));
             }
+            let server = bins.join("rollout-server");
+            let mut devices = Vec::new();
+            for i in 0..s.rollout.local_replicas() {
+                let d = rollout_device(&config, i);
+                if d == config.model.device {
+                    local.push(server.clone());
+                } else if !devices.contains(&d) {
+                    devices.push(d);
+                }
+            }
+            local.dedup();
             let local: Vec<&Path> = local.iter().map(PathBuf::as_path).collect();
             crate::device::preflight(&config.model.device, &local)?;
+            for d in devices {
+                crate::device::preflight(&d, &[server.as_path()])?;
+            }
         }
         let dir = config.output_dir.clone();
         std::fs::create_dir_all(checkpoint::root(&dir))
@@ -154,39 +177,44 @@ impl Run {
             test.truncate(limit as usize);
         }
         let s = &config.services;
-        let startup = Duration::from_secs(u64::from(s.startup_timeout_s));
-        let rollout = match s.rollout.endpoints.first() {
-            Some(url) => {
-                Service::external("rollout-server", url, s.api_key.clone(), s.max_attempts).await?
-            }
-            None => {
-                let spec = RolloutServer {
+        let rollout_specs = (0..s.rollout.local_replicas())
+            .map(|i| {
+                RolloutServer {
                     checkpoints_dir: Some(checkpoint::root(&dir)),
                     max_batch: Some(s.rollout.max_batch),
                     max_queue: Some(s.rollout.max_queue),
                     max_n: Some(config.attempts.max(128)),
-                    ..RolloutServer::new(ServiceArgs::from_config(&config, s.rollout.port))
+                    ..RolloutServer::new(ServiceArgs {
+                        device: rollout_device(&config, i),
+                        ..ServiceArgs::from_config(&config, replica_port(s.rollout.port, i))
+                    })
                 }
-                .spec()?;
-                Service::spawn(spec, s.api_key.clone(), startup, s.max_attempts).await?
-            }
-        };
-        let scorer = match &s.ref_scorer.endpoint {
-            Some(url) => {
-                Service::external("ref-scorer", url, s.api_key.clone(), s.max_attempts).await?
-            }
-            None => {
-                let spec =
-                    children::ref_scorer(&ServiceArgs::from_config(&config, s.ref_scorer.port))?;
-                match Service::spawn(spec, s.api_key.clone(), startup, s.max_attempts).await {
-                    Ok(svc) => svc,
-                    Err(e) => {
-                        rollout.stop().await;
-                        return Err(e);
-                    }
+                .spec()
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let rollout = start_pool(
+            "rollout-server",
+            rollout_specs,
+            &s.rollout.endpoints,
+            &config,
+        )
+        .await?;
+        let scorer_specs = (0..s.ref_scorer.local_replicas())
+            .map(|i| {
+                children::ref_scorer(&ServiceArgs::from_config(
+                    &config,
+                    replica_port(s.ref_scorer.port, i),
+                ))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let scorer =
+            match start_pool("ref-scorer", scorer_specs, &s.ref_scorer.endpoints, &config).await {
+                Ok(p) => p,
+                Err(e) => {
+                    rollout.stop().await;
+                    return Err(e);
                 }
-            }
-        };
+            };
         Ok(Run {
             config,
             dir,
@@ -195,6 +223,7 @@ impl Run {
             test,
             rollout,
             scorer,
+            changes: tokio::sync::watch::Sender::new(0),
             killed: Default::default(),
             _lock: lock,
         })
@@ -207,12 +236,11 @@ impl Run {
     }
 
     /// Runs every iteration up to `max_iterations`, from wherever the database says (after
-    /// retraining any checkpoint that no longer matches its recorded sha256).
+    /// retraining any checkpoint that no longer matches its recorded sha256): the samplers'
+    /// side and the learner's side at once, until both are through (or one fails).
     pub async fn run_all(&self) -> anyhow::Result<()> {
         self.repair_checkpoints().await?;
-        for it in 0..self.config.max_iterations {
-            self.iteration(it).await?;
-        }
+        tokio::try_join!(self.produce(), self.consume())?;
         Ok(())
     }
 
@@ -226,21 +254,29 @@ impl Run {
         self.config.services.deadline(tokens, in_flight)
     }
 
-    /// Makes the rollout server serve the latest recorded checkpoint (if any), sent as bytes
-    /// with its recorded sha256.
-    async fn serve_latest_checkpoint(&self) -> anyhow::Result<()> {
-        let latest = self
-            .store
-            .checkpoints()
-            .await?
-            .into_iter()
-            .max_by_key(|c| c.iteration)
-            .map(|c| Adapter {
-                name: checkpoint::name(c.iteration),
-                dir: self.checkpoint_dir(c.iteration),
-                sha256: c.sha256,
-            });
-        self.rollout.serve_adapter(latest.as_ref()).await
+    /// Makes the rollout servers serve the checkpoint of `iteration` (`None`: the base model),
+    /// sent as bytes with its recorded sha256.
+    async fn serve(&self, iteration: Option<u32>) -> anyhow::Result<()> {
+        let adapter = match iteration {
+            None => None,
+            Some(it) => {
+                let c = self
+                    .store
+                    .checkpoints()
+                    .await?
+                    .into_iter()
+                    .find(|c| c.iteration == it)
+                    .with_context(|| {
+                        format!("the checkpoint of iteration {it} is not recorded in the database")
+                    })?;
+                Some(Adapter {
+                    name: checkpoint::name(it),
+                    dir: self.checkpoint_dir(it),
+                    sha256: c.sha256,
+                })
+            }
+        };
+        self.rollout.serve_adapter(adapter.as_ref()).await
     }
 
     fn tasks_of(&self, iteration: u32) -> Vec<TaskRecord> {
@@ -267,64 +303,136 @@ impl Run {
         self.config.prompt.style
     }
 
-    /// One iteration, from its recorded phase to `done`.
-    pub async fn iteration(&self, it: u32) -> anyhow::Result<()> {
-        let existing = self
-            .store
-            .iterations()
-            .await?
-            .into_iter()
-            .find(|s| s.iteration == it);
-        if existing.is_some_and(|s| s.phase == Phase::Done) {
-            return Ok(());
+    /// The samplers' side: for each iteration, once the checkpoint it is sampled with exists,
+    /// the evaluations that checkpoint is due (and any earlier one left), then sampling and
+    /// reference scoring; at the end, the evaluations of the last checkpoints.
+    async fn produce(&self) -> anyhow::Result<()> {
+        let max = self.config.max_iterations;
+        let mut evaluated = 0;
+        for it in 0..max {
+            self.store
+                .begin_iteration(it, self.config.attempts, &self.tasks_of(it))
+                .await?;
+            let mut phase = self.phase(it).await?;
+            if phase > Phase::ScoringRef {
+                continue;
+            }
+            let adapter = self.config.overlap.sampling_adapter(it);
+            if let Some(v) = adapter {
+                let t = Instant::now();
+                self.wait_trained(v).await?;
+                self.store
+                    .add_idle_seconds(it, IdleSide::Samplers, t.elapsed().as_secs_f64())
+                    .await?;
+                evaluated = self.evaluate_trained(evaluated, v, false).await?;
+            }
+            self.serve(adapter).await?;
+            if phase == Phase::Sampling {
+                let t = Instant::now();
+                self.sample(it, adapter).await?;
+                self.finish_phase(it, Phase::ScoringRef, t).await?;
+                phase = Phase::ScoringRef;
+            }
+            if phase == Phase::ScoringRef {
+                let t = Instant::now();
+                self.score_ref(it).await?;
+                self.finish_phase(it, Phase::Training, t).await?;
+            }
         }
-        let t0 = Instant::now();
-        self.store
-            .begin_iteration(it, self.config.attempts, &self.tasks_of(it))
+        self.evaluate_trained(evaluated, max - 1, true).await?;
+        Ok(())
+    }
+
+    /// Evaluates the checkpoints `from..=to` that are due (waiting for each to be trained when
+    /// `wait`); returns the next one to look at.
+    async fn evaluate_trained(&self, from: u32, to: u32, wait: bool) -> anyhow::Result<u32> {
+        for it in from..=to {
+            if wait {
+                self.wait_trained(it).await?;
+            }
+            if self.phase(it).await? != Phase::Evaluating {
+                continue;
+            }
+            self.serve(Some(it)).await?;
+            let t = Instant::now();
+            self.evaluate(it).await?;
+            self.finish_phase(it, Phase::Done, t).await?;
+            crate::report::iteration_done(&self.store, &self.dir, it).await?;
+        }
+        Ok(to + 1)
+    }
+
+    /// The learner's side: trains each iteration once its rollouts are scored.
+    async fn consume(&self) -> anyhow::Result<()> {
+        for it in 0..self.config.max_iterations {
+            let t = Instant::now();
+            self.wait_for(|| async {
+                Ok(self
+                    .phase_if_begun(it)
+                    .await?
+                    .is_some_and(|p| p >= Phase::Training))
+            })
             .await?;
-        self.serve_latest_checkpoint().await?;
-        let mut phase = self.phase(it).await?;
-        if phase == Phase::Sampling {
-            let t = Instant::now();
-            self.sample(it).await?;
+            let phase = self.phase(it).await?;
+            if phase != Phase::Training {
+                continue;
+            }
             self.store
-                .finish_phase(it, Phase::ScoringRef, t.elapsed().as_secs_f64())
+                .add_idle_seconds(it, IdleSide::Learner, t.elapsed().as_secs_f64())
                 .await?;
-            phase = Phase::ScoringRef;
-        }
-        if phase == Phase::ScoringRef {
-            let t = Instant::now();
-            self.score_ref(it).await?;
-            self.store
-                .finish_phase(it, Phase::Training, t.elapsed().as_secs_f64())
-                .await?;
-            phase = Phase::Training;
-        }
-        if phase == Phase::Training {
             let t = Instant::now();
             self.train(it).await?;
             crash_at("training", it);
-            self.serve_latest_checkpoint().await?;
             let next = if self.eval_due(it) {
                 Phase::Evaluating
             } else {
                 Phase::Done
             };
-            self.store
-                .finish_phase(it, next, t.elapsed().as_secs_f64())
-                .await?;
-            phase = next;
+            self.finish_phase(it, next, t).await?;
+            if next == Phase::Done {
+                crate::report::iteration_done(&self.store, &self.dir, it).await?;
+            }
         }
-        if phase == Phase::Evaluating {
-            let t = Instant::now();
-            self.evaluate(it).await?;
-            self.store
-                .finish_phase(it, Phase::Done, t.elapsed().as_secs_f64())
-                .await?;
-        }
-        crate::report::iteration_done(&self.store, &self.dir, it, t0.elapsed().as_secs_f64())
-            .await?;
         Ok(())
+    }
+
+    /// Records the end of `it`'s phase (started at `t`) and tells the other side.
+    async fn finish_phase(&self, it: u32, next: Phase, t: Instant) -> anyhow::Result<()> {
+        self.store
+            .finish_phase(it, next, t.elapsed().as_secs_f64())
+            .await?;
+        self.changes.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Waits until iteration `it` is trained (its checkpoint recorded and its phase past
+    /// training).
+    async fn wait_trained(&self, it: u32) -> anyhow::Result<()> {
+        self.wait_for(|| async {
+            Ok(self
+                .phase_if_begun(it)
+                .await?
+                .is_some_and(|p| p >= Phase::Evaluating))
+        })
+        .await
+    }
+
+    /// Waits until `ready` says so, looking again after every phase change.
+    async fn wait_for<F, Fut>(&self, ready: F) -> anyhow::Result<()>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<bool>>,
+    {
+        let mut changes = self.changes.subscribe();
+        loop {
+            if ready().await? {
+                return Ok(());
+            }
+            changes
+                .changed()
+                .await
+                .context("the run's change signal closed")?;
+        }
     }
 
     fn eval_due(&self, it: u32) -> bool {
@@ -333,12 +441,81 @@ impl Run {
     }
 
     async fn phase(&self, it: u32) -> anyhow::Result<Phase> {
-        self.store
+        self.phase_if_begun(it)
+            .await?
+            .context("the iteration vanished from the database")
+    }
+
+    /// The phase of `it`, `None` before its sampling began.
+    async fn phase_if_begun(&self, it: u32) -> anyhow::Result<Option<Phase>> {
+        Ok(self
+            .store
             .iterations()
             .await?
             .into_iter()
             .find(|s| s.iteration == it)
-            .map(|s| s.phase)
-            .context("the iteration vanished from the database")
+            .map(|s| s.phase))
     }
+}
+
+/// The device of local rollout server `i`: `services.rollout.devices[i % len]`, else
+/// `model.device`.
+fn rollout_device(config: &Config, i: u32) -> String {
+    let devices = &config.services.rollout.devices;
+    if devices.is_empty() {
+        config.model.device.clone()
+    } else {
+        devices[i as usize % devices.len()].clone()
+    }
+}
+
+/// The port of replica `i` of a service whose first replica listens on `port` (0: any).
+fn replica_port(port: u16, i: u32) -> u16 {
+    if port == 0 {
+        0
+    } else {
+        u16::try_from(u32::from(port) + i).unwrap_or(0)
+    }
+}
+
+/// Starts the local replicas `specs` (at once) and connects to `endpoints`, as one pool; a
+/// failure stops what was started.
+async fn start_pool(
+    name: &'static str,
+    specs: Vec<ChildSpec>,
+    endpoints: &[String],
+    config: &Config,
+) -> anyhow::Result<Pool> {
+    let s = &config.services;
+    let startup = Duration::from_secs(u64::from(s.startup_timeout_s));
+    let n = specs.len() + endpoints.len();
+    let local = specs
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| Service::spawn(Pool::label(name, i, n), spec, s.api_key.clone(), startup));
+    let offset = n - endpoints.len();
+    let remote = endpoints.iter().enumerate().map(|(i, url)| {
+        Service::external(Pool::label(name, offset + i, n), url, s.api_key.clone())
+    });
+    let (local, remote) = tokio::join!(
+        futures::future::join_all(local),
+        futures::future::join_all(remote)
+    );
+    let mut services = Vec::new();
+    let mut first_error = None;
+    for r in local.into_iter().chain(remote) {
+        match r {
+            Ok(svc) => services.push(svc),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        for svc in &services {
+            svc.stop().await;
+        }
+        return Err(e);
+    }
+    Pool::new(name, services, s.max_attempts)
 }

@@ -14,18 +14,24 @@ pub(super) fn check_ports(config: &Config) -> anyhow::Result<()> {
         (
             "services.rollout.port",
             s.rollout.port,
-            s.rollout.endpoints.is_empty(),
+            s.rollout.local_replicas(),
         ),
         (
             "services.ref_scorer.port",
             s.ref_scorer.port,
-            s.ref_scorer.endpoint.is_none(),
+            s.ref_scorer.local_replicas(),
         ),
     ];
-    for (key, port, spawned) in wanted {
-        if port != 0 && spawned {
+    for (key, first, replicas) in wanted {
+        if first == 0 {
+            continue;
+        }
+        // Replica i listens on first + i (validated to stay below 65536).
+        for port in
+            (u32::from(first)..u32::from(first) + replicas).filter_map(|p| u16::try_from(p).ok())
+        {
             std::net::TcpListener::bind((s.host.as_str(), port)).map_err(|e| {
-                anyhow::anyhow!("`{key}`: {}:{port} is not free ({e}); choose another port or 0 for any free one", s.host)
+                anyhow::anyhow!("`{key}`: {}:{port} is not free ({e}); choose another port or 0 for any free ones (replica i listens on port + i)", s.host)
             })?;
         }
     }

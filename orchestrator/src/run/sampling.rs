@@ -1,6 +1,7 @@
-//! Phase 1, `sampling`: the iteration's problems fanned out to the rollout server with bounded
-//! concurrency, `attempts` samples each with the group's seed, rewarded, each group stored in one
-//! transaction. On resume only the missing groups are sampled.
+//! Phase 1, `sampling`: the iteration's problems fanned out to the rollout servers with bounded
+//! concurrency (enough to fill every server's batch), `attempts` samples each with the group's
+//! seed, rewarded, each group stored in one transaction with the adapter that sampled it. On
+//! resume only the missing groups are sampled.
 
 use futures::StreamExt;
 use rl_core::rewards;
@@ -11,15 +12,18 @@ use super::failpoints::{crash_at, failpoint, FAILPOINT_ENV};
 use super::Run;
 
 impl Run {
-    pub(super) async fn sample(&self, it: u32) -> anyhow::Result<()> {
+    /// Samples the missing groups of `it` with the checkpoint of iteration `adapter` (`None`:
+    /// the base model), which the servers serve already.
+    pub(super) async fn sample(&self, it: u32, adapter: Option<u32>) -> anyhow::Result<()> {
         let missing = self.store.missing_groups(it).await?;
         let tasks = self.store.tasks(it).await?;
-        let concurrency = self.sampling_concurrency();
+        let adapter = adapter.map(learner::checkpoint::name);
+        let concurrency = self.sampling_concurrency() * self.rollout.len();
         let bar = crate::report::bar(missing.len() as u64, &format!("iteration {it}: sampling"));
         let mut done = futures::stream::iter(
             missing
                 .into_iter()
-                .map(|g| self.sample_group(it, tasks[g as usize].clone())),
+                .map(|g| self.sample_group(it, tasks[g as usize].clone(), adapter.as_deref())),
         )
         .buffer_unordered(concurrency);
         while let Some(r) = done.next().await {
@@ -30,13 +34,18 @@ impl Run {
         Ok(())
     }
 
-    /// Groups sent at once: as many as fill one batch of the server.
+    /// Groups sent at once to one server: as many as fill its batch.
     fn sampling_concurrency(&self) -> usize {
         let c = &self.config;
         (c.services.rollout.max_batch / c.attempts).max(1) as usize
     }
 
-    async fn sample_group(&self, it: u32, task: TaskRecord) -> anyhow::Result<()> {
+    async fn sample_group(
+        &self,
+        it: u32,
+        task: TaskRecord,
+        adapter: Option<&str>,
+    ) -> anyhow::Result<()> {
         let c = &self.config;
         let problem = &self.train[task.problem_index as usize];
         let messages = self
@@ -65,12 +74,22 @@ impl Run {
                 },
             )
             .await?;
-        // The policy version: the served adapter's name (its folder on the server).
-        let adapter = out.adapter.as_deref().map(|a| {
+        // The policy version: the served adapter's name (its folder on the server), which must
+        // be the one this iteration is sampled with.
+        let served = out.adapter.as_deref().map(|a| {
             std::path::Path::new(a)
                 .file_name()
                 .map_or_else(|| a.to_string(), |n| n.to_string_lossy().into_owned())
         });
+        if served.as_deref() != adapter {
+            anyhow::bail!(
+                "iteration {it} group {}: the rollout server sampled with {} instead of {}; is another run using the same server? Give each run its own servers, then resume",
+                task.group_index,
+                served.as_deref().unwrap_or("the base model"),
+                adapter.unwrap_or("the base model")
+            );
+        }
+        let adapter = served;
         let rollouts: Vec<RolloutRecord> = out
             .choices
             .into_iter()
@@ -116,7 +135,7 @@ impl Run {
         ] {
             if failpoint(point, it) && !self.killed.swap(true, std::sync::atomic::Ordering::SeqCst)
             {
-                if let Some(pid) = self.rollout.pid().await {
+                if let Some(pid) = self.rollout.pid(0).await {
                     tracing::warn!("{FAILPOINT_ENV}: {doing} the rollout server (pid {pid})");
                     let _ = tokio::process::Command::new("kill")
                         .args([signal, &pid.to_string()])

@@ -274,6 +274,11 @@ pub struct LearnerConfig {
     pub filter_zero_variance: bool,
     /// Exclude completions cut by `max_tokens` from the loss.
     pub mask_truncated: bool,
+    /// Truncated importance sampling (TRL's `vllm_importance_sampling_cap`, verl's TIS): each
+    /// token's policy loss is weighted by `min(exp(old - sampler), tis_cap)`, correcting for the
+    /// sampler's policy differing from the learner's (kernels, batching, `async.max_lag`).
+    /// `null`: off.
+    pub tis_cap: Option<f64>,
 }
 
 impl Default for LearnerConfig {
@@ -294,25 +299,45 @@ impl Default for LearnerConfig {
             scale_rewards: ScaleRewards::Group,
             filter_zero_variance: true,
             mask_truncated: false,
+            tis_cap: None,
         }
     }
+}
+
+/// How many local replicas a service gets: `replicas` when given, else one when no endpoint is.
+fn local_replicas(replicas: Option<u32>, endpoints: &[String]) -> u32 {
+    replicas.unwrap_or(u32::from(endpoints.is_empty()))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RolloutServiceConfig {
-    /// Port of the rollout server the orchestrator starts (0: any free port).
+    /// Port of the first rollout server the orchestrator starts; replica `i` listens on
+    /// `port + i` (0: any free ports).
     pub port: u16,
-    /// Already running rollout servers to use instead of starting one (`http://host:port`).
+    /// Rollout servers the orchestrator starts (`null`: one, or none when `endpoints` are given).
+    pub replicas: Option<u32>,
+    /// Devices of the started replicas, replica `i` on `devices[i % len]` (empty: `model.device`).
+    pub devices: Vec<String>,
+    /// Already running rollout servers to use too (`http://host:port`).
     pub endpoints: Vec<String>,
     pub max_batch: u32,
     pub max_queue: u32,
+}
+
+impl RolloutServiceConfig {
+    /// The rollout servers this run starts itself.
+    pub fn local_replicas(&self) -> u32 {
+        local_replicas(self.replicas, &self.endpoints)
+    }
 }
 
 impl Default for RolloutServiceConfig {
     fn default() -> Self {
         Self {
             port: 0,
+            replicas: None,
+            devices: Vec::new(),
             endpoints: Vec::new(),
             max_batch: 32,
             max_queue: 1024,
@@ -323,10 +348,20 @@ impl Default for RolloutServiceConfig {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RefServiceConfig {
-    /// Port of the ref-scorer the orchestrator starts (0: any free port).
+    /// Port of the first ref-scorer the orchestrator starts; replica `i` listens on `port + i`
+    /// (0: any free ports).
     pub port: u16,
-    /// An already running ref-scorer to use instead of starting one.
-    pub endpoint: Option<String>,
+    /// Ref-scorers the orchestrator starts (`null`: one, or none when `endpoints` are given).
+    pub replicas: Option<u32>,
+    /// Already running ref-scorers to use too (`http://host:port`).
+    pub endpoints: Vec<String>,
+}
+
+impl RefServiceConfig {
+    /// The ref-scorers this run starts itself.
+    pub fn local_replicas(&self) -> u32 {
+        local_replicas(self.replicas, &self.endpoints)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -376,6 +411,23 @@ impl Default for ServicesConfig {
     }
 }
 
+/// Sampling overlapped with training.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AsyncConfig {
+    /// How many policy versions sampling may run behind (0: the synchronous loop). With `k`,
+    /// iteration `N` is sampled with the checkpoint of iteration `N - 1 - k` (the base model
+    /// before the first), so sampling `N` runs while the learner trains `N - 1 .. N - k`.
+    pub max_lag: u32,
+}
+
+impl AsyncConfig {
+    /// The checkpoint iteration `iteration` is sampled with (`None`: the base model).
+    pub fn sampling_adapter(&self, iteration: u32) -> Option<u32> {
+        iteration.checked_sub(1 + self.max_lag)
+    }
+}
+
 /// The whole run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -398,6 +450,8 @@ pub struct Config {
     pub lora: LoraConfig,
     pub learner: LearnerConfig,
     pub services: ServicesConfig,
+    #[serde(rename = "async")]
+    pub overlap: AsyncConfig,
 }
 
 impl Default for Config {
@@ -417,6 +471,7 @@ impl Default for Config {
             lora: LoraConfig::default(),
             learner: LearnerConfig::default(),
             services: ServicesConfig::default(),
+            overlap: AsyncConfig::default(),
         }
     }
 }

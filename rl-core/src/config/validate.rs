@@ -179,6 +179,14 @@ impl Config {
         if let Some(g) = l.max_grad_norm {
             positive("max_grad_norm", g)?;
         }
+        if let Some(c) = l.tis_cap {
+            if !(c.is_finite() && c >= 1.0) {
+                return Err((
+                    key("tis_cap"),
+                    format!("must be >= 1 (got {c}); TRL uses 2, null turns truncated importance sampling off"),
+                ));
+            }
+        }
         if !(l.beta.is_finite() && l.beta >= 0.0) {
             return Err((
                 key("beta"),
@@ -249,19 +257,43 @@ impl Config {
             u.strip_prefix("http://")
                 .is_some_and(|rest| !rest.is_empty())
         };
-        for (i, e) in s.rollout.endpoints.iter().enumerate() {
-            if !url_ok(e) {
+        for (service, list, example) in [
+            ("rollout", &s.rollout.endpoints, "8000"),
+            ("ref_scorer", &s.ref_scorer.endpoints, "8001"),
+        ] {
+            for (i, e) in list.iter().enumerate() {
+                if !url_ok(e) {
+                    return Err((
+                        format!("services.{service}.endpoints[{i}]"),
+                        format!("`{e}` is not a URL like http://127.0.0.1:{example} (plain HTTP: the services are meant for a trusted network)"),
+                    ));
+                }
+            }
+        }
+        for (service, local, endpoints) in [
+            (
+                "rollout",
+                s.rollout.local_replicas(),
+                s.rollout.endpoints.len(),
+            ),
+            (
+                "ref_scorer",
+                s.ref_scorer.local_replicas(),
+                s.ref_scorer.endpoints.len(),
+            ),
+        ] {
+            if local == 0 && endpoints == 0 {
                 return Err((
-                    format!("services.rollout.endpoints[{i}]"),
-                    format!("`{e}` is not a URL like http://127.0.0.1:8000 (plain HTTP: the services are meant for a trusted network)"),
+                    format!("services.{service}.replicas"),
+                    "is 0 and no endpoints are given: the run needs at least one server (set replicas to 1 or more, or list endpoints)".into(),
                 ));
             }
         }
-        if let Some(e) = &s.ref_scorer.endpoint {
-            if !url_ok(e) {
+        for (i, d) in s.rollout.devices.iter().enumerate() {
+            if d.trim().is_empty() {
                 return Err((
-                    "services.ref_scorer.endpoint".into(),
-                    format!("`{e}` is not a URL like http://127.0.0.1:8001 (plain HTTP: the services are meant for a trusted network)"),
+                    format!("services.rollout.devices[{i}]"),
+                    "is empty; name a device like cpu, cuda or cuda:1".into(),
                 ));
             }
         }
@@ -277,10 +309,27 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
-        if s.rollout.port != 0 && s.rollout.port == s.ref_scorer.port {
+        // Replica `i` listens on `port + i`: the two services' port ranges must not meet.
+        let range = |port: u16, n: u32| (u32::from(port), u32::from(port) + n.max(1));
+        let (r, f) = (
+            range(s.rollout.port, s.rollout.local_replicas()),
+            range(s.ref_scorer.port, s.ref_scorer.local_replicas()),
+        );
+        for (key, (lo, hi)) in [("rollout", r), ("ref_scorer", f)] {
+            if lo != 0 && hi - 1 > u32::from(u16::MAX) {
+                return Err((
+                    format!("services.{key}.port"),
+                    format!("{lo} + its replicas runs past port 65535; choose a lower port (or 0 for any free ones)"),
+                ));
+            }
+        }
+        if r.0 != 0 && f.0 != 0 && r.0 < f.1 && f.0 < r.1 {
             return Err((
                 "services.ref_scorer.port".into(),
-                format!("{} is also services.rollout.port; give each service its own port (or 0 for any free one)", s.rollout.port),
+                format!(
+                    "the ref-scorers' ports {}..{} meet the rollout servers' {}..{} (replica i listens on port + i); give each service its own ports (or 0 for any free ones)",
+                    f.0, f.1 - 1, r.0, r.1 - 1
+                ),
             ));
         }
         for (k, v) in [
