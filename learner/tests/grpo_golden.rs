@@ -168,3 +168,116 @@ fn micro_batches_sum_to_the_whole_step() {
         assert_eq!(w[2], 0.0, "a masked sequence weighs nothing");
     }
 }
+
+/// `fixtures/tis_golden.json` (made by `make_tis_golden.py` beside it, TRL's formula in PyTorch
+/// f64): the truncated importance-sampling weights, how many were cut, and with them the loss and
+/// its gradient for every live token, per cap and reduction, within 1e-9.
+#[test]
+fn truncated_importance_sampling_matches_the_oracle() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tis_golden.json");
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let lens: Vec<usize> = g["lens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    let flat =
+        |key: &str| -> Vec<f64> { g[key].as_array().unwrap().iter().flat_map(floats).collect() };
+    let (logp, old, sampler, reference) = (
+        flat("logp"),
+        flat("old_logp"),
+        flat("sampler_logp"),
+        flat("ref_logp"),
+    );
+    let mut offsets = vec![0];
+    for l in &lens {
+        offsets.push(offsets.last().unwrap() + l);
+    }
+    let adv = floats(&g["advantages"]);
+    let obj = Objective {
+        beta: g["beta"].as_f64().unwrap(),
+        epsilon_low: g["epsilon_low"].as_f64().unwrap(),
+        epsilon_high: g["epsilon_high"].as_f64().unwrap(),
+    };
+    let dev = device();
+    let mut checked = 0;
+    for case in g["cases"].as_array().unwrap() {
+        let cap = case["cap"].as_f64().unwrap();
+        let (weights, cut) = grpo::tis_weights(&old, &sampler, cap);
+        let want: Vec<f64> = case["weights"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(floats)
+            .collect();
+        for (k, (a, b)) in weights.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() < 1e-12, "cap {cap}: weight [{k}] {a} vs {b}");
+        }
+        assert_eq!(
+            cut as u64,
+            case["cut"].as_u64().unwrap(),
+            "cap {cap}: tokens cut"
+        );
+        assert!(
+            cut > 0,
+            "every case cuts some weights (the fixture is built so)"
+        );
+        for (name, lt) in [
+            ("grpo", LossType::Grpo),
+            ("dr_grpo", LossType::DrGrpo),
+            ("dapo", LossType::Dapo),
+        ] {
+            let w = grpo::sequence_weights(&lens, &vec![false; lens.len()], lt);
+            let lp = candle_core::Var::new(logp.as_slice(), &dev).unwrap();
+            let t = grpo::terms(
+                lp.as_tensor(),
+                &old,
+                &reference,
+                &grpo::per_token(&adv, &offsets),
+                &grpo::per_token(&w, &offsets),
+                Some(&weights),
+                obj,
+            )
+            .unwrap();
+            let loss = t.loss.to_scalar::<f64>().unwrap();
+            let want_loss = case["loss"][name].as_f64().unwrap();
+            assert!(
+                (loss - want_loss).abs() < TOL,
+                "cap {cap} {name}: loss {loss} vs {want_loss}"
+            );
+            let grads = t.loss.backward().unwrap();
+            let grad = grads.get(lp.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+            let want: Vec<f64> = case["grad"][name]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(floats)
+                .collect();
+            for (k, (a, b)) in grad.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() < TOL,
+                    "cap {cap} {name}: grad [{k}] {a} vs {b}"
+                );
+            }
+            // Without the weights the loss differs: the oracle really pins them.
+            let plain = grpo::terms(
+                lp.as_tensor(),
+                &old,
+                &reference,
+                &grpo::per_token(&adv, &offsets),
+                &grpo::per_token(&w, &offsets),
+                None,
+                obj,
+            )
+            .unwrap()
+            .loss
+            .to_scalar::<f64>()
+            .unwrap();
+            assert!((plain - want_loss).abs() > 1e-6, "cap {cap} {name}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 9);
+}
