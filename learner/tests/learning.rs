@@ -427,3 +427,81 @@ async fn resuming_between_iterations_is_bit_identical_and_crashes_leave_no_half_
     // Odd iterations had a zero-variance group: it was filtered and reported.
     assert!(steps.iter().any(|m| m.zero_std_fraction == 0.5));
 }
+
+/// Truncated importance sampling in a real step: with the sampler's logprobs set to the
+/// learner's own at the starting adapter minus 1 on every third token, each step reports that
+/// mismatch (mean and max) and cuts exactly those tokens' weights `e^1` to `tis_cap: 2`; with
+/// `tis_cap: null` nothing is cut and the gradient differs.
+#[tokio::test]
+async fn importance_weights_follow_the_sampler_logprobs_and_are_reported_per_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = make_db(&dir.path().join("r.sqlite"), 1).await;
+    let mut batch = learner::load_batch(&store, 0).await.unwrap();
+    let overrides = |tis: &str| -> Config {
+        Config::from_yaml(
+            &config_yaml(1),
+            "test",
+            &[
+                "learner.steps_per_iteration=1".into(),
+                "learner.filter_zero_variance=false".into(),
+                format!("learner.tis_cap={tis}"),
+            ],
+        )
+        .unwrap()
+        .config
+    };
+    let config = overrides("2");
+    let temperature = f64::from(config.sampling.train.temperature);
+    let fresh = |c: &Config| learner::Learner::new(tiny(DType::F32), c, "tiny").unwrap();
+    let l = fresh(&config);
+    let (mut shifted, mut tokens) = (0usize, 0usize);
+    for group in &mut batch.groups {
+        let seqs: Vec<ScoreRequest> = group
+            .iter()
+            .map(|s| ScoreRequest {
+                prompt: s.prompt.clone(),
+                completion: s.completion.clone(),
+            })
+            .collect();
+        let out = l
+            .engine()
+            .train_logprobs(&seqs, l.adapter(), temperature)
+            .unwrap();
+        let own = out.logprobs.to_vec1::<f32>().unwrap();
+        for (i, s) in group.iter_mut().enumerate() {
+            s.sampler = own[out.offsets[i]..out.offsets[i + 1]]
+                .iter()
+                .enumerate()
+                .map(|(k, &x)| if k % 3 == 0 { x - 1.0 } else { x })
+                .collect();
+            shifted += s.sampler.len().div_ceil(3);
+            tokens += s.sampler.len();
+        }
+    }
+    let mut with_tis = fresh(&config);
+    let reports = with_tis.train_iteration(0, &batch).unwrap();
+    assert_eq!(reports.len(), 1);
+    let r = &reports[0];
+    let want_mean = shifted as f64 / tokens as f64;
+    let mean = r.sampler_mismatch_mean.unwrap();
+    assert!(
+        (mean - want_mean).abs() < 1e-6,
+        "mismatch mean {mean} vs {want_mean}"
+    );
+    let max = r.sampler_mismatch_max.unwrap();
+    assert!((max - 1.0).abs() < 1e-6, "mismatch max {max}");
+    let cut = r.tis_clip_fraction.unwrap();
+    assert_eq!(cut, want_mean, "the shifted tokens, and only they, are cut");
+
+    let mut without = fresh(&overrides("null"));
+    let plain = without.train_iteration(0, &batch).unwrap();
+    assert_eq!(plain[0].tis_clip_fraction, None);
+    assert_eq!(plain[0].sampler_mismatch_mean, r.sampler_mismatch_mean);
+    // At the starting adapter the ratio is 1 and a group's advantages sum to 0, so the loss
+    // barely moves; the gradient does (the weighted tokens pull up to twice as hard).
+    let (a, b) = (plain[0].grad_norm, r.grad_norm);
+    assert!(
+        (a - b).abs() > 0.01 * a,
+        "the weights change the gradient: norm {a} vs {b}"
+    );
+}
