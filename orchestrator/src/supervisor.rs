@@ -134,7 +134,7 @@ impl Service {
         api_key: Option<String>,
         startup_timeout: Duration,
     ) -> anyhow::Result<Self> {
-        let (child, url) = start(&spec, startup_timeout).await?;
+        let (child, url) = start(&label, &spec, startup_timeout).await?;
         let s = Self {
             api_key,
             startup_timeout,
@@ -289,7 +289,7 @@ impl Service {
             return Ok(false);
         };
         tracing::warn!("{} exited ({status}); restarting it", self.label);
-        let (child, url) = start(spec, self.startup_timeout).await?;
+        let (child, url) = start(&self.label, spec, self.startup_timeout).await?;
         st.child = Some(child);
         st.url = url.clone();
         st.restarts += 1;
@@ -582,11 +582,16 @@ async fn swap(client: &ServiceClient, adapter: Option<&Adapter>) -> Result<f64, 
         .map(|r| r.swap_ms)
 }
 
-async fn start(spec: &ChildSpec, timeout: Duration) -> anyhow::Result<(Child, String)> {
+/// Starts `spec` (`label` names it in messages) and reads the address it listens on.
+async fn start(
+    label: &str,
+    spec: &ChildSpec,
+    timeout: Duration,
+) -> anyhow::Result<(Child, String)> {
     if !spec.program.exists() {
         bail!(
             "{} is not built at {}; build the workspace (cargo build --release) so that orchestrate finds it beside itself",
-            spec.name,
+            label,
             spec.program.display()
         );
     }
@@ -606,20 +611,20 @@ async fn start(spec: &ChildSpec, timeout: Duration) -> anyhow::Result<(Child, St
             .trim()
             .strip_prefix("listening on ")
             .map(str::to_string)
-            .with_context(|| format!("{} printed {line:?} instead of its address", spec.name))?,
+            .with_context(|| format!("{} printed {line:?} instead of its address", label))?,
         Ok(Ok(None)) | Ok(Err(_)) => {
             let status = child.wait().await.ok();
             bail!(
                 "{} exited before listening ({}); its error is above",
-                spec.name,
+                label,
                 status.map_or("unknown status".into(), |s| s.to_string())
             )
         }
-        Err(_) => bail!("{} did not start listening within {:?}", spec.name, timeout),
+        Err(_) => bail!("{} did not start listening within {:?}", label, timeout),
     };
     tracing::info!(
         "{} started (pid {}), listening on {url}",
-        spec.name,
+        label,
         child.id().map_or_else(|| "?".into(), |p| p.to_string())
     );
     // Keep draining stdout so the child never blocks on a full pipe.

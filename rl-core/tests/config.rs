@@ -318,6 +318,48 @@ fn broken_configs_fail_with_their_message() {
             vec!["`services.rollout.endpoints[0]`", "not a URL"],
         ),
         (
+            "bad ref-scorer endpoint",
+            "services:\n  ref_scorer:\n    endpoints: [\"ftp://x\"]\n".into(),
+            vec![],
+            vec!["`services.ref_scorer.endpoints[0]`", "not a URL"],
+        ),
+        (
+            "no server at all",
+            "services:\n  rollout:\n    replicas: 0\n".into(),
+            vec![],
+            vec!["`services.rollout.replicas`", "at least one server"],
+        ),
+        (
+            "replica ports meet",
+            "services:\n  rollout:\n    port: 8000\n    replicas: 3\n  ref_scorer:\n    port: 8002\n".into(),
+            vec![],
+            vec!["`services.ref_scorer.port`", "8002..8002", "8000..8002", "port + i"],
+        ),
+        (
+            "replica ports past 65535",
+            "services:\n  rollout:\n    port: 65535\n    replicas: 2\n".into(),
+            vec![],
+            vec!["`services.rollout.port`", "past port 65535"],
+        ),
+        (
+            "empty replica device",
+            "services:\n  rollout:\n    devices: [cpu, \"\"]\n".into(),
+            vec![],
+            vec!["`services.rollout.devices[1]`", "is empty"],
+        ),
+        (
+            "importance cap below 1",
+            "learner:\n  tis_cap: 0.5\n".into(),
+            vec![],
+            vec!["`learner.tis_cap`", ">= 1", "null turns"],
+        ),
+        (
+            "negative lag",
+            "async:\n  max_lag: -1\n".into(),
+            vec![],
+            vec!["`async.max_lag`"],
+        ),
+        (
             "duplicate key",
             "seed: 1\nseed: 2\n".into(),
             vec![],
@@ -432,4 +474,41 @@ fn a_request_deadline_grows_with_its_tokens_and_the_requests_in_flight() {
     assert_eq!(secs(100, 0), 110.0, "nothing in flight counts as one");
     // A huge request gets a huge deadline, not an overflow.
     assert!(secs(u64::MAX, u32::MAX) > 1e9);
+}
+
+#[test]
+fn replicas_default_to_one_unless_endpoints_are_given_and_the_lag_picks_the_adapter() {
+    let load = |yaml: &str| {
+        Config::from_yaml(yaml, "test.yaml", &[])
+            .expect(yaml)
+            .config
+    };
+    let c = load("seed: 1\n");
+    assert_eq!(
+        (
+            c.services.rollout.local_replicas(),
+            c.services.ref_scorer.local_replicas()
+        ),
+        (1, 1)
+    );
+    let c = load("services:\n  rollout:\n    endpoints: [\"http://a:1\"]\n  ref_scorer:\n    endpoints: [\"http://b:2\"]\n");
+    assert_eq!(
+        (
+            c.services.rollout.local_replicas(),
+            c.services.ref_scorer.local_replicas()
+        ),
+        (0, 0)
+    );
+    let c = load("services:\n  rollout:\n    replicas: 2\n    endpoints: [\"http://a:1\"]\n");
+    assert_eq!(c.services.rollout.local_replicas(), 2);
+    // Iteration N samples with the checkpoint of N - 1 - max_lag (None: the base model).
+    let lag = |k: u32| {
+        let c = load(&format!("async:\n  max_lag: {k}\n"));
+        (0..4)
+            .map(|n| c.overlap.sampling_adapter(n))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(lag(0), [None, Some(0), Some(1), Some(2)]);
+    assert_eq!(lag(1), [None, None, Some(0), Some(1)]);
+    assert_eq!(lag(2), [None, None, None, Some(0)]);
 }

@@ -53,7 +53,8 @@ pub struct Run {
     test: Vec<Problem>,
     rollout: Pool,
     scorer: Pool,
-    /// Bumped after every phase change, so that each side sees what the other finished.
+    /// Bumped after every phase change and stored group, so that each side sees what the other
+    /// finished.
     changes: tokio::sync::watch::Sender<u64>,
     /// The `kill-rollout-server` / `stop-rollout-server` failpoint fired (each run fires one once).
     killed: std::sync::atomic::AtomicBool,

@@ -19,6 +19,19 @@ impl Run {
         let tasks = self.store.tasks(it).await?;
         let adapter = adapter.map(learner::checkpoint::name);
         let concurrency = self.sampling_concurrency() * self.rollout.len();
+        if self.rollout.len() > 1
+            && failpoint("kill-rollout-server", it)
+            && !self.killed.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            // With several servers, the first is frozen now, so that it holds requests when
+            // it is SIGKILLed below (after another server's group is stored): they must be
+            // re-sent to the others.
+            self.signal_rollout_server(
+                "-STOP",
+                "freezing the first rollout server until a group is stored",
+            )
+            .await;
+        }
         let bar = crate::report::bar(missing.len() as u64, &format!("iteration {it}: sampling"));
         let mut done = futures::stream::iter(
             missing
@@ -120,6 +133,7 @@ impl Run {
         self.store
             .insert_group(it, task.group_index, &rollouts)
             .await?;
+        self.changes.send_modify(|n| *n += 1);
         tracing::debug!(
             "iteration {it}: sampling: group {} stored",
             task.group_index
@@ -135,15 +149,20 @@ impl Run {
         ] {
             if failpoint(point, it) && !self.killed.swap(true, std::sync::atomic::Ordering::SeqCst)
             {
-                if let Some(pid) = self.rollout.pid(0).await {
-                    tracing::warn!("{FAILPOINT_ENV}: {doing} the rollout server (pid {pid})");
-                    let _ = tokio::process::Command::new("kill")
-                        .args([signal, &pid.to_string()])
-                        .status()
-                        .await;
-                }
+                self.signal_rollout_server(signal, doing).await;
             }
         }
         Ok(())
+    }
+
+    /// Sends `signal` to the first rollout server (the failpoints above).
+    async fn signal_rollout_server(&self, signal: &str, doing: &str) {
+        if let Some(pid) = self.rollout.pid(0).await {
+            tracing::warn!("{FAILPOINT_ENV}: {doing} the rollout server (pid {pid})");
+            let _ = tokio::process::Command::new("kill")
+                .args([signal, &pid.to_string()])
+                .status()
+                .await;
+        }
     }
 }
