@@ -48,6 +48,11 @@ pub fn name(iteration: u32) -> String {
     format!("iter_{iteration}")
 }
 
+/// The iteration of a checkpoint name ([`name`]'s inverse); `None` for any other name.
+pub fn iteration_of(name: &str) -> Option<u32> {
+    name.strip_prefix("iter_")?.parse().ok()
+}
+
 /// The checkpoint folder of `iteration` of the run in `run_dir`.
 pub fn dir(run_dir: &Path, iteration: u32) -> PathBuf {
     root(run_dir).join(name(iteration))

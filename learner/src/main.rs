@@ -90,7 +90,11 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             let store = runtime.block_on(Store::open(&db))?;
-            let batch = runtime.block_on(learner::load_batch(&store, iteration))?;
+            let batch = runtime.block_on(learner::load_batch(
+                &store,
+                iteration,
+                config.overlap.max_lag,
+            ))?;
             let engine = load_engine(&model, &flags)?;
             let mut learner = if adapter_in == "none" {
                 learner::Learner::new(engine, &config, &model)?

@@ -41,8 +41,10 @@ pub struct Batch {
     pub groups: Vec<Vec<Sequence>>,
 }
 
-/// Reads an iteration's rollouts from the store; every one must have its reference logprobs.
-pub async fn load_batch(store: &Store, iteration: u32) -> anyhow::Result<Batch> {
+/// Reads an iteration's rollouts from the store; every one must have its reference logprobs,
+/// and none may come from a policy more than `max_lag` versions behind (`async.max_lag`: the
+/// checkpoint of iteration `iteration - 1 - max_lag` or later) or from a later one.
+pub async fn load_batch(store: &Store, iteration: u32, max_lag: u32) -> anyhow::Result<Batch> {
     let rollouts = store.rollouts(iteration).await?;
     if rollouts.is_empty() {
         bail!(
@@ -52,7 +54,21 @@ pub async fn load_batch(store: &Store, iteration: u32) -> anyhow::Result<Batch> 
     }
     let mut batch = Batch::default();
     let mut current: Option<u32> = None;
+    let oldest = i64::from(iteration) - 1 - i64::from(max_lag);
     for (g, r) in rollouts {
+        // Rows written before adapters were recorded, and base-model rows, say nothing.
+        if let Some(adapter) = &r.adapter {
+            let version = checkpoint::iteration_of(adapter).map(i64::from);
+            if !version.is_some_and(|v| v >= oldest && v < i64::from(iteration)) {
+                bail!(
+                    "{}: iteration {iteration} group {g} attempt {} was sampled with `{adapter}`, not one of the checkpoints of iterations {}..={} that async.max_lag = {max_lag} allows; resume with the max_lag the run was sampled with",
+                    store.path().display(),
+                    r.attempt,
+                    oldest.max(0),
+                    i64::from(iteration) - 1
+                );
+            }
+        }
         let Some(reference) = r.ref_logprobs else {
             bail!(
                 "{}: iteration {iteration} group {g} attempt {} has no reference logprobs; run the ref scoring first",

@@ -210,7 +210,7 @@ fn sum_logprobs(l: &learner::Learner, seqs: &[ScoreRequest]) -> Vec<f64> {
 async fn training_raises_the_rewarded_completion_and_lowers_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let store = make_db(&dir.path().join("r.sqlite"), 1).await;
-    let batch = learner::load_batch(&store, 0).await.unwrap();
+    let batch = learner::load_batch(&store, 0, 0).await.unwrap();
     let config = Config::from_yaml(
         &config_yaml(20),
         "test",
@@ -312,7 +312,7 @@ async fn resuming_between_iterations_is_bit_identical_and_crashes_leave_no_half_
     .unwrap();
     let mut steps = Vec::new();
     for it in 0..3 {
-        let batch = learner::load_batch(&store, it).await.unwrap();
+        let batch = learner::load_batch(&store, it, 0).await.unwrap();
         steps.extend(whole.train_iteration(it, &batch).unwrap());
     }
     store.close().await;
@@ -436,7 +436,7 @@ async fn resuming_between_iterations_is_bit_identical_and_crashes_leave_no_half_
 async fn importance_weights_follow_the_sampler_logprobs_and_are_reported_per_step() {
     let dir = tempfile::tempdir().unwrap();
     let store = make_db(&dir.path().join("r.sqlite"), 1).await;
-    let mut batch = learner::load_batch(&store, 0).await.unwrap();
+    let mut batch = learner::load_batch(&store, 0, 0).await.unwrap();
     let overrides = |tis: &str| -> Config {
         Config::from_yaml(
             &config_yaml(1),
@@ -503,5 +503,45 @@ async fn importance_weights_follow_the_sampler_logprobs_and_are_reported_per_ste
     assert!(
         (a - b).abs() > 0.01 * a,
         "the weights change the gradient: norm {a} vs {b}"
+    );
+}
+
+/// No rollout more than `async.max_lag` policy versions old, or from a later policy, is ever
+/// trained on: `load_batch` refuses it, naming the rollout and the fix.
+#[tokio::test]
+async fn rollouts_older_than_max_lag_versions_are_never_trained_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("r.sqlite");
+    // Iterations 0 and 1 with the base model and 2 with iter_0, as `async.max_lag: 1` samples;
+    // 3 with iter_3, its own checkpoint, which cannot exist before it is trained.
+    let store = make_db_sampled_with(&db, 4, |it| match it {
+        2 => Some("iter_0".into()),
+        3 => Some("iter_3".into()),
+        _ => None,
+    })
+    .await;
+    for it in [0, 1, 2] {
+        learner::load_batch(&store, it, 1).await.unwrap();
+    }
+    let e = learner::load_batch(&store, 2, 0)
+        .await
+        .unwrap_err()
+        .to_string();
+    for says in [
+        "iteration 2 group 0 attempt 0 was sampled with `iter_0`",
+        "iterations 1..=1",
+        "async.max_lag = 0",
+        "resume with the max_lag the run was sampled with",
+    ] {
+        assert!(e.contains(says), "`{says}` not in: {e}");
+    }
+    // Iteration 3 cannot have been sampled with its own checkpoint.
+    let e = learner::load_batch(&store, 3, 1)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`iter_3`") && e.contains("iterations 1..=2"),
+        "{e}"
     );
 }

@@ -78,6 +78,8 @@ pub struct RolloutServer {
     pub max_batch: Option<u32>,
     pub max_queue: Option<u32>,
     pub max_n: Option<u32>,
+    /// Its compute threads (`None`: all cores).
+    pub threads: Option<usize>,
 }
 
 impl RolloutServer {
@@ -89,6 +91,7 @@ impl RolloutServer {
             max_batch: None,
             max_queue: None,
             max_n: None,
+            threads: None,
         }
     }
 
@@ -117,6 +120,7 @@ impl RolloutServer {
             name: "rollout-server",
             program: bin_dir()?.join("rollout-server"),
             args,
+            threads: self.threads,
         })
     }
 }
@@ -127,6 +131,7 @@ pub fn ref_scorer(service: &ServiceArgs) -> anyhow::Result<ChildSpec> {
         name: "ref-scorer",
         program: bin_dir()?.join("ref-scorer"),
         args: service.args(),
+        threads: None,
     })
 }
 

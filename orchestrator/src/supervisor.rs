@@ -33,6 +33,9 @@ pub struct ChildSpec {
     pub name: &'static str,
     pub program: PathBuf,
     pub args: Vec<String>,
+    /// Its compute threads (`RAYON_NUM_THREADS`; `None`: all cores), unless the user set
+    /// `RAYON_NUM_THREADS` for the whole run.
+    pub threads: Option<usize>,
 }
 
 /// A checkpoint's adapter as a service is told to serve it: its name (`iter_N`), its folder
@@ -595,7 +598,13 @@ async fn start(
             spec.program.display()
         );
     }
-    let mut child = Command::new(&spec.program)
+    let mut cmd = Command::new(&spec.program);
+    if let Some(n) = spec.threads {
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            cmd.env("RAYON_NUM_THREADS", n.to_string());
+        }
+    }
+    let mut child = cmd
         .args(&spec.args)
         .args(["--parent-pid", &std::process::id().to_string()])
         .stdout(Stdio::piped())

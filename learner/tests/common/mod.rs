@@ -61,6 +61,16 @@ pub fn config_yaml(max_iterations: u32) -> String {
 /// Writes iterations `0..n` of sampled rollouts (rewards: attempt `i % 4` of each group gets 1,
 /// one group per iteration has equal rewards) with reference logprobs, into a new database.
 pub async fn make_db(path: &Path, iterations: u32) -> Store {
+    make_db_sampled_with(path, iterations, |_| None).await
+}
+
+/// [`make_db`], each iteration's rollouts recording `adapter(iteration)` as the policy that
+/// sampled them.
+pub async fn make_db_sampled_with(
+    path: &Path,
+    iterations: u32,
+    adapter: impl Fn(u32) -> Option<String>,
+) -> Store {
     let engine = tiny(DType::F32);
     let store = Store::create(
         path,
@@ -138,7 +148,7 @@ pub async fn make_db(path: &Path, iterations: u32) -> Store {
                         reward,
                         reward_components: BTreeMap::from([(RewardKind::Tapeagents, reward)]),
                         answer_status: AnswerStatus::Wrong,
-                        adapter: None,
+                        adapter: adapter(it),
                     }
                 })
                 .collect();

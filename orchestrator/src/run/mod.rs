@@ -178,15 +178,22 @@ impl Run {
             test.truncate(limit as usize);
         }
         let s = &config.services;
+        // Local rollout servers on the CPU share its cores instead of each taking all of them.
+        let on_cpu = (0..s.rollout.local_replicas())
+            .filter(|&i| rollout_device(&config, i) == "cpu")
+            .count();
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let rollout_specs = (0..s.rollout.local_replicas())
             .map(|i| {
+                let device = rollout_device(&config, i);
                 RolloutServer {
+                    threads: (on_cpu > 1 && device == "cpu").then(|| (cores / on_cpu).max(1)),
                     checkpoints_dir: Some(checkpoint::root(&dir)),
                     max_batch: Some(s.rollout.max_batch),
                     max_queue: Some(s.rollout.max_queue),
                     max_n: Some(config.attempts.max(128)),
                     ..RolloutServer::new(ServiceArgs {
-                        device: rollout_device(&config, i),
+                        device,
                         ..ServiceArgs::from_config(&config, replica_port(s.rollout.port, i))
                     })
                 }
