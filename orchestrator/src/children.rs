@@ -117,7 +117,6 @@ impl RolloutServer {
             }
         }
         Ok(ChildSpec {
-            name: "rollout-server",
             program: bin_dir()?.join("rollout-server"),
             args,
             threads: self.threads,
@@ -128,7 +127,6 @@ impl RolloutServer {
 /// A ref-scorer (the base model, no adapter).
 pub fn ref_scorer(service: &ServiceArgs) -> anyhow::Result<ChildSpec> {
     Ok(ChildSpec {
-        name: "ref-scorer",
         program: bin_dir()?.join("ref-scorer"),
         args: service.args(),
         threads: None,

@@ -30,7 +30,6 @@ use tokio::sync::Mutex;
 /// How to start a child service.
 #[derive(Debug, Clone)]
 pub struct ChildSpec {
-    pub name: &'static str,
     pub program: PathBuf,
     pub args: Vec<String>,
     /// Its compute threads (`RAYON_NUM_THREADS`; `None`: all cores), unless the user set
@@ -151,7 +150,7 @@ impl Service {
         self.state.lock().await.url.clone()
     }
 
-    pub async fn restarts(&self) -> u32 {
+    async fn restarts(&self) -> u32 {
         self.state.lock().await.restarts
     }
 
@@ -424,15 +423,6 @@ impl Pool {
 
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
-    }
-
-    /// Restarts of all members so far.
-    pub async fn restarts(&self) -> u32 {
-        let mut n = 0;
-        for m in &self.members {
-            n += m.service.restarts().await;
-        }
-        n
     }
 
     /// The process id of member `i`'s child (for tests and failpoints).
