@@ -15,7 +15,6 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::OnceLock;
@@ -126,10 +125,6 @@ impl Running {
         let status = self.child.wait().unwrap();
         (status, self.log.join("\n"))
     }
-}
-
-fn db(run: &Path) -> std::path::PathBuf {
-    run.join("rollouts.sqlite")
 }
 
 #[test]

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::OnceLock;
 
 use common::*;
@@ -30,10 +29,6 @@ fn uninterrupted(overrides: &'static [&'static str]) -> Outcome {
 fn synchronous() -> &'static Outcome {
     static RUN: OnceLock<Outcome> = OnceLock::new();
     RUN.get_or_init(|| uninterrupted(&[]))
-}
-
-fn db(run: &Path) -> std::path::PathBuf {
-    run.join("rollouts.sqlite")
 }
 
 #[test]

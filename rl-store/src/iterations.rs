@@ -177,35 +177,18 @@ impl Store {
         .await
         .map_err(self.err("updating the phase"))?;
         if let Some(seconds) = seconds.filter(|_| current != Phase::Done) {
-            sqlx::query(
-                "INSERT INTO phase_seconds (run_id, iteration, phase, seconds) VALUES (?, ?, ?, ?) \
-                 ON CONFLICT (run_id, iteration, phase) DO UPDATE SET seconds = seconds + excluded.seconds",
-            )
-            .bind(self.run_id)
-            .bind(i64::from(iteration))
-            .bind(text(current))
-            .bind(seconds.max(0.0))
-            .execute(&mut *tx)
-            .await
-            .map_err(self.err("recording the phase time"))?;
+            self.add_seconds(&mut tx, Seconds::Phase, iteration, text(current), seconds)
+                .await?;
         }
         tx.commit().await.map_err(self.err("committing the phase"))
     }
 
     /// Seconds spent in each finished phase of an iteration, by phase name.
     pub async fn phase_seconds(&self, iteration: u32) -> Result<BTreeMap<String, f64>, StoreError> {
-        let rows: Vec<(String, f64)> = sqlx::query_as(
-            "SELECT phase, seconds FROM phase_seconds WHERE run_id = ? AND iteration = ?",
-        )
-        .bind(self.run_id)
-        .bind(i64::from(iteration))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(self.err("reading phase times"))?;
-        Ok(rows.into_iter().collect())
+        self.seconds(Seconds::Phase, iteration).await
     }
 
-    /// Adds `seconds` to the time `side` (`learner` or `samplers`) sat idle in `iteration`.
+    /// Adds `seconds` to the time `side` sat idle in `iteration`.
     pub async fn add_idle_seconds(
         &self,
         iteration: u32,
@@ -213,30 +196,71 @@ impl Store {
         seconds: f64,
     ) -> Result<(), StoreError> {
         let mut tx = self.write_tx().await?;
-        sqlx::query(
-            "INSERT INTO idle_seconds (run_id, iteration, side, seconds) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (run_id, iteration, side) DO UPDATE SET seconds = seconds + excluded.seconds",
-        )
-        .bind(self.run_id)
-        .bind(i64::from(iteration))
-        .bind(text(side))
-        .bind(seconds.max(0.0))
-        .execute(&mut *tx)
-        .await
-        .map_err(self.err("recording idle time"))?;
+        self.add_seconds(&mut tx, Seconds::Idle, iteration, text(side), seconds)
+            .await?;
         tx.commit().await.map_err(self.err("committing idle time"))
     }
 
     /// Seconds the learner and the samplers sat idle in an iteration, by side name.
     pub async fn idle_seconds(&self, iteration: u32) -> Result<BTreeMap<String, f64>, StoreError> {
-        let rows: Vec<(String, f64)> = sqlx::query_as(
-            "SELECT side, seconds FROM idle_seconds WHERE run_id = ? AND iteration = ?",
-        )
-        .bind(self.run_id)
-        .bind(i64::from(iteration))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(self.err("reading idle times"))?;
+        self.seconds(Seconds::Idle, iteration).await
+    }
+
+    /// Adds `seconds` to the row `key` of `iteration` in a table of times (added up across
+    /// resumes).
+    async fn add_seconds(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+        table: Seconds,
+        iteration: u32,
+        key: String,
+        seconds: f64,
+    ) -> Result<(), StoreError> {
+        let (sql, what) = match table {
+            Seconds::Phase => (
+                "INSERT INTO phase_seconds (run_id, iteration, phase, seconds) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (run_id, iteration, phase) DO UPDATE SET seconds = seconds + excluded.seconds",
+                "recording the phase time",
+            ),
+            Seconds::Idle => (
+                "INSERT INTO idle_seconds (run_id, iteration, side, seconds) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (run_id, iteration, side) DO UPDATE SET seconds = seconds + excluded.seconds",
+                "recording idle time",
+            ),
+        };
+        sqlx::query(sql)
+            .bind(self.run_id)
+            .bind(i64::from(iteration))
+            .bind(key)
+            .bind(seconds.max(0.0))
+            .execute(&mut **tx)
+            .await
+            .map_err(self.err(what))?;
+        Ok(())
+    }
+
+    /// A table of times of `iteration`, by key.
+    async fn seconds(
+        &self,
+        table: Seconds,
+        iteration: u32,
+    ) -> Result<BTreeMap<String, f64>, StoreError> {
+        let (sql, what) = match table {
+            Seconds::Phase => (
+                "SELECT phase, seconds FROM phase_seconds WHERE run_id = ? AND iteration = ?",
+                "reading phase times",
+            ),
+            Seconds::Idle => (
+                "SELECT side, seconds FROM idle_seconds WHERE run_id = ? AND iteration = ?",
+                "reading idle times",
+            ),
+        };
+        let rows: Vec<(String, f64)> = sqlx::query_as(sql)
+            .bind(self.run_id)
+            .bind(i64::from(iteration))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.err(what))?;
         Ok(rows.into_iter().collect())
     }
 
@@ -289,6 +313,13 @@ impl Store {
             )
             .collect())
     }
+}
+
+/// The two tables of times per iteration: `phase_seconds` and `idle_seconds`.
+#[derive(Debug, Clone, Copy)]
+enum Seconds {
+    Phase,
+    Idle,
 }
 
 /// Who sat idle: the learner waiting for rollouts, or the samplers waiting for a checkpoint.

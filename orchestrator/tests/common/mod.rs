@@ -122,6 +122,11 @@ pub fn setup(dir: &Path, extra: &str) -> PathBuf {
     path
 }
 
+/// The database of the run in `run`.
+pub fn db(run: &Path) -> PathBuf {
+    run.join("rollouts.sqlite")
+}
+
 pub fn orchestrate(bins: &Path, args: &[&str], failpoint: Option<&str>) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_orchestrate"));
     cmd.args(args).env("ORCHESTRATE_BIN_DIR", bins);
