@@ -95,24 +95,20 @@ pub struct Terms {
     pub tokens: f64,
 }
 
-/// Truncated importance-sampling weights `min(exp(old - sampler), cap)` per token, and how many
+/// Truncated importance-sampling weights `min(exp(old - sampler), cap)` per token, and which
 /// were cut to `cap`.
-pub fn tis_weights(old: &[f64], sampler: &[f64], cap: f64) -> (Vec<f64>, usize) {
-    let mut cut = 0;
-    let w = old
-        .iter()
+pub fn tis_weights(old: &[f64], sampler: &[f64], cap: f64) -> (Vec<f64>, Vec<bool>) {
+    old.iter()
         .zip(sampler)
         .map(|(o, s)| {
             let w = (o - s).exp();
             if w > cap {
-                cut += 1;
-                cap
+                (cap, true)
             } else {
-                w
+                (w, false)
             }
         })
-        .collect();
-    (w, cut)
+        .unzip()
 }
 
 /// The per-token objective over concatenated sequences.

@@ -314,11 +314,12 @@ impl Learner {
                                 old.len()
                             );
                         }
-                        let (weights, _) = grpo::tis_weights(&old, &sampler, cap);
-                        for (wt, tw) in weights.iter().zip(&token_weights) {
+                        let (weights, cut) = grpo::tis_weights(&old, &sampler, cap);
+                        // Over the tokens that count (a masked sequence weighs nothing).
+                        for (c, tw) in cut.iter().zip(&token_weights) {
                             if *tw > 0.0 {
                                 tis_tokens += 1;
-                                tis_cut += usize::from(*wt >= cap);
+                                tis_cut += usize::from(*c);
                             }
                         }
                         Some(weights)
@@ -404,7 +405,7 @@ impl Learner {
                 completion_len: lens.iter().sum::<usize>() as f64 / lens.len().max(1) as f64,
                 tokens_per_s: step_tokens as f64 / seconds.max(1e-9),
                 sampler_mismatch_mean: mismatch.mean(),
-                sampler_mismatch_max: mismatch.mean().map(|_| mismatch.max),
+                sampler_mismatch_max: mismatch.max(),
                 tis_clip_fraction: cfg
                     .tis_cap
                     .map(|_| tis_cut as f64 / tis_tokens.max(1) as f64),
@@ -413,7 +414,7 @@ impl Learner {
                 "iteration {iteration} step {}: sampler vs learner logprobs before the update: mean |diff| {:.2e}, max {:.2e} over {} tokens{}",
                 self.opt.step,
                 mismatch.mean().unwrap_or(0.0),
-                mismatch.max,
+                mismatch.max().unwrap_or(0.0),
                 mismatch.tokens,
                 match cfg.tis_cap {
                     Some(cap) => format!("; importance weights cut to {cap}: {tis_cut} of {tis_tokens} tokens"),
@@ -422,10 +423,9 @@ impl Learner {
             );
             total.merge(&mismatch);
         }
-        if let Some(mean) = total.mean() {
+        if let (Some(mean), Some(max)) = (total.mean(), total.max()) {
             tracing::info!(
-                "iteration {iteration}: sampler vs learner logprobs at the starting adapter: mean |diff| {mean:.2e}, max {:.2e} over {} tokens",
-                total.max,
+                "iteration {iteration}: sampler vs learner logprobs at the starting adapter: mean |diff| {mean:.2e}, max {max:.2e} over {} tokens",
                 total.tokens
             );
         }
@@ -450,7 +450,7 @@ fn score_requests(chunk: &[(&Sequence, f64)]) -> Vec<ScoreRequest> {
 #[derive(Debug, Default)]
 struct Mismatch {
     sum: f64,
-    max: f64,
+    largest: f64,
     tokens: usize,
 }
 
@@ -461,19 +461,24 @@ impl Mismatch {
         for (&a, &b) in sampler.zip(old) {
             let d = (f64::from(a) - b).abs();
             self.sum += d;
-            self.max = self.max.max(d);
+            self.largest = self.largest.max(d);
             self.tokens += 1;
         }
     }
 
     fn merge(&mut self, other: &Mismatch) {
         self.sum += other.sum;
-        self.max = self.max.max(other.max);
+        self.largest = self.largest.max(other.largest);
         self.tokens += other.tokens;
     }
 
     /// The mean difference (`None`: no tokens).
     fn mean(&self) -> Option<f64> {
         (self.tokens > 0).then(|| self.sum / self.tokens as f64)
+    }
+
+    /// The largest difference (`None`: no tokens).
+    fn max(&self) -> Option<f64> {
+        (self.tokens > 0).then_some(self.largest)
     }
 }
