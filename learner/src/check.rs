@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::Context;
 use candle_core::{DType, Tensor};
 use model::{Engine, LoraAdapter, ScoreRequest};
-use rl_core::config::{LossType, ScaleRewards};
+use rl_core::config::{ImportanceLevel, LossType, ScaleRewards};
 use serde::Deserialize;
 
 use crate::grpo::{self, Objective};
@@ -87,16 +87,20 @@ pub fn run(engine: &Engine, adapter_dir: &Path, batch: &CheckBatch) -> anyhow::R
         beta: batch.beta,
         epsilon_low: batch.epsilon,
         epsilon_high: batch.epsilon_high.unwrap_or(batch.epsilon),
+        level: ImportanceLevel::Token,
     };
     let old: Vec<f64> = batch.old_logp.iter().flatten().copied().collect();
     let reference: Vec<f64> = batch.ref_logp.iter().flatten().copied().collect();
     let t = grpo::terms(
         &out.logprobs,
-        &old,
-        &reference,
-        &grpo::per_token(&adv, &out.offsets),
-        &grpo::per_token(&weights, &out.offsets),
-        None,
+        &grpo::Tokens {
+            offsets: &out.offsets,
+            old: &old,
+            reference: &reference,
+            advantage: &grpo::per_token(&adv, &out.offsets),
+            weight: &grpo::per_token(&weights, &out.offsets),
+            tis: None,
+        },
         obj,
     )?;
     let loss = t.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;

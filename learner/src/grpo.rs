@@ -3,7 +3,10 @@
 //!
 //! - advantage `A_i = (r_i - mean_g) / (std_g + 1e-4)`, sample std (ddof 1); `r_i - mean_g` with
 //!   `scale_rewards: none`; the batch's std instead of the group's with `batch`;
-//! - ratio `exp(logp - old_logp)`, surrogate `min(ratio A, clip(ratio, 1-eps_low, 1+eps_high) A)`;
+//! - ratio `exp(logp - old_logp)` per token, or with `importance_sampling_level: sequence` (GSPO,
+//!   pinned by `learner/tests/fixtures/gspo_golden.json`) each sequence's
+//!   `exp(mean_t(logp - old_logp))` on all its tokens; surrogate
+//!   `min(ratio A, clip(ratio, 1-eps_low, 1+eps_high) A)`;
 //! - k3 KL to the reference `exp(ref - logp) - (ref - logp) - 1`;
 //! - per-token loss `-(surrogate - beta KL)`, or `-(w surrogate - beta KL)` with truncated
 //!   importance sampling (`learner.tis_cap`; TRL's `vllm_importance_sampling_correction`):
@@ -17,7 +20,7 @@
 //! `mask_truncated`) has weight 0 and counts in no token total.
 
 use candle_core::{DType, Result, Tensor};
-use rl_core::config::{LossType, ScaleRewards};
+use rl_core::config::{ImportanceLevel, LossType, ScaleRewards};
 
 /// Added to the standard deviation before dividing (TRL's and TapeAgents' 1e-4).
 pub const STD_EPS: f64 = 1e-4;
@@ -81,6 +84,24 @@ pub struct Objective {
     pub beta: f64,
     pub epsilon_low: f64,
     pub epsilon_high: f64,
+    pub level: ImportanceLevel,
+}
+
+/// What [`terms`] needs of each token besides its differentiable logprob, over concatenated
+/// sequences (`offsets` as from `Engine::train_logprobs`: sequence `i` is `offsets[i]..offsets[i+1]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Tokens<'a> {
+    pub offsets: &'a [usize],
+    /// The old policy's logprobs.
+    pub old: &'a [f64],
+    /// The reference model's logprobs.
+    pub reference: &'a [f64],
+    /// Each token's sequence's advantage ([`per_token`]).
+    pub advantage: &'a [f64],
+    /// Each token's sequence's loss weight, 0 for masked sequences ([`sequence_weights`]).
+    pub weight: &'a [f64],
+    /// Each token's truncated importance-sampling weight ([`tis_weights`]), when on.
+    pub tis: Option<&'a [f64]>,
 }
 
 /// One micro-batch's contribution: `loss` (differentiable) and, for the metrics, the weighted sums
@@ -111,30 +132,30 @@ pub fn tis_weights(old: &[f64], sampler: &[f64], cap: f64) -> (Vec<f64>, Vec<boo
         .unzip()
 }
 
-/// The per-token objective over concatenated sequences.
-///
-/// `logp` `[n]` is differentiable; `old`, `reference` `[n]` are the old policy's and the
-/// reference model's logprobs; `advantage` and `weight` give each token its sequence's advantage
-/// and loss weight (0 for masked sequences); `tis`, when given, each token's truncated
-/// importance-sampling weight ([`tis_weights`]). Everything is computed in `logp`'s dtype.
-pub fn terms(
-    logp: &Tensor,
-    old: &[f64],
-    reference: &[f64],
-    advantage: &[f64],
-    weight: &[f64],
-    tis: Option<&[f64]>,
-    obj: Objective,
-) -> Result<Terms> {
+/// The per-token objective over concatenated sequences: `logp` `[n]` is differentiable, the rest
+/// is in `tokens`. Everything is computed in `logp`'s dtype.
+pub fn terms(logp: &Tensor, tokens: &Tokens<'_>, obj: Objective) -> Result<Terms> {
     let dtype = logp.dtype();
     let dev = logp.device();
     let t = |v: &[f64]| Tensor::new(v, dev)?.to_dtype(dtype);
-    let (old, reference, adv, w) = (t(old)?, t(reference)?, t(advantage)?, t(weight)?);
-    let ratio = (logp - &old)?.exp()?;
+    let (old, reference, adv, w) = (
+        t(tokens.old)?,
+        t(tokens.reference)?,
+        t(tokens.advantage)?,
+        t(tokens.weight)?,
+    );
+    let weight = tokens.weight;
+    let advantage = tokens.advantage;
+    let log_ratio = (logp - &old)?;
+    let log_ratio = match obj.level {
+        ImportanceLevel::Token => log_ratio,
+        ImportanceLevel::Sequence => sequence_means(&log_ratio, tokens.offsets)?,
+    };
+    let ratio = log_ratio.exp()?;
     let unclipped = (&ratio * &adv)?;
     let clipped_ratio = ratio.clamp(1.0 - obj.epsilon_low, 1.0 + obj.epsilon_high)?;
     let mut surrogate = unclipped.minimum(&(&clipped_ratio * &adv)?)?;
-    if let Some(tis) = tis {
+    if let Some(tis) = tokens.tis {
         surrogate = (surrogate * t(tis)?)?;
     }
     let d = (&reference - logp)?;
@@ -144,12 +165,12 @@ pub fn terms(
     // Metrics: token means over live tokens (weight > 0), detached.
     let r = ratio.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
     let k = kl.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    let (mut kl_sum, mut clipped, mut tokens) = (0.0, 0.0, 0.0);
+    let (mut kl_sum, mut clipped, mut live) = (0.0, 0.0, 0.0);
     for i in 0..r.len() {
         if weight[i] <= 0.0 {
             continue;
         }
-        tokens += 1.0;
+        live += 1.0;
         kl_sum += k[i];
         let a = advantage[i];
         if (r[i] < 1.0 - obj.epsilon_low && a < 0.0) || (r[i] > 1.0 + obj.epsilon_high && a > 0.0) {
@@ -161,8 +182,26 @@ pub fn terms(
         per_token: per_token.detach(),
         kl_sum,
         clipped,
-        tokens,
+        tokens: live,
     })
+}
+
+/// Each sequence's mean of `x` `[n]`, on every one of its tokens (differentiable: each token
+/// gets `1 / len` of its sequence's gradient).
+fn sequence_means(x: &Tensor, offsets: &[usize]) -> Result<Tensor> {
+    let parts = offsets
+        .windows(2)
+        .filter(|w| w[1] > w[0])
+        .map(|w| {
+            x.narrow(0, w[0], w[1] - w[0])?
+                .mean_keepdim(0)?
+                .broadcast_as(w[1] - w[0])
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if parts.is_empty() {
+        return Ok(x.clone());
+    }
+    Tensor::cat(&parts, 0)
 }
 
 /// Spreads per-sequence values over their tokens (`offsets` as from `Engine::train_logprobs`).

@@ -234,6 +234,7 @@ impl Learner {
             beta: cfg.beta,
             epsilon_low: cfg.epsilon_low,
             epsilon_high: cfg.epsilon_high,
+            level: cfg.importance_sampling_level,
         };
         let temperature = f64::from(self.config.sampling.train.temperature);
         let micro = cfg.micro_batch.max(1) as usize;
@@ -332,11 +333,14 @@ impl Learner {
                     .collect();
                 let t = grpo::terms(
                     &out.logprobs,
-                    &old,
-                    &reference,
-                    &grpo::per_token(&adv, &out.offsets),
-                    &token_weights,
-                    tis.as_deref(),
+                    &grpo::Tokens {
+                        offsets: &out.offsets,
+                        old: &old,
+                        reference: &reference,
+                        advantage: &grpo::per_token(&adv, &out.offsets),
+                        weight: &token_weights,
+                        tis: tis.as_deref(),
+                    },
                     obj,
                 )?;
                 loss += t.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;

@@ -12,7 +12,7 @@ fn device() -> Device {
     model::test_device().unwrap_or_else(|e| panic!("{e}"))
 }
 use learner::grpo::{self, Objective};
-use rl_core::config::{LossType, ScaleRewards};
+use rl_core::config::{ImportanceLevel, LossType, ScaleRewards};
 
 fn golden() -> serde_json::Value {
     let dir = std::env::var_os("GOLDEN_DIR")
@@ -75,6 +75,7 @@ fn every_case_matches_the_oracle() {
             beta: case["beta"].as_f64().unwrap(),
             epsilon_low: case["epsilon_low"].as_f64().unwrap(),
             epsilon_high: case["epsilon_high"].as_f64().unwrap(),
+            level: ImportanceLevel::Token,
         };
         for (name, lt) in [
             ("grpo", LossType::Grpo),
@@ -85,11 +86,14 @@ fn every_case_matches_the_oracle() {
             let lp = Tensor::new(logp.as_slice(), &dev).unwrap();
             let t = grpo::terms(
                 &lp,
-                &old,
-                &reference,
-                &grpo::per_token(&adv, &offsets),
-                &grpo::per_token(&weights, &offsets),
-                None,
+                &grpo::Tokens {
+                    offsets: &offsets,
+                    old: &old,
+                    reference: &reference,
+                    advantage: &grpo::per_token(&adv, &offsets),
+                    weight: &grpo::per_token(&weights, &offsets),
+                    tis: None,
+                },
                 obj,
             )
             .unwrap();
@@ -132,31 +136,44 @@ fn every_case_matches_the_oracle() {
 
 #[test]
 fn micro_batches_sum_to_the_whole_step() {
-    // Splitting sequences between micro-batches changes nothing: weights are per step.
+    // Splitting sequences between micro-batches changes nothing: weights are per step, and a
+    // sequence-level ratio (GSPO) never spans two micro-batches.
     let lens = [3usize, 1, 4, 2];
     let offsets = [0usize, 3, 4, 8, 10];
     let logp: Vec<f64> = (0..10).map(|i| -0.1 * (i as f64 + 1.0)).collect();
     let old: Vec<f64> = logp.iter().map(|x| x + 0.05).collect();
     let reference: Vec<f64> = logp.iter().map(|x| x - 0.02).collect();
     let adv = [1.0, -0.5, 0.25, -1.0];
-    let obj = Objective {
-        beta: 0.04,
-        epsilon_low: 0.2,
-        epsilon_high: 0.28,
-    };
     let dev = device();
-    for lt in [LossType::Grpo, LossType::DrGrpo, LossType::Dapo] {
+    for (lt, level) in [LossType::Grpo, LossType::DrGrpo, LossType::Dapo]
+        .into_iter()
+        .flat_map(|lt| {
+            [
+                (lt, ImportanceLevel::Token),
+                (lt, ImportanceLevel::Sequence),
+            ]
+        })
+    {
+        let obj = Objective {
+            beta: 0.04,
+            epsilon_low: 0.2,
+            epsilon_high: 0.28,
+            level,
+        };
         let w = grpo::sequence_weights(&lens, &[false, false, true, false], lt);
         let run = |from: usize, to: usize| {
             let (a, b) = (offsets[from], offsets[to]);
             let off: Vec<usize> = offsets[from..=to].iter().map(|o| o - a).collect();
             let t = grpo::terms(
                 &Tensor::new(&logp[a..b], &dev).unwrap(),
-                &old[a..b],
-                &reference[a..b],
-                &grpo::per_token(&adv[from..to], &off),
-                &grpo::per_token(&w[from..to], &off),
-                None,
+                &grpo::Tokens {
+                    offsets: &off,
+                    old: &old[a..b],
+                    reference: &reference[a..b],
+                    advantage: &grpo::per_token(&adv[from..to], &off),
+                    weight: &grpo::per_token(&w[from..to], &off),
+                    tis: None,
+                },
                 obj,
             )
             .unwrap();
@@ -164,7 +181,10 @@ fn micro_batches_sum_to_the_whole_step() {
         };
         let whole = run(0, 4);
         let split = run(0, 1) + run(1, 3) + run(3, 4);
-        assert!((whole - split).abs() < 1e-15, "{lt:?}: {whole} vs {split}");
+        assert!(
+            (whole - split).abs() < 1e-15,
+            "{lt:?} {level:?}: {whole} vs {split}"
+        );
         assert_eq!(w[2], 0.0, "a masked sequence weighs nothing");
     }
 }
@@ -200,6 +220,7 @@ fn truncated_importance_sampling_matches_the_oracle() {
         beta: g["beta"].as_f64().unwrap(),
         epsilon_low: g["epsilon_low"].as_f64().unwrap(),
         epsilon_high: g["epsilon_high"].as_f64().unwrap(),
+        level: ImportanceLevel::Token,
     };
     let dev = device();
     let mut checked = 0;
@@ -235,11 +256,14 @@ fn truncated_importance_sampling_matches_the_oracle() {
             let loss_with = |tis: Option<&[f64]>| {
                 grpo::terms(
                     lp.as_tensor(),
-                    &old,
-                    &reference,
-                    &grpo::per_token(&adv, &offsets),
-                    &grpo::per_token(&w, &offsets),
-                    tis,
+                    &grpo::Tokens {
+                        offsets: &offsets,
+                        old: &old,
+                        reference: &reference,
+                        advantage: &grpo::per_token(&adv, &offsets),
+                        weight: &grpo::per_token(&w, &offsets),
+                        tis,
+                    },
                     obj,
                 )
                 .unwrap()
@@ -273,4 +297,112 @@ fn truncated_importance_sampling_matches_the_oracle() {
         }
     }
     assert_eq!(checked, 9);
+}
+
+/// `fixtures/gspo_golden.json` (made by `make_gspo_golden.py` beside it, TRL's
+/// `importance_sampling_level="sequence"` in PyTorch f64): with one clipped ratio per sequence,
+/// the loss, its gradient for every live token, the clipped fraction and the mean KL, per pair of
+/// epsilons (GSPO's 3e-4 / 4e-4 and GRPO's 0.2 / 0.28) and reduction, within 1e-9.
+#[test]
+fn sequence_level_ratio_matches_the_gspo_oracle() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gspo_golden.json");
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let lens: Vec<usize> = g["lens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    let flat =
+        |key: &str| -> Vec<f64> { g[key].as_array().unwrap().iter().flat_map(floats).collect() };
+    let (logp, old, reference) = (flat("logp"), flat("old_logp"), flat("ref_logp"));
+    let mut offsets = vec![0];
+    for l in &lens {
+        offsets.push(offsets.last().unwrap() + l);
+    }
+    let adv = floats(&g["advantages"]);
+    let dev = device();
+    let mut checked = 0;
+    for case in g["cases"].as_array().unwrap() {
+        let (lo, hi) = (
+            case["epsilon_low"].as_f64().unwrap(),
+            case["epsilon_high"].as_f64().unwrap(),
+        );
+        for (name, lt) in [
+            ("grpo", LossType::Grpo),
+            ("dr_grpo", LossType::DrGrpo),
+            ("dapo", LossType::Dapo),
+        ] {
+            let w = grpo::sequence_weights(&lens, &vec![false; lens.len()], lt);
+            let lp = candle_core::Var::new(logp.as_slice(), &dev).unwrap();
+            let terms_at = |level| {
+                grpo::terms(
+                    lp.as_tensor(),
+                    &grpo::Tokens {
+                        offsets: &offsets,
+                        old: &old,
+                        reference: &reference,
+                        advantage: &grpo::per_token(&adv, &offsets),
+                        weight: &grpo::per_token(&w, &offsets),
+                        tis: None,
+                    },
+                    Objective {
+                        beta: g["beta"].as_f64().unwrap(),
+                        epsilon_low: lo,
+                        epsilon_high: hi,
+                        level,
+                    },
+                )
+                .unwrap()
+            };
+            let t = terms_at(ImportanceLevel::Sequence);
+            let loss = t.loss.to_scalar::<f64>().unwrap();
+            let want = case["loss"][name].as_f64().unwrap();
+            assert!(
+                (loss - want).abs() < TOL,
+                "eps {lo}/{hi} {name}: loss {loss} vs {want}"
+            );
+            let grad = t
+                .loss
+                .backward()
+                .unwrap()
+                .get(lp.as_tensor())
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let want_grad: Vec<f64> = case["grad"][name]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(floats)
+                .collect();
+            assert_eq!(grad.len(), want_grad.len());
+            for (k, (a, b)) in grad.iter().zip(&want_grad).enumerate() {
+                assert!(
+                    (a - b).abs() < TOL,
+                    "eps {lo}/{hi} {name}: grad [{k}] {a} vs {b}"
+                );
+            }
+            let clip = t.clipped / t.tokens;
+            let want_clip = case["clip_fraction"].as_f64().unwrap();
+            assert!(
+                (clip - want_clip).abs() < 1e-12,
+                "clip fraction {clip} vs {want_clip}"
+            );
+            let kl = t.kl_sum / t.tokens;
+            assert!(
+                (kl - case["mean_kl"].as_f64().unwrap()).abs() < TOL,
+                "mean kl {kl}"
+            );
+            // The token-level ratio gives another loss: the oracle pins the level.
+            let token = terms_at(ImportanceLevel::Token)
+                .loss
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!((token - want).abs() > 1e-6, "eps {lo}/{hi} {name}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 6);
 }

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use learner::grpo::{self, Objective};
 use model::{LoraAdapter, ScoreRequest};
-use rl_core::config::{Config, LossType, ScaleRewards};
+use rl_core::config::{Config, ImportanceLevel, LossType, ScaleRewards};
 
 /// The learner binary, on the suite's device.
 fn learner_bin(subcommand: &str) -> Command {
@@ -127,16 +127,20 @@ fn loss_gradient_matches_finite_differences_in_f64() {
         beta: 0.04,
         epsilon_low: 0.2,
         epsilon_high: 0.28,
+        level: ImportanceLevel::Token,
     };
     let loss_of = |with: &LoraAdapter| {
         let out = engine.train_logprobs(&reqs, with, 1.0).unwrap();
         grpo::terms(
             &out.logprobs,
-            &old,
-            &reference,
-            &grpo::per_token(&adv, &out.offsets),
-            &grpo::per_token(&weights, &out.offsets),
-            None,
+            &grpo::Tokens {
+                offsets: &out.offsets,
+                old: &old,
+                reference: &reference,
+                advantage: &grpo::per_token(&adv, &out.offsets),
+                weight: &grpo::per_token(&weights, &out.offsets),
+                tis: None,
+            },
             obj,
         )
         .unwrap()

@@ -23,6 +23,17 @@ pub struct GenerateRequest {
     pub params: SamplingParams,
 }
 
+/// One decoded token of a request (`request`: its index in the batch given to
+/// [`Engine::generate_with`]), as soon as it is sampled.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenEvent<'a> {
+    pub request: usize,
+    pub token: u32,
+    pub logprob: f32,
+    /// The most likely alternatives (empty unless the request asked for `top_logprobs`).
+    pub top: &'a [(u32, f32)],
+}
+
 /// A sampled continuation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generation {
@@ -253,6 +264,16 @@ impl Engine {
 
     /// Samples a continuation of every request, all rows in one batch.
     pub fn generate(&self, requests: &[GenerateRequest]) -> Result<Vec<Generation>> {
+        self.generate_with(requests, &mut |_: &TokenEvent<'_>| true)
+    }
+
+    /// [`Engine::generate`], telling `on_token` each token as it is decoded; a row whose
+    /// `on_token` answers `false` (its reader went away) stops there and leaves the batch.
+    pub fn generate_with(
+        &self,
+        requests: &[GenerateRequest],
+        on_token: &mut dyn FnMut(&TokenEvent<'_>) -> bool,
+    ) -> Result<Vec<Generation>> {
         if requests.is_empty() {
             return Ok(vec![]);
         }
@@ -346,10 +367,18 @@ impl Engine {
                 g.tokens.push(id);
                 g.logprobs.push(lp);
                 let params = samplers[req].params();
+                let wanted = on_token(&TokenEvent {
+                    request: req,
+                    token: id,
+                    logprob: lp,
+                    top: &top,
+                });
                 if params.top_logprobs > 0 {
                     g.top_logprobs.push(top);
                 }
-                if params.stop_ids.contains(&id)
+                if !wanted {
+                    rows[row] = None;
+                } else if params.stop_ids.contains(&id)
                     || params.stop_sequences.iter().any(|s| g.tokens.ends_with(s))
                 {
                     g.finish_reason = FinishReason::Stop;

@@ -34,7 +34,7 @@ pub mod transformer;
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{Architecture, ModelConfig, RopeScaling};
-pub use engine::{Engine, GenerateRequest, Generation, ScoreRequest, TrainLogprobs};
+pub use engine::{Engine, GenerateRequest, Generation, ScoreRequest, TokenEvent, TrainLogprobs};
 pub use error::{Error, Result};
 pub use export::{export_merged, ExportReport};
 pub use kernels::{alloc, simd};

@@ -116,7 +116,7 @@ pub async fn command(
     }
     .spec()?;
     crate::device::preflight(&config.model.device, &[&spec.program])?;
-    let mut problems = rl_core::tasks::load_gsm8k(&data)?;
+    let mut problems = rl_core::tasks::load(&data, &config.data)?;
     if let Some(l) = limit {
         problems.truncate(l);
     }

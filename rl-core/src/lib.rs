@@ -36,5 +36,7 @@ mod tests {
         same_names::<crate::prompts::PromptStyle>();
         same_names::<crate::config::Dtype>();
         same_names::<crate::wire::FinishReason>();
+        same_names::<crate::config::AnswerFormat>();
+        same_names::<crate::config::ImportanceLevel>();
     }
 }

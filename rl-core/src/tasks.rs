@@ -1,16 +1,19 @@
-//! GSM8K problems: loading the jsonl files that `scripts/fetch-assets` provides, parsing the gold
-//! answer after `####`, reading numbers the way graders do, and choosing which problems an
-//! iteration trains on (deterministic from the run seed and the iteration, so a resumed run picks
-//! the same ones).
+//! Problems: loading a dataset (GSM8K's jsonl files that `scripts/fetch-assets` provides, or a
+//! user's JSONL or Parquet file with its own field names, see [`load`]), reading the gold answer
+//! (after `####`, inside the last `\boxed{}`, or the whole field), reading numbers the way graders
+//! do, and choosing which problems an iteration trains on (deterministic from the run seed and the
+//! iteration, so a resumed run picks the same ones).
 //!
-//! A malformed line is an error naming the file and the line; nothing is skipped.
+//! A malformed row is an error naming the file, the row and the field; nothing is skipped.
 
 use std::path::Path;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
+use crate::config::{AnswerFormat, DataConfig};
 use crate::wire::{read_jsonl_numbered, JsonlError};
 
 /// The gold answer of a problem: its canonical text (`1,000` -> `1000`, `$18.00` -> `18`) and value.
@@ -35,52 +38,189 @@ pub struct Problem {
 pub enum TaskError {
     #[error(transparent)]
     Jsonl(#[from] JsonlError),
-    #[error("{path} line {line}: {reason}")]
-    Line {
+    #[error("{path} {row}: {reason}")]
+    Row {
         path: String,
-        line: usize,
+        /// `line N` of a jsonl file, `row N` (from 1) of a Parquet file.
+        row: String,
         reason: String,
     },
-    #[error("{path}: no problems in the file (expected GSM8K jsonl with `question` and `answer`; run scripts/fetch-assets)")]
-    Empty { path: String },
+    #[error("{path}: cannot read it as Parquet ({reason})")]
+    Parquet { path: String, reason: String },
+    #[error("{path}: no problems in the file (expected rows with `{question}` and `{answer}`; run scripts/fetch-assets or point data.train / data.test at your dataset)")]
+    Empty {
+        path: String,
+        question: String,
+        answer: String,
+    },
 }
 
-#[derive(Deserialize)]
-struct RawRow {
-    question: String,
-    answer: String,
-    #[serde(default)]
-    idx: Option<i64>,
+/// How a dataset file is read, from its extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// One JSON object per line (`.jsonl`, `.json`).
+    Jsonl,
+    /// Apache Parquet (`.parquet`), the format Hugging Face datasets are stored in.
+    Parquet,
 }
 
-/// Loads a GSM8K jsonl file (`question`, `answer` ending in `#### N`, optional `idx`).
-pub fn load_gsm8k(path: &Path) -> Result<Vec<Problem>, TaskError> {
+impl FileKind {
+    pub fn of(path: &Path) -> Option<Self> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "jsonl" | "json" => Some(FileKind::Jsonl),
+            "parquet" => Some(FileKind::Parquet),
+            _ => None,
+        }
+    }
+}
+
+/// One row of a dataset: where it is (`line N` / `row N`) and its fields.
+struct Row {
+    at: String,
+    fields: serde_json::Map<String, Value>,
+}
+
+/// Loads the problems of a dataset file: each row's `data.fields.question` and
+/// `data.fields.answer`, the gold answer read as `data.answer_format` says, and GSM8K's `idx`
+/// when a row has one. A missing or empty field, a gold answer that is not a number or a file
+/// without rows fails, naming the file, the row and the field.
+pub fn load(path: &Path, data: &DataConfig) -> Result<Vec<Problem>, TaskError> {
     let shown = path.display().to_string();
-    let rows: Vec<(usize, RawRow)> = read_jsonl_numbered(path)?;
+    let rows = match FileKind::of(path) {
+        Some(FileKind::Parquet) => parquet_rows(path)?,
+        // The config refuses other extensions; jsonl is the guess for a caller that did not
+        // validate.
+        Some(FileKind::Jsonl) | None => {
+            read_jsonl_numbered::<serde_json::Map<String, Value>>(path)?
+                .into_iter()
+                .map(|(line, fields)| Row {
+                    at: format!("line {line}"),
+                    fields,
+                })
+                .collect()
+        }
+    };
+    let (q_field, a_field) = (&data.fields.question, &data.fields.answer);
     if rows.is_empty() {
-        return Err(TaskError::Empty { path: shown });
+        return Err(TaskError::Empty {
+            path: shown,
+            question: q_field.clone(),
+            answer: a_field.clone(),
+        });
     }
     rows.into_iter()
         .enumerate()
-        .map(|(index, (line, row))| {
-            let fail = |reason: String| TaskError::Line {
+        .map(|(index, row)| {
+            let fail = |field: &str, reason: String| TaskError::Row {
                 path: shown.clone(),
-                line,
-                reason,
+                row: row.at.clone(),
+                reason: format!("field `{field}`: {reason}"),
             };
-            if row.question.trim().is_empty() {
-                return Err(fail("empty `question`".into()));
-            }
-            let gold = parse_gold(&row.answer).map_err(fail)?;
+            let text = |field: &str| -> Result<String, TaskError> {
+                match row.fields.get(field) {
+                    None | Some(Value::Null) => {
+                        let mut names: Vec<&str> = row.fields.keys().map(String::as_str).collect();
+                        names.sort_unstable();
+                        Err(fail(
+                            field,
+                            format!(
+                                "missing (the row has {}); set data.fields to the names your file uses",
+                                names.join(", ")
+                            ),
+                        ))
+                    }
+                    Some(Value::String(s)) if s.trim().is_empty() => {
+                        Err(fail(field, "is empty".into()))
+                    }
+                    Some(Value::String(s)) => Ok(s.clone()),
+                    Some(Value::Number(n)) => Ok(n.to_string()),
+                    Some(other) => Err(fail(field, format!("is {other}, not text or a number"))),
+                }
+            };
+            let question = text(q_field)?;
+            let answer = text(a_field)?;
+            let gold = parse_gold_as(&answer, data.answer_format).map_err(|e| fail(a_field, e))?;
             Ok(Problem {
                 index,
-                id: row.idx,
-                question: row.question,
-                solution: row.answer,
+                id: row.fields.get("idx").and_then(Value::as_i64),
+                question,
+                solution: answer,
                 gold,
             })
         })
         .collect()
+}
+
+/// The rows of a Parquet file, each column as a JSON value (strings, numbers, booleans, null;
+/// other types as their text).
+fn parquet_rows(path: &Path) -> Result<Vec<Row>, TaskError> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+    let shown = path.display().to_string();
+    let bad = |reason: String| TaskError::Parquet {
+        path: shown.clone(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|source| JsonlError::Io {
+        path: shown.clone(),
+        source,
+    })?;
+    let reader = SerializedFileReader::new(file).map_err(|e| bad(e.to_string()))?;
+    let mut rows = Vec::new();
+    for (i, row) in reader
+        .get_row_iter(None)
+        .map_err(|e| bad(e.to_string()))?
+        .enumerate()
+    {
+        let row = row.map_err(|e| bad(format!("row {}: {e}", i + 1)))?;
+        let fields = row
+            .get_column_iter()
+            .map(|(name, field)| {
+                let v = match field {
+                    Field::Null => Value::Null,
+                    Field::Bool(b) => Value::Bool(*b),
+                    Field::Byte(x) => Value::from(*x),
+                    Field::Short(x) => Value::from(*x),
+                    Field::Int(x) => Value::from(*x),
+                    Field::Long(x) => Value::from(*x),
+                    Field::UByte(x) => Value::from(*x),
+                    Field::UShort(x) => Value::from(*x),
+                    Field::UInt(x) => Value::from(*x),
+                    Field::ULong(x) => Value::from(*x),
+                    Field::Float(x) => Value::from(f64::from(*x)),
+                    Field::Double(x) => Value::from(*x),
+                    Field::Str(s) => Value::String(s.clone()),
+                    other => Value::String(other.to_string()),
+                };
+                (name.clone(), v)
+            })
+            .collect();
+        rows.push(Row {
+            at: format!("row {}", i + 1),
+            fields,
+        });
+    }
+    Ok(rows)
+}
+
+/// The gold answer in an answer field written as `format` says.
+pub fn parse_gold_as(answer: &str, format: AnswerFormat) -> Result<Gold, String> {
+    let raw = match format {
+        AnswerFormat::Gsm8k => return parse_gold(answer),
+        AnswerFormat::Boxed => match crate::rewards::extract_boxed(answer) {
+            crate::rewards::Extracted::Found(inner) => inner,
+            _ => return Err("has no `\\boxed{...}` answer (data.answer_format: boxed)".into()),
+        },
+        AnswerFormat::Number => answer.trim(),
+    };
+    let value = parse_number(raw).ok_or_else(|| {
+        let name: &'static str = format.into();
+        format!("the gold answer `{raw}` is not a number (data.answer_format: {name})")
+    })?;
+    Ok(Gold {
+        text: canonical_number(value),
+        value,
+    })
 }
 
 /// The gold answer of a GSM8K solution: the text after the last `####`, read as a number
@@ -382,42 +522,124 @@ mod tests {
         assert_ne!(group_seed(1, 0, 5), group_seed(1, 0, 6));
     }
 
+    fn data(answer_format: AnswerFormat, question: &str, answer: &str) -> DataConfig {
+        DataConfig {
+            answer_format,
+            fields: crate::config::DataFields {
+                question: question.into(),
+                answer: answer.into(),
+            },
+            ..DataConfig::default()
+        }
+    }
+
     #[test]
-    fn loading_names_the_bad_line() {
+    fn loading_names_the_file_the_row_and_the_field() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("train.jsonl");
-        std::fs::write(
-            &path,
-            "{\"question\":\"q1\",\"answer\":\"#### 1,000\",\"idx\":0}\n{\"question\":\"q2\",\"answer\":\"no answer\"}\n",
-        )
-        .expect("write");
-        let err = load_gsm8k(&path)
-            .expect_err("line 2 has no ####")
-            .to_string();
-        assert!(
-            err.contains("train.jsonl line 2") && err.contains("no `#### N`"),
-            "{err}"
-        );
-        std::fs::write(
-            &path,
-            "{\"question\":\"q1\",\"answer\":\"#### 1,000\",\"idx\":0}\n{\"question\": 3}\n",
-        )
-        .expect("write");
-        let err = load_gsm8k(&path)
-            .expect_err("line 2 is malformed")
-            .to_string();
-        assert!(err.contains("train.jsonl line 2"), "{err}");
-        std::fs::write(&path, "\n").expect("write");
-        assert!(load_gsm8k(&path)
-            .expect_err("empty")
-            .to_string()
-            .contains("no problems"));
+        let gsm8k = DataConfig::default();
+        // (rows, the config, what the error says)
+        let cases: Vec<(&str, DataConfig, Vec<&str>)> = vec![
+            (
+                "{\"question\":\"q1\",\"answer\":\"#### 1,000\",\"idx\":0}\n{\"question\":\"q2\",\"answer\":\"no answer\"}\n",
+                gsm8k.clone(),
+                vec!["train.jsonl line 2", "field `answer`", "no `#### N`"],
+            ),
+            (
+                "{\"question\":\"q1\",\"answer\":\"#### 1\"}\n{\"question\": 3}\n",
+                gsm8k.clone(),
+                vec!["train.jsonl line 2", "field `answer`", "missing (the row has question)", "data.fields"],
+            ),
+            (
+                "{\"question\":\"q1\",\"answer\":\"#### 1\"}\n[1, 2]\n",
+                gsm8k.clone(),
+                vec!["train.jsonl line 2"],
+            ),
+            (
+                "{\"problem\":\"  \",\"solution\":\"5\"}\n",
+                data(AnswerFormat::Number, "problem", "solution"),
+                vec!["line 1", "field `problem`", "is empty"],
+            ),
+            (
+                "{\"problem\":\"p\",\"solution\":\"five\"}\n",
+                data(AnswerFormat::Number, "problem", "solution"),
+                vec!["line 1", "field `solution`", "`five` is not a number", "answer_format: number"],
+            ),
+            (
+                "{\"problem\":\"p\",\"solution\":\"so 5\"}\n",
+                data(AnswerFormat::Boxed, "problem", "solution"),
+                vec!["line 1", "field `solution`", "no `\\boxed{...}`"],
+            ),
+            (
+                "{\"problem\":\"p\",\"solution\":[5]}\n",
+                data(AnswerFormat::Number, "problem", "solution"),
+                vec!["line 1", "field `solution`", "is [5], not text or a number"],
+            ),
+            ("\n", gsm8k.clone(), vec!["no problems", "`question` and `answer`"]),
+        ];
+        for (rows, config, says) in cases {
+            std::fs::write(&path, rows).expect("write");
+            let err = load(&path, &config).expect_err(rows).to_string();
+            for s in says {
+                assert!(err.contains(s), "`{s}` not in: {err}");
+            }
+        }
         std::fs::write(
             &path,
             "{\"question\":\"q1\",\"answer\":\"#### 1,000\",\"idx\":4}\n",
         )
         .expect("write");
-        let p = load_gsm8k(&path).expect("valid");
+        let p = load(&path, &gsm8k).expect("valid");
         assert_eq!((p[0].index, p[0].id, p[0].gold.value), (0, Some(4), 1000.0));
+    }
+
+    #[test]
+    fn each_answer_format_reads_its_gold() {
+        // (format, answer field, gold text)
+        let cases = [
+            (AnswerFormat::Gsm8k, "She has 3 + 4 = 7.\n#### 7", "7"),
+            (AnswerFormat::Gsm8k, "#### $1,250.00", "1250"),
+            (AnswerFormat::Gsm8k, "#### -3", "-3"),
+            (AnswerFormat::Boxed, "So the total is $\\boxed{42}$.", "42"),
+            (
+                AnswerFormat::Boxed,
+                "\\boxed{1} then \\boxed{\\frac{3}{4}}",
+                "0.75",
+            ),
+            (AnswerFormat::Boxed, "\\boxed{ 1,000 }", "1000"),
+            (AnswerFormat::Number, "18", "18"),
+            (AnswerFormat::Number, " 2.50 ", "2.5"),
+            (AnswerFormat::Number, "-7", "-7"),
+        ];
+        for (format, answer, want) in cases {
+            let gold = parse_gold_as(answer, format).unwrap_or_else(|e| panic!("{answer}: {e}"));
+            assert_eq!(gold.text, want, "{format:?} {answer:?}");
+        }
+        for (format, answer) in [
+            (AnswerFormat::Gsm8k, "no marker 5"),
+            (AnswerFormat::Boxed, "\\boxed{x + 1}"),
+            (AnswerFormat::Boxed, "\\boxed{5"),
+            (AnswerFormat::Number, "about 5"),
+        ] {
+            assert!(
+                parse_gold_as(answer, format).is_err(),
+                "{format:?} {answer:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn numbers_in_a_jsonl_number_field_are_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qa.json");
+        std::fs::write(
+            &path,
+            "{\"q\":\"1+1?\",\"a\":2}\n{\"q\":\"half?\",\"a\":0.5}\n",
+        )
+        .expect("write");
+        let p = load(&path, &data(AnswerFormat::Number, "q", "a")).expect("valid");
+        let golds: Vec<&str> = p.iter().map(|x| x.gold.text.as_str()).collect();
+        assert_eq!(golds, ["2", "0.5"]);
+        assert_eq!(p[1].question, "half?");
     }
 }

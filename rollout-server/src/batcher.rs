@@ -10,7 +10,11 @@
 //!
 //! Admission: at most `max_queue` requests are accepted and not yet answered; beyond that a
 //! request is refused at once (the handler answers 503 with `Retry-After`). An accepted request
-//! is always answered, unless its client went away, in which case its rows are skipped.
+//! is always answered, unless its client went away: then its rows are skipped, or, once decoding,
+//! leave the batch at the next token.
+//!
+//! Streaming: a request sent with [`Batcher::generate_streaming`] also gets each of its tokens
+//! as it is decoded ([`Streamed`]), while its rows stay in the shared batch.
 //!
 //! Faults: an engine error answers every request of its batch with [`JobError::Failed`] (500).
 //! A panic in the actor thread marks the server's [`Liveness`] failed before the thread lets go
@@ -23,7 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use model::{Engine, GenerateRequest, Generation};
+use model::{Engine, GenerateRequest, Generation, TokenEvent};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -116,6 +120,16 @@ pub struct Output {
     pub adapter: Option<String>,
 }
 
+/// A token of a streamed request, as soon as it is decoded: `choice` is the row's index in the
+/// request.
+#[derive(Debug, Clone)]
+pub struct Streamed {
+    pub choice: usize,
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
 /// Why a job was not done.
 #[derive(Debug)]
 pub enum JobError {
@@ -139,6 +153,8 @@ enum Job {
     Generate {
         rows: Vec<GenerateRequest>,
         reply: GenerateReply,
+        /// Where each token goes as it is decoded (streamed requests).
+        stream: Option<mpsc::UnboundedSender<Streamed>>,
     },
     Adapter {
         /// `None`: back to the base model.
@@ -232,6 +248,36 @@ impl Batcher {
 
     /// Queues the rows of one request and waits for all of them.
     pub async fn generate(&self, rows: Vec<GenerateRequest>) -> Result<Output, JobError> {
+        let reply = self.submit(rows, None)?;
+        self.answer(reply).await
+    }
+
+    /// Queues the rows of one request: its tokens arrive on the receiver as they are decoded,
+    /// and the future gives the whole answer once every row is done (as [`Batcher::generate`]).
+    /// Dropping the receiver makes the request's rows leave the batch at their next token.
+    pub fn generate_streaming(
+        &self,
+        rows: Vec<GenerateRequest>,
+    ) -> Result<
+        (
+            mpsc::UnboundedReceiver<Streamed>,
+            impl std::future::Future<Output = Result<Output, JobError>> + Send + 'static,
+        ),
+        JobError,
+    > {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reply = self.submit(rows, Some(tx))?;
+        let this = self.clone();
+        Ok((rx, async move { this.answer(reply).await }))
+    }
+
+    /// Admits a request (or refuses it: the queue is full, the engine failed) and hands it to
+    /// the actor; the receiver of its answer.
+    fn submit(
+        &self,
+        rows: Vec<GenerateRequest>,
+        stream: Option<mpsc::UnboundedSender<Streamed>>,
+    ) -> Result<oneshot::Receiver<Result<Output, String>>, JobError> {
         let before = self.pending.fetch_add(1, Ordering::SeqCst);
         if before >= self.max_queue {
             self.pending.fetch_sub(1, Ordering::SeqCst);
@@ -248,23 +294,30 @@ impl Batcher {
             return Err(JobError::Failed(why));
         }
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Job::Generate { rows, reply }).is_err() {
+        if self
+            .tx
+            .send(Job::Generate {
+                rows,
+                reply,
+                stream,
+            })
+            .is_err()
+        {
             self.pending.fetch_sub(1, Ordering::SeqCst);
             return Err(self.gone());
         }
+        Ok(rx)
+    }
+
+    /// Waits for a submitted request's answer.
+    async fn answer(
+        &self,
+        rx: oneshot::Receiver<Result<Output, String>>,
+    ) -> Result<Output, JobError> {
         match rx.await {
             Ok(Ok(out)) => {
                 // JSON has no NaN or infinity: no such number may leave the server.
-                let finite = |lp: &f32| lp.is_finite();
-                let bad = out.generations.iter().any(|g| {
-                    !g.logprobs.iter().all(finite)
-                        || !g
-                            .top_logprobs
-                            .iter()
-                            .flatten()
-                            .all(|(_, lp)| lp.is_finite())
-                });
-                if bad {
+                if out.generations.iter().any(|g| !all_finite(g)) {
                     return Err(JobError::Failed(
                         "the engine produced a non-finite logprob; nothing was answered".into(),
                     ));
@@ -294,9 +347,19 @@ impl Batcher {
     }
 }
 
+/// Whether every logprob of a generation is finite.
+fn all_finite(g: &model::Generation) -> bool {
+    g.logprobs.iter().all(|lp| lp.is_finite())
+        && g.top_logprobs
+            .iter()
+            .flatten()
+            .all(|(_, lp)| lp.is_finite())
+}
+
 /// A request in the actor's backlog.
 struct Pending {
     rows: Vec<GenerateRequest>,
+    stream: Option<mpsc::UnboundedSender<Streamed>>,
     /// Rows handed to a batch so far.
     started: usize,
     done: Vec<Option<Generation>>,
@@ -360,10 +423,15 @@ impl Actor {
 
     fn accept(&mut self, job: Job) {
         match job {
-            Job::Generate { rows, reply } => {
+            Job::Generate {
+                rows,
+                reply,
+                stream,
+            } => {
                 let n = rows.len();
                 self.jobs.push_back(Pending {
                     rows,
+                    stream,
                     started: 0,
                     done: (0..n).map(|_| None).collect(),
                     adapter: None,
@@ -435,7 +503,26 @@ impl Actor {
             );
         }
         let t = Instant::now();
-        let generated = self.engine.generate(&batch);
+        // Each token goes to its request's stream; a row whose reader went away (a dropped
+        // stream, a closed reply) leaves the batch.
+        let jobs = &self.jobs;
+        let mut on_token = |ev: &TokenEvent<'_>| -> bool {
+            let Some(job) = owners.get(ev.request).and_then(|&(j, _)| jobs.get(j)) else {
+                return true;
+            };
+            match &job.stream {
+                Some(tx) => tx
+                    .send(Streamed {
+                        choice: owners[ev.request].1,
+                        token: ev.token,
+                        logprob: ev.logprob,
+                        top: ev.top.to_vec(),
+                    })
+                    .is_ok(),
+                None => !job.reply.is_closed(),
+            }
+        };
+        let generated = self.engine.generate_with(&batch, &mut on_token);
         self.stats.batch_seconds.observe(t.elapsed().as_secs_f64());
         match generated {
             Ok(generations) => {

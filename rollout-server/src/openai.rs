@@ -74,9 +74,14 @@ macro_rules! openai_request {
             /// Extension: also return the token ids.
             #[serde(default)]
             pub return_token_ids: Option<bool>,
-            /// Only `false`: streaming is not supported.
+            /// `true`: the answer streams as Server-Sent Events (`data: {chunk}` per token, then
+            /// one per choice with its `finish_reason`, then `data: [DONE]`), in OpenAI's chunk
+            /// shapes.
             #[serde(default)]
             pub stream: Option<bool>,
+            /// With `stream`: `include_usage` adds a last chunk with no choices and the usage.
+            #[serde(default)]
+            pub stream_options: Option<StreamOptions>,
             /// Only 0.
             #[serde(default)]
             pub presence_penalty: Option<f64>,
@@ -95,8 +100,8 @@ macro_rules! openai_request {
         impl $name {
             /// The first shared field set to a value this server cannot honour.
             fn refused_common(&self) -> Option<&'static str> {
-                if self.stream == Some(true) {
-                    return Some("`stream` is not supported; send stream: false");
+                if self.stream_options.is_some() && self.stream != Some(true) {
+                    return Some("`stream_options` is only allowed with stream: true");
                 }
                 if self.presence_penalty.is_some_and(|p| p != 0.0) {
                     return Some("`presence_penalty` is not supported; send 0");
@@ -111,6 +116,15 @@ macro_rules! openai_request {
             }
         }
     };
+}
+
+/// `stream_options` of a streamed request.
+#[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    /// A last chunk with the usage (and empty `choices`).
+    #[serde(default)]
+    pub include_usage: Option<bool>,
 }
 
 openai_request! {

@@ -176,6 +176,7 @@ async fn routes_answer_in_their_shapes() {
         "suffix",
         "user",
         "stream",
+        "stream_options",
         "logit_bias",
         "stop_token_ids",
     ] {
@@ -538,7 +539,8 @@ async fn bad_inputs_get_their_status_and_message() {
         ("stop id out of vocabulary", "POST", g, json!({"prompt_ids": [1], "max_tokens": 4, "stop_token_ids": [500]}).to_string(), 422, "`stop_token_ids` has 500"),
         ("body over the limit", "POST", g, json!({"prompt_ids": huge, "max_tokens": 4}).to_string(), 413, "over the server's limit"),
         ("empty completion prompt", "POST", "/v1/completions", json!({"prompt": ""}).to_string(), 422, "`prompt` is empty"),
-        ("streaming", "POST", "/v1/completions", json!({"prompt": "hi", "stream": true}).to_string(), 422, "`stream` is not supported"),
+        ("stream options without streaming", "POST", "/v1/completions", json!({"prompt": "hi", "stream_options": {"include_usage": true}}).to_string(), 422, "`stream_options` is only allowed with stream: true"),
+        ("unknown stream option", "POST", "/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "stream": true, "stream_options": {"continuous": true}}).to_string(), 422, "continuous"),
         ("too many logprobs", "POST", "/v1/completions", json!({"prompt": "hi", "logprobs": 9}).to_string(), 422, "`logprobs` is 9"),
         ("unknown model", "POST", "/v1/completions", json!({"prompt": "hi", "model": "gpt-4"}).to_string(), 404, "model `gpt-4` is not served"),
         ("empty messages", "POST", "/v1/chat/completions", json!({"messages": []}).to_string(), 422, "`messages` is empty"),

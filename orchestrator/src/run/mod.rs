@@ -143,6 +143,12 @@ impl Run {
                 crate::device::preflight(&d, &[server.as_path()])?;
             }
         }
+        // A bad dataset fails here, before the run directory exists.
+        let train = tasks::load(&config.data.train, &config.data)?;
+        let mut test = tasks::load(&config.data.test, &config.data)?;
+        if let Some(limit) = config.data.test_limit {
+            test.truncate(limit as usize);
+        }
         let dir = config.output_dir.clone();
         std::fs::create_dir_all(checkpoint::root(&dir))
             .with_context(|| format!("creating the run directory {}", dir.display()))?;
@@ -172,11 +178,6 @@ impl Run {
             store.update_config(&yaml).await?;
         }
         rl_core::files::write_file(&dir.join("config.yaml"), yaml.as_bytes())?;
-        let train = tasks::load_gsm8k(&config.data.train)?;
-        let mut test = tasks::load_gsm8k(&config.data.test)?;
-        if let Some(limit) = config.data.test_limit {
-            test.truncate(limit as usize);
-        }
         let s = &config.services;
         // Local rollout servers on the CPU share its cores instead of each taking all of them.
         let on_cpu = (0..s.rollout.local_replicas())

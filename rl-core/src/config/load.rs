@@ -136,7 +136,7 @@ impl LoadedConfig {
             if !path.is_file() {
                 return Err(self.error(
                     key,
-                    format!("`{}` does not exist; run scripts/fetch-assets or point {key} at a GSM8K jsonl file", path.display()),
+                    format!("`{}` does not exist; run scripts/fetch-assets or point {key} at a .jsonl or .parquet dataset", path.display()),
                 ));
             }
         }

@@ -87,6 +87,8 @@ impl Default for ModelConfig {
     }
 }
 
+/// The training and test problems: JSONL or Parquet files (by extension) of rows with a
+/// question and an answer field; see [`crate::tasks::load`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
@@ -94,6 +96,10 @@ pub struct DataConfig {
     pub test: PathBuf,
     /// Evaluate on the first N test problems (`null`: all of them).
     pub test_limit: Option<u32>,
+    /// The names of the question and answer fields (columns).
+    pub fields: DataFields,
+    /// Where the gold answer is in the answer field.
+    pub answer_format: AnswerFormat,
 }
 
 impl Default for DataConfig {
@@ -102,8 +108,41 @@ impl Default for DataConfig {
             train: "assets/gsm8k/train.jsonl".into(),
             test: "assets/gsm8k/test.jsonl".into(),
             test_limit: Some(32),
+            fields: DataFields::default(),
+            answer_format: AnswerFormat::Gsm8k,
         }
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataFields {
+    pub question: String,
+    pub answer: String,
+}
+
+impl Default for DataFields {
+    fn default() -> Self {
+        Self {
+            question: "question".into(),
+            answer: "answer".into(),
+        }
+    }
+}
+
+/// Where the gold answer is in a row's answer field; it must be a number.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr, strum::EnumIter,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum AnswerFormat {
+    /// After the last `####` (GSM8K's solutions).
+    Gsm8k,
+    /// Inside the last `\boxed{...}` (MATH-style solutions).
+    Boxed,
+    /// The whole field (a number, or a string holding one).
+    Number,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -231,6 +270,20 @@ pub enum LossType {
     Dapo,
 }
 
+/// Where the clipped importance ratio is taken.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr, strum::EnumIter,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum ImportanceLevel {
+    /// Per token, `exp(logp - old)` (GRPO, PPO).
+    Token,
+    /// Per sequence, the geometric mean of its token ratios `exp(mean(logp - old))`, clipped
+    /// per sequence (GSPO; TRL's `importance_sampling_level="sequence"`).
+    Sequence,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ScaleRewards {
@@ -269,6 +322,8 @@ pub struct LearnerConfig {
     pub beta: f64,
     pub epsilon_low: f64,
     pub epsilon_high: f64,
+    /// The clipped ratio per token (GRPO) or per sequence (GSPO).
+    pub importance_sampling_level: ImportanceLevel,
     pub scale_rewards: ScaleRewards,
     /// Drop groups whose rewards are all equal (their advantages are zero).
     pub filter_zero_variance: bool,
@@ -296,6 +351,7 @@ impl Default for LearnerConfig {
             beta: 0.01,
             epsilon_low: 0.2,
             epsilon_high: 0.2,
+            importance_sampling_level: ImportanceLevel::Token,
             scale_rewards: ScaleRewards::Group,
             filter_zero_variance: true,
             mask_truncated: false,

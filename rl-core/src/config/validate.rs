@@ -53,6 +53,28 @@ impl Config {
                 "must be at least 1, or null for the whole test split",
             );
         }
+        for (key, path) in [
+            ("data.train", &self.data.train),
+            ("data.test", &self.data.test),
+        ] {
+            if crate::tasks::FileKind::of(path).is_none() {
+                return err(
+                    key,
+                    format!(
+                        "`{}`: name a .jsonl (or .json lines) or .parquet file; the extension says how to read it",
+                        path.display()
+                    ),
+                );
+            }
+        }
+        for (key, name) in [
+            ("data.fields.question", &self.data.fields.question),
+            ("data.fields.answer", &self.data.fields.answer),
+        ] {
+            if name.trim().is_empty() {
+                return err(key, "is empty; name the field (column) that holds it");
+            }
+        }
         self.validate_rewards()?;
         for (name, s) in [
             ("train", &self.sampling.train),

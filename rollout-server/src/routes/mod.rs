@@ -8,6 +8,7 @@ pub mod adapters;
 pub mod native;
 pub mod openai;
 pub mod service;
+mod stream;
 
 use std::path::PathBuf;
 use std::sync::Arc;

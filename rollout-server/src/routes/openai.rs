@@ -2,6 +2,7 @@
 //! `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`.
 
 use axum::extract::State;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use model::Message;
 use rl_core::wire::ErrorBody;
@@ -11,7 +12,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{
-    apply_stops, job_error, now_s, off_runtime, render, request_id, rows, Router, Sampling, Shared,
+    apply_stops, job_error, now_s, off_runtime, render, request_id, rows, stream, AppState, Router,
+    Sampling, Shared,
 };
 use crate::batcher::Output;
 use crate::openai::{
@@ -31,12 +33,13 @@ pub fn router() -> Router {
 #[utoipa::path(post, path = "/v1/completions", tag = "openai",
     summary = "OpenAI text completion (prompt as text or token ids)",
     request_body = CompletionRequest,
-    responses((status = 200, description = "The completions", body = CompletionResponse),
+    responses((status = 200, description = "The completions (with `stream: true`, Server-Sent \
+        Events of `text_completion` chunks, then `data: [DONE]`)", body = CompletionResponse),
         (status = 404, description = "`model` is not the served model", body = ErrorBody)))]
 pub async fn completions(
     State(state): Shared,
     ApiJson(req): ApiJson<CompletionRequest>,
-) -> Result<Json<CompletionResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     if let Some(why) = req.refused() {
         return Err(ApiError::unprocessable(why));
     }
@@ -82,11 +85,31 @@ pub async fn completions(
         state.check(&what, prompt, &s, n)?;
         all_rows.extend(rows(prompt, &s, n, seed));
     }
-    let out = state.batcher.generate(all_rows).await.map_err(job_error)?;
     let want_ids = req.return_token_ids == Some(true);
     let want_logprobs = req.logprobs.is_some();
-    let generations = out.generations;
     let prompt_tokens: u32 = prompts.iter().map(|p| p.len() as u32).sum();
+    if req.stream == Some(true) {
+        let (events, done) = state
+            .batcher
+            .generate_streaming(all_rows)
+            .map_err(job_error)?;
+        let shape = stream::Shape::Completion {
+            logprobs: want_logprobs,
+            top: top > 0,
+        };
+        let usage = stream::include_usage(req.stream_options.as_ref());
+        return Ok(stream::sse(
+            state,
+            shape,
+            prompt_tokens,
+            stops,
+            usage,
+            events,
+            done,
+        ));
+    }
+    let out = state.batcher.generate(all_rows).await.map_err(job_error)?;
+    let generations = out.generations;
     let (choices, completion_tokens) = off_runtime(&state, move |state| {
         let mut completion_tokens = 0u32;
         let choices = generations
@@ -96,38 +119,7 @@ pub async fn completions(
                 let f = apply_stops(state, g, &stops);
                 completion_tokens += f.tokens.len() as u32;
                 let logprobs = want_logprobs.then(|| {
-                    let tokens: Vec<String> = f
-                        .tokens
-                        .iter()
-                        .map(|&t| state.decode(&[t], false))
-                        .collect();
-                    let mut offset = 0u32;
-                    let text_offset = tokens
-                        .iter()
-                        .map(|t| {
-                            let o = offset;
-                            offset += t.chars().count() as u32;
-                            o
-                        })
-                        .collect();
-                    let top_logprobs = (top > 0).then(|| {
-                        f.top
-                            .iter()
-                            .map(|alts| {
-                                alts.iter()
-                                    .map(|&(id, lp)| {
-                                        (state.decode(&[id], false), serde_json::json!(lp))
-                                    })
-                                    .collect()
-                            })
-                            .collect()
-                    });
-                    CompletionLogprobs {
-                        tokens,
-                        token_logprobs: f.logprobs.clone(),
-                        top_logprobs,
-                        text_offset,
-                    }
+                    completion_logprobs(state, &f.tokens, &f.logprobs, &f.top, top > 0, &mut 0)
                 });
                 CompletionChoice {
                     index: i as u32,
@@ -153,19 +145,84 @@ pub async fn completions(
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
         },
-    }))
+    })
+    .into_response())
+}
+
+/// The legacy completions logprobs of `tokens` (their logprobs, and their alternatives when
+/// `want_top`), text offsets counted on from `offset` (characters).
+pub(super) fn completion_logprobs(
+    state: &AppState,
+    tokens: &[u32],
+    logprobs: &[f32],
+    top: &[Vec<(u32, f32)>],
+    want_top: bool,
+    offset: &mut u32,
+) -> CompletionLogprobs {
+    let texts: Vec<String> = tokens.iter().map(|&t| state.decode(&[t], false)).collect();
+    let text_offset = texts
+        .iter()
+        .map(|t| {
+            let o = *offset;
+            *offset += t.chars().count() as u32;
+            o
+        })
+        .collect();
+    let top_logprobs = want_top.then(|| {
+        top.iter()
+            .map(|alts| {
+                alts.iter()
+                    .map(|&(id, lp)| (state.decode(&[id], false), serde_json::json!(lp)))
+                    .collect()
+            })
+            .collect()
+    });
+    CompletionLogprobs {
+        tokens: texts,
+        token_logprobs: logprobs.to_vec(),
+        top_logprobs,
+        text_offset,
+    }
+}
+
+/// The chat logprob of one token, with its alternatives.
+pub(super) fn chat_token_logprob(
+    state: &AppState,
+    id: u32,
+    lp: f32,
+    alts: &[(u32, f32)],
+) -> TokenLogprob {
+    let token = state.decode(&[id], false);
+    TokenLogprob {
+        bytes: token.as_bytes().to_vec(),
+        token,
+        logprob: lp,
+        top_logprobs: alts
+            .iter()
+            .map(|&(a, alp)| {
+                let t = state.decode(&[a], false);
+                TopLogprob {
+                    bytes: t.as_bytes().to_vec(),
+                    token: t,
+                    logprob: alp,
+                }
+            })
+            .collect(),
+        token_id: id,
+    }
 }
 
 /// `POST /v1/chat/completions` (OpenAI).
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai",
     summary = "OpenAI chat completion (rendered with the model's chat template)",
     request_body = ChatRequest,
-    responses((status = 200, description = "The choices", body = ChatResponse),
+    responses((status = 200, description = "The choices (with `stream: true`, Server-Sent Events \
+        of `chat.completion.chunk` chunks, then `data: [DONE]`)", body = ChatResponse),
         (status = 404, description = "`model` is not the served model", body = ErrorBody)))]
 pub async fn chat(
     State(state): Shared,
     ApiJson(req): ApiJson<ChatRequest>,
-) -> Result<Json<ChatResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     if let Some(why) = req.refused() {
         return Err(ApiError::unprocessable(why));
     }
@@ -223,6 +280,26 @@ pub async fn chat(
     let n = req.n.unwrap_or(1);
     state.check("messages", &prompt, &s, n)?;
     let seed = req.seed.unwrap_or_else(rand::random);
+    let prompt_tokens = prompt.len() as u32;
+    if req.stream == Some(true) {
+        let (events, done) = state
+            .batcher
+            .generate_streaming(rows(&prompt, &s, n, seed))
+            .map_err(job_error)?;
+        let shape = stream::Shape::Chat {
+            logprobs: want_logprobs,
+        };
+        let usage = stream::include_usage(req.stream_options.as_ref());
+        return Ok(stream::sse(
+            state,
+            shape,
+            prompt_tokens,
+            stops,
+            usage,
+            events,
+            done,
+        ));
+    }
     let Output { generations, .. } = state
         .batcher
         .generate(rows(&prompt, &s, n, seed))
@@ -231,26 +308,6 @@ pub async fn chat(
     let want_ids = req.return_token_ids == Some(true);
     let (choices, completion_tokens) = off_runtime(&state, move |state| {
         let mut completion_tokens = 0u32;
-        let token_logprob = |id: u32, lp: f32, alts: &[(u32, f32)]| {
-            let token = state.decode(&[id], false);
-            TokenLogprob {
-                bytes: token.as_bytes().to_vec(),
-                token,
-                logprob: lp,
-                top_logprobs: alts
-                    .iter()
-                    .map(|&(a, alp)| {
-                        let t = state.decode(&[a], false);
-                        TopLogprob {
-                            bytes: t.as_bytes().to_vec(),
-                            token: t,
-                            logprob: alp,
-                        }
-                    })
-                    .collect(),
-                token_id: id,
-            }
-        };
         let choices = generations
             .into_iter()
             .enumerate()
@@ -264,7 +321,12 @@ pub async fn chat(
                         .zip(&f.logprobs)
                         .enumerate()
                         .map(|(k, (&id, &lp))| {
-                            token_logprob(id, lp, f.top.get(k).map(Vec::as_slice).unwrap_or(&[]))
+                            chat_token_logprob(
+                                state,
+                                id,
+                                lp,
+                                f.top.get(k).map(Vec::as_slice).unwrap_or(&[]),
+                            )
                         })
                         .collect(),
                 });
@@ -283,7 +345,6 @@ pub async fn chat(
         Ok((choices, completion_tokens))
     })
     .await?;
-    let prompt_tokens = prompt.len() as u32;
     Ok(Json(ChatResponse {
         id: request_id("chatcmpl"),
         object: "chat.completion".into(),
@@ -296,7 +357,8 @@ pub async fn chat(
             total_tokens: prompt_tokens + completion_tokens,
         },
         prompt_token_ids: want_ids.then_some(prompt),
-    }))
+    })
+    .into_response())
 }
 
 /// `GET /v1/models`.
