@@ -248,3 +248,78 @@ async fn a_client_that_goes_away_frees_its_rows() {
         "{generated} tokens were decoded for a client that left after the first"
     );
 }
+
+/// What the openai SDK does with our answers: the same request streamed (`stream=True`, chunks
+/// read by the SDK's own SSE parser) and whole, for completions and chat; the text and the
+/// logprobs must agree. Runs when a Python with `openai` is at hand (`OPENAI_PYTHON`, else the
+/// bench venv of `scripts/setup-bench-python`); otherwise it says it skipped.
+const SDK_SCRIPT: &str = r#"
+import sys
+from openai import OpenAI
+c = OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")
+args = dict(model="tiny", prompt="Add 2 and 3.", max_tokens=30, n=2, seed=4, temperature=1.0, logprobs=1)
+whole = c.completions.create(**args)
+parts = {}
+for chunk in c.completions.create(stream=True, **args):
+    for ch in chunk.choices:
+        p = parts.setdefault(ch.index, {"text": "", "lps": [], "finish": None})
+        p["text"] += ch.text
+        if ch.logprobs:
+            p["lps"] += ch.logprobs.token_logprobs
+        p["finish"] = ch.finish_reason or p["finish"]
+for ch in whole.choices:
+    p = parts[ch.index]
+    assert p["text"] == ch.text, (p["text"], ch.text)
+    assert p["lps"] == ch.logprobs.token_logprobs, (p["lps"], ch.logprobs.token_logprobs)
+    assert p["finish"] == ch.finish_reason
+chat = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=20, seed=2, logprobs=True)
+whole = c.chat.completions.create(**chat)
+text, lps, usage = "", [], None
+for chunk in c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **chat):
+    for ch in chunk.choices:
+        text += ch.delta.content or ""
+        if ch.logprobs and ch.logprobs.content:
+            lps += [t.logprob for t in ch.logprobs.content]
+    usage = chunk.usage or usage
+assert text == whole.choices[0].message.content, (text, whole.choices[0].message.content)
+assert lps == [t.logprob for t in whole.choices[0].logprobs.content]
+assert usage.completion_tokens == whole.usage.completion_tokens
+print("openai", __import__("openai").__version__, "streamed = whole")
+"#;
+
+#[tokio::test]
+async fn the_openai_sdk_streams_what_it_gets_whole() {
+    let python = std::env::var_os("OPENAI_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv-bench/bin/python")
+        });
+    let has_sdk = std::process::Command::new(&python)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_sdk {
+        rl_http::fuzz::record(
+            "TEST_SKIPS_FILE",
+            &format!(
+                "SKIPPED the_openai_sdk_streams_what_it_gets_whole: no Python with `openai` at {} (scripts/setup-bench-python, or set OPENAI_PYTHON)",
+                python.display()
+            ),
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(load(&tiny_model_dir(dir.path())), opts()).await;
+    let out = tokio::process::Command::new(&python)
+        .args(["-c", SDK_SCRIPT, &server.url])
+        .output()
+        .await
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("streamed = whole"), "{said}");
+}
