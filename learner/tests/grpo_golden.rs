@@ -189,32 +189,53 @@ fn micro_batches_sum_to_the_whole_step() {
     }
 }
 
+/// A fixture of our own (`tests/fixtures/`, made by the script beside it) over ragged
+/// sequences: the JSON, each sequence's length and the offsets of the concatenation.
+struct Ragged {
+    g: serde_json::Value,
+    lens: Vec<usize>,
+    offsets: Vec<usize>,
+}
+
+impl Ragged {
+    fn load(name: &str) -> Self {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        let g: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let lens: Vec<usize> = g["lens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        let mut offsets = vec![0];
+        for l in &lens {
+            offsets.push(offsets.last().unwrap() + l);
+        }
+        Self { g, lens, offsets }
+    }
+
+    /// Rows of numbers, concatenated.
+    fn flat(v: &serde_json::Value) -> Vec<f64> {
+        v.as_array().unwrap().iter().flat_map(floats).collect()
+    }
+}
+
 /// `fixtures/tis_golden.json` (made by `make_tis_golden.py` beside it, TRL's formula in PyTorch
 /// f64): the truncated importance-sampling weights, how many were cut, and with them the loss and
 /// its gradient for every live token, per cap and reduction, within 1e-9.
 #[test]
 fn truncated_importance_sampling_matches_the_oracle() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tis_golden.json");
-    let g: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let lens: Vec<usize> = g["lens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect();
-    let flat =
-        |key: &str| -> Vec<f64> { g[key].as_array().unwrap().iter().flat_map(floats).collect() };
+    let Ragged { g, lens, offsets } = Ragged::load("tis_golden.json");
+    let flat = |key: &str| Ragged::flat(&g[key]);
     let (logp, old, sampler, reference) = (
         flat("logp"),
         flat("old_logp"),
         flat("sampler_logp"),
         flat("ref_logp"),
     );
-    let mut offsets = vec![0];
-    for l in &lens {
-        offsets.push(offsets.last().unwrap() + l);
-    }
     let adv = floats(&g["advantages"]);
     let obj = Objective {
         beta: g["beta"].as_f64().unwrap(),
@@ -227,12 +248,7 @@ fn truncated_importance_sampling_matches_the_oracle() {
     for case in g["cases"].as_array().unwrap() {
         let cap = case["cap"].as_f64().unwrap();
         let (weights, cut) = grpo::tis_weights(&old, &sampler, cap);
-        let want: Vec<f64> = case["weights"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(floats)
-            .collect();
+        let want = Ragged::flat(&case["weights"]);
         for (k, (a, b)) in weights.iter().zip(&want).enumerate() {
             assert!((a - b).abs() < 1e-12, "cap {cap}: weight [{k}] {a} vs {b}");
         }
@@ -278,12 +294,7 @@ fn truncated_importance_sampling_matches_the_oracle() {
             );
             let grads = t.backward().unwrap();
             let grad = grads.get(lp.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
-            let want: Vec<f64> = case["grad"][name]
-                .as_array()
-                .unwrap()
-                .iter()
-                .flat_map(floats)
-                .collect();
+            let want = Ragged::flat(&case["grad"][name]);
             for (k, (a, b)) in grad.iter().zip(&want).enumerate() {
                 assert!(
                     (a - b).abs() < TOL,
@@ -305,22 +316,9 @@ fn truncated_importance_sampling_matches_the_oracle() {
 /// epsilons (GSPO's 3e-4 / 4e-4 and GRPO's 0.2 / 0.28) and reduction, within 1e-9.
 #[test]
 fn sequence_level_ratio_matches_the_gspo_oracle() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gspo_golden.json");
-    let g: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let lens: Vec<usize> = g["lens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect();
-    let flat =
-        |key: &str| -> Vec<f64> { g[key].as_array().unwrap().iter().flat_map(floats).collect() };
+    let Ragged { g, lens, offsets } = Ragged::load("gspo_golden.json");
+    let flat = |key: &str| Ragged::flat(&g[key]);
     let (logp, old, reference) = (flat("logp"), flat("old_logp"), flat("ref_logp"));
-    let mut offsets = vec![0];
-    for l in &lens {
-        offsets.push(offsets.last().unwrap() + l);
-    }
     let adv = floats(&g["advantages"]);
     let dev = device();
     let mut checked = 0;
@@ -371,12 +369,7 @@ fn sequence_level_ratio_matches_the_gspo_oracle() {
                 .unwrap()
                 .to_vec1::<f64>()
                 .unwrap();
-            let want_grad: Vec<f64> = case["grad"][name]
-                .as_array()
-                .unwrap()
-                .iter()
-                .flat_map(floats)
-                .collect();
+            let want_grad = Ragged::flat(&case["grad"][name]);
             assert_eq!(grad.len(), want_grad.len());
             for (k, (a, b)) in grad.iter().zip(&want_grad).enumerate() {
                 assert!(

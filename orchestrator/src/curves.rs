@@ -6,6 +6,7 @@
 use std::sync::OnceLock;
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 const FONT_PATHS: [&str; 4] = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -43,12 +44,19 @@ pub struct Series {
     pub color: RGBColor,
 }
 
+/// One panel: its title, its curves, and what it says while they have no point yet.
+pub struct Panel {
+    pub title: &'static str,
+    pub series: Vec<Series>,
+    pub empty: &'static str,
+}
+
 /// The picture's size in pixels.
 const SIZE: (u32, u32) = (1200, 800);
 
 /// Draws the panels (title, series) side by side in a grid; returns the PNG's bytes (written by
 /// the caller through [`rl_core::files`], so that a full disk is reported like any other write).
-pub fn draw(panels: &[(&str, Vec<Series>)]) -> anyhow::Result<Vec<u8>> {
+pub fn draw(panels: &[Panel]) -> anyhow::Result<Vec<u8>> {
     let mut pixels = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
     draw_into(panels, &mut pixels)?;
     let mut png = Vec::new();
@@ -63,14 +71,15 @@ pub fn draw(panels: &[(&str, Vec<Series>)]) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Draws into an RGB buffer of [`SIZE`].
-fn draw_into(panels: &[(&str, Vec<Series>)], pixels: &mut [u8]) -> anyhow::Result<()> {
+fn draw_into(panels: &[Panel], pixels: &mut [u8]) -> anyhow::Result<()> {
     let text = have_font();
     let root = BitMapBackend::with_buffer(pixels, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let cols = 2;
     let rows = panels.len().div_ceil(cols).max(1);
     let areas = root.split_evenly((rows, cols));
-    for ((title, series), area) in panels.iter().zip(areas.iter()) {
+    for (panel, area) in panels.iter().zip(areas.iter()) {
+        let series = &panel.series;
         let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
         let ys: Vec<f64> = series
             .iter()
@@ -98,7 +107,7 @@ fn draw_into(panels: &[(&str, Vec<Series>)], pixels: &mut [u8]) -> anyhow::Resul
         builder.margin(12);
         if text {
             builder
-                .caption(*title, ("sans-serif", 20))
+                .caption(panel.title, ("sans-serif", 20))
                 .x_label_area_size(30)
                 .y_label_area_size(50);
         }
@@ -106,11 +115,26 @@ fn draw_into(panels: &[(&str, Vec<Series>)], pixels: &mut [u8]) -> anyhow::Resul
             .build_cartesian_2d(0f64..x_max, (y_min - pad)..(y_max + pad))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut mesh = chart.configure_mesh();
-        mesh.x_desc("iteration");
+        // Iterations are whole: one tick each (fewer past 20), no fractions.
+        mesh.x_desc("iteration")
+            .x_labels((x_max as usize + 1).min(21))
+            .x_label_formatter(&tick_label);
         if !text {
             mesh.x_labels(0).y_labels(0);
         }
         mesh.draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+        if text && ys.is_empty() {
+            let at = (x_max / 2.0, (y_min + y_max) / 2.0);
+            chart
+                .plotting_area()
+                .draw(&Text::new(
+                    panel.empty,
+                    at,
+                    TextStyle::from(("sans-serif", 18).into_font())
+                        .pos(Pos::new(HPos::Center, VPos::Center)),
+                ))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
         for s in series {
             let color = s.color;
             let drawn = chart
@@ -136,4 +160,49 @@ fn draw_into(panels: &[(&str, Vec<Series>)], pixels: &mut [u8]) -> anyhow::Resul
     }
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
+}
+
+/// The label of an iteration tick: the whole number, nothing between two.
+fn tick_label(x: &f64) -> String {
+    if (x - x.round()).abs() < 1e-9 {
+        format!("{}", x.round() as i64)
+    } else {
+        String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iteration_ticks_are_whole_and_an_empty_panel_still_draws() {
+        assert_eq!(tick_label(&3.0), "3");
+        assert_eq!(tick_label(&0.0), "0");
+        assert_eq!(tick_label(&2.5), "");
+        let panels = [
+            Panel {
+                title: "reward",
+                series: vec![Series {
+                    name: "reward",
+                    points: vec![(0.0, -0.9), (1.0, -0.5)],
+                    color: BLUE,
+                }],
+                empty: "no iteration has finished yet",
+            },
+            Panel {
+                title: "eval accuracy",
+                series: vec![Series {
+                    name: "accuracy",
+                    points: vec![],
+                    color: RED,
+                }],
+                empty: "no evaluation has run yet",
+            },
+        ];
+        let png = draw(&panels).expect("draws");
+        assert!(png.starts_with(b"\x89PNG"));
+        let img = image::load_from_memory(&png).expect("a PNG");
+        assert_eq!((img.width(), img.height()), SIZE);
+    }
 }

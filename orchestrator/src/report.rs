@@ -120,7 +120,7 @@ pub async fn write_metrics(store: &Store, dir: &Path) -> anyhow::Result<()> {
 }
 
 fn draw_curves(summaries: &[IterationSummary], dir: &Path) -> anyhow::Result<()> {
-    use crate::curves::Series;
+    use crate::curves::{Panel, Series};
     use plotters::style::{BLUE, GREEN, MAGENTA, RED};
     let series = |name: &'static str, value: fn(&IterationSummary) -> Option<f64>, color| Series {
         name,
@@ -130,25 +130,35 @@ fn draw_curves(summaries: &[IterationSummary], dir: &Path) -> anyhow::Result<()>
             .collect(),
         color,
     };
+    let panel = |title, series, empty| Panel {
+        title,
+        series,
+        empty,
+    };
+    let no_iteration = "no iteration has finished yet";
     let panels = vec![
-        (
+        panel(
             "reward mean (train rollouts)",
             vec![series("reward", |s| Some(s.reward_mean), BLUE)],
+            no_iteration,
         ),
-        (
+        panel(
             "format rate",
             vec![
                 series("train", |s| Some(s.format_rate), BLUE),
                 series("eval", |s| s.eval_format_rate, GREEN),
             ],
+            no_iteration,
         ),
-        (
+        panel(
             "eval accuracy (greedy)",
             vec![series("accuracy", |s| s.eval_accuracy, RED)],
+            "no evaluation has run yet",
         ),
-        (
+        panel(
             "mean KL to the reference",
             vec![series("kl", |s| s.mean_kl, MAGENTA)],
+            no_iteration,
         ),
     ];
     let png = crate::curves::draw(&panels).context("drawing curves.png")?;

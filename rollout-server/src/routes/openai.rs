@@ -89,24 +89,12 @@ pub async fn completions(
     let want_logprobs = req.logprobs.is_some();
     let prompt_tokens: u32 = prompts.iter().map(|p| p.len() as u32).sum();
     if req.stream == Some(true) {
-        let (events, done) = state
-            .batcher
-            .generate_streaming(all_rows)
-            .map_err(job_error)?;
         let shape = stream::Shape::Completion {
             logprobs: want_logprobs,
             top: top > 0,
         };
-        let usage = stream::include_usage(req.stream_options.as_ref());
-        return Ok(stream::sse(
-            state,
-            shape,
-            prompt_tokens,
-            stops,
-            usage,
-            events,
-            done,
-        ));
+        let options = req.stream_options.as_ref();
+        return stream::sse(state, shape, prompt_tokens, stops, options, all_rows);
     }
     let out = state.batcher.generate(all_rows).await.map_err(job_error)?;
     let generations = out.generations;
@@ -185,13 +173,27 @@ pub(super) fn completion_logprobs(
     }
 }
 
-/// The chat logprob of one token, with its alternatives.
-pub(super) fn chat_token_logprob(
+/// The chat logprobs of `tokens` (their logprobs, and their alternatives when asked).
+pub(super) fn chat_logprobs(
     state: &AppState,
-    id: u32,
-    lp: f32,
-    alts: &[(u32, f32)],
-) -> TokenLogprob {
+    tokens: &[u32],
+    logprobs: &[f32],
+    top: &[Vec<(u32, f32)>],
+) -> ChatLogprobs {
+    ChatLogprobs {
+        content: tokens
+            .iter()
+            .zip(logprobs)
+            .enumerate()
+            .map(|(k, (&id, &lp))| {
+                chat_token_logprob(state, id, lp, top.get(k).map(Vec::as_slice).unwrap_or(&[]))
+            })
+            .collect(),
+    }
+}
+
+/// The chat logprob of one token, with its alternatives.
+fn chat_token_logprob(state: &AppState, id: u32, lp: f32, alts: &[(u32, f32)]) -> TokenLogprob {
     let token = state.decode(&[id], false);
     TokenLogprob {
         bytes: token.as_bytes().to_vec(),
@@ -282,23 +284,12 @@ pub async fn chat(
     let seed = req.seed.unwrap_or_else(rand::random);
     let prompt_tokens = prompt.len() as u32;
     if req.stream == Some(true) {
-        let (events, done) = state
-            .batcher
-            .generate_streaming(rows(&prompt, &s, n, seed))
-            .map_err(job_error)?;
         let shape = stream::Shape::Chat {
             logprobs: want_logprobs,
         };
-        let usage = stream::include_usage(req.stream_options.as_ref());
-        return Ok(stream::sse(
-            state,
-            shape,
-            prompt_tokens,
-            stops,
-            usage,
-            events,
-            done,
-        ));
+        let options = req.stream_options.as_ref();
+        let rows = rows(&prompt, &s, n, seed);
+        return stream::sse(state, shape, prompt_tokens, stops, options, rows);
     }
     let Output { generations, .. } = state
         .batcher
@@ -314,22 +305,8 @@ pub async fn chat(
             .map(|(i, g)| {
                 let f = apply_stops(state, g, &stops);
                 completion_tokens += f.tokens.len() as u32;
-                let logprobs = want_logprobs.then(|| ChatLogprobs {
-                    content: f
-                        .tokens
-                        .iter()
-                        .zip(&f.logprobs)
-                        .enumerate()
-                        .map(|(k, (&id, &lp))| {
-                            chat_token_logprob(
-                                state,
-                                id,
-                                lp,
-                                f.top.get(k).map(Vec::as_slice).unwrap_or(&[]),
-                            )
-                        })
-                        .collect(),
-                });
+                let logprobs =
+                    want_logprobs.then(|| chat_logprobs(state, &f.tokens, &f.logprobs, &f.top));
                 ChatChoice {
                     index: i as u32,
                     message: AssistantMessage {

@@ -19,8 +19,11 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::openai::{chat_token_logprob, completion_logprobs};
+use super::openai::{chat_logprobs, completion_logprobs};
 use super::{apply_stops, job_error, now_s, request_id, AppState};
+use model::GenerateRequest;
+use rl_http::server::ApiError;
+
 use crate::batcher::{JobError, Output, Streamed};
 use crate::openai::{ChatLogprobs, CompletionLogprobs, StreamOptions, Usage};
 
@@ -72,11 +75,6 @@ pub(super) enum Shape {
     Chat { logprobs: bool },
 }
 
-/// Whether `stream_options` asks for the usage chunk.
-pub(super) fn include_usage(options: Option<&StreamOptions>) -> bool {
-    options.and_then(|o| o.include_usage) == Some(true)
-}
-
 /// What was sent of one choice.
 #[derive(Debug, Default)]
 struct Choice {
@@ -93,16 +91,17 @@ struct Choice {
     opened: bool,
 }
 
-/// The SSE answer of a streamed request: `events` are its tokens, `done` its whole answer.
+/// Queues `rows` for streaming and answers with their SSE stream (or why they were refused).
 pub(super) fn sse(
     state: Arc<AppState>,
     shape: Shape,
     prompt_tokens: u32,
     stops: Vec<String>,
-    usage: bool,
-    events: mpsc::UnboundedReceiver<Streamed>,
-    done: impl std::future::Future<Output = Result<Output, JobError>> + Send + 'static,
-) -> Response {
+    options: Option<&StreamOptions>,
+    rows: Vec<GenerateRequest>,
+) -> Result<Response, ApiError> {
+    let (events, done) = state.batcher.generate_streaming(rows).map_err(job_error)?;
+    let usage = options.and_then(|o| o.include_usage) == Some(true);
     let (tx, rx) = mpsc::unbounded_channel::<Event>();
     let chunks = Chunks {
         id: request_id(match shape {
@@ -122,9 +121,9 @@ pub(super) fn sse(
     let body = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
     });
-    Sse::new(body)
+    Ok(Sse::new(body)
         .keep_alive(KeepAlive::default())
-        .into_response()
+        .into_response())
 }
 
 /// The client went away.
@@ -184,21 +183,8 @@ impl Chunks {
                 choice.opened = true;
                 let content =
                     (!text.is_empty() || finish_reason.is_none()).then(|| text.to_string());
-                let logprobs = (want && !tokens.is_empty()).then(|| ChatLogprobs {
-                    content: tokens
-                        .iter()
-                        .zip(logprobs)
-                        .enumerate()
-                        .map(|(k, (&id, &lp))| {
-                            chat_token_logprob(
-                                state,
-                                id,
-                                lp,
-                                top.get(k).map(Vec::as_slice).unwrap_or(&[]),
-                            )
-                        })
-                        .collect(),
-                });
+                let logprobs = (want && !tokens.is_empty())
+                    .then(|| chat_logprobs(state, tokens, logprobs, top));
                 Piece::Chat {
                     index,
                     delta: Delta { role, content },
