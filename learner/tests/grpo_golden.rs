@@ -31,6 +31,21 @@ fn floats(v: &serde_json::Value) -> Vec<f64> {
 
 const TOL: f64 = 1e-9;
 
+/// The three reductions, by the oracles' names.
+const REDUCTIONS: [(&str, LossType); 3] = [
+    ("grpo", LossType::Grpo),
+    ("dr_grpo", LossType::DrGrpo),
+    ("dapo", LossType::Dapo),
+];
+
+/// Asserts `got` and `want` have the same length and agree within `tol` element by element.
+fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (k, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!((a - b).abs() < tol, "{what} [{k}]: {a} vs {b}");
+    }
+}
+
 #[test]
 fn every_case_matches_the_oracle() {
     let g = golden();
@@ -77,11 +92,7 @@ fn every_case_matches_the_oracle() {
             epsilon_high: case["epsilon_high"].as_f64().unwrap(),
             level: ImportanceLevel::Token,
         };
-        for (name, lt) in [
-            ("grpo", LossType::Grpo),
-            ("dr_grpo", LossType::DrGrpo),
-            ("dapo", LossType::Dapo),
-        ] {
+        for (name, lt) in REDUCTIONS {
             let weights = grpo::sequence_weights(&lens, &vec![false; lens.len()], lt);
             let lp = Tensor::new(logp.as_slice(), &dev).unwrap();
             let t = grpo::terms(
@@ -249,9 +260,7 @@ fn truncated_importance_sampling_matches_the_oracle() {
         let cap = case["cap"].as_f64().unwrap();
         let (weights, cut) = grpo::tis_weights(&old, &sampler, cap);
         let want = Ragged::flat(&case["weights"]);
-        for (k, (a, b)) in weights.iter().zip(&want).enumerate() {
-            assert!((a - b).abs() < 1e-12, "cap {cap}: weight [{k}] {a} vs {b}");
-        }
+        assert_close(&weights, &want, 1e-12, &format!("cap {cap}: weight"));
         let cut = cut.iter().filter(|&&c| c).count();
         assert_eq!(
             cut as u64,
@@ -262,11 +271,7 @@ fn truncated_importance_sampling_matches_the_oracle() {
             cut > 0,
             "every case cuts some weights (the fixture is built so)"
         );
-        for (name, lt) in [
-            ("grpo", LossType::Grpo),
-            ("dr_grpo", LossType::DrGrpo),
-            ("dapo", LossType::Dapo),
-        ] {
+        for (name, lt) in REDUCTIONS {
             let w = grpo::sequence_weights(&lens, &vec![false; lens.len()], lt);
             let lp = candle_core::Var::new(logp.as_slice(), &dev).unwrap();
             let loss_with = |tis: Option<&[f64]>| {
@@ -295,12 +300,7 @@ fn truncated_importance_sampling_matches_the_oracle() {
             let grads = t.backward().unwrap();
             let grad = grads.get(lp.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
             let want = Ragged::flat(&case["grad"][name]);
-            for (k, (a, b)) in grad.iter().zip(&want).enumerate() {
-                assert!(
-                    (a - b).abs() < TOL,
-                    "cap {cap} {name}: grad [{k}] {a} vs {b}"
-                );
-            }
+            assert_close(&grad, &want, TOL, &format!("cap {cap} {name}: grad"));
             // Without the weights the loss differs: the oracle really pins them.
             let plain = loss_with(None).to_scalar::<f64>().unwrap();
             assert!((plain - want_loss).abs() > 1e-6, "cap {cap} {name}");
@@ -327,11 +327,7 @@ fn sequence_level_ratio_matches_the_gspo_oracle() {
             case["epsilon_low"].as_f64().unwrap(),
             case["epsilon_high"].as_f64().unwrap(),
         );
-        for (name, lt) in [
-            ("grpo", LossType::Grpo),
-            ("dr_grpo", LossType::DrGrpo),
-            ("dapo", LossType::Dapo),
-        ] {
+        for (name, lt) in REDUCTIONS {
             let w = grpo::sequence_weights(&lens, &vec![false; lens.len()], lt);
             let lp = candle_core::Var::new(logp.as_slice(), &dev).unwrap();
             let terms_at = |level| {
@@ -370,13 +366,12 @@ fn sequence_level_ratio_matches_the_gspo_oracle() {
                 .to_vec1::<f64>()
                 .unwrap();
             let want_grad = Ragged::flat(&case["grad"][name]);
-            assert_eq!(grad.len(), want_grad.len());
-            for (k, (a, b)) in grad.iter().zip(&want_grad).enumerate() {
-                assert!(
-                    (a - b).abs() < TOL,
-                    "eps {lo}/{hi} {name}: grad [{k}] {a} vs {b}"
-                );
-            }
+            assert_close(
+                &grad,
+                &want_grad,
+                TOL,
+                &format!("eps {lo}/{hi} {name}: grad"),
+            );
             let clip = t.clipped / t.tokens;
             let want_clip = case["clip_fraction"].as_f64().unwrap();
             assert!(
