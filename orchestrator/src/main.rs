@@ -82,6 +82,8 @@ async fn execute(config: Config) -> anyhow::Result<()> {
     };
     run.shutdown().await;
     outcome?;
+    // Also for a run that was already complete: its report is drawn by this build.
+    orchestrator::report::write_metrics(&run.store, &dir).await?;
     eprintln!("{}", orchestrator::report::status(&run.store, &dir).await?);
     run.store.close().await;
     Ok(())

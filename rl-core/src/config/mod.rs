@@ -154,9 +154,12 @@ pub struct PromptConfig {
 }
 
 /// The CPU default's system prompt: with TapeAgents' boxed prompt alone SmolLM2-135M almost never
-/// boxes its answer; with this one about 1 sample in 13 does, enough for GRPO to learn from.
-pub const BOXED_SYSTEM_PROMPT: &str = "Solve the math problem step by step. Finish with the final \
-     answer as a number inside \\boxed{}, for example: The answer is \\boxed{42}.";
+/// boxes its answer; with one worked example about a third of its samples do, so nearly every
+/// group of 8 has reward variance for GRPO to learn from.
+pub const BOXED_SYSTEM_PROMPT: &str =
+    "You solve math word problems briefly and end with the final \
+     number inside \\boxed{}.\n\nExample:\nQuestion: Tom has 3 apples and buys 5 more. How many \
+     apples does he have?\nAnswer: Tom has 3 + 5 = 8 apples. The answer is \\boxed{8}.";
 
 impl Default for PromptConfig {
     fn default() -> Self {
