@@ -181,9 +181,9 @@ fn tick_label(x: &f64) -> String {
 /// a rounding error below zero).
 fn value_label(y: &f64) -> String {
     let text = format!("{y:.6}");
-    let text = text.trim_end_matches('0').trim_end_matches('.');
-    match text {
-        "-0" | "" => "0".to_string(),
+    // The integer digits keep at least one digit: "0.000000" trims to "0", "-0.000000" to "-0".
+    match text.trim_end_matches('0').trim_end_matches('.') {
+        "-0" => "0".to_string(),
         t => t.to_string(),
     }
 }
