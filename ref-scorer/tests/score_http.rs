@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use rl_core::wire::{ScoreRequest, ScoreSequence};
 use rl_http::client::ServiceClient;
+use rl_http::restart::{check_engine_fault, Fault};
 use serde_json::json;
 
 fn golden() -> PathBuf {
@@ -244,59 +245,13 @@ async fn bad_inputs_get_their_status_and_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_while_scoring_fails_health_and_ends_the_process_non_zero() {
     let (mut child, url) = serve_env(&[], &[("REF_SCORER_FAILPOINT", "engine-panic")]);
-    let http = reqwest::Client::new();
-    let status = |r: reqwest::Response| r.status().as_u16();
-    let health = || http.get(format!("{url}/health")).send();
-    assert_eq!(
-        status(health().await.unwrap()),
-        200,
-        "healthy before the fault"
-    );
-    let body = json!({"sequences": [{"prompt_ids": [1, 5], "completion_ids": [6, 7]}]});
-    let r = http
-        .post(format!("{url}/v1/score"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status().as_u16(),
-        500,
-        "an engine fault is the server's error"
-    );
-    let v: serde_json::Value = r.json().await.unwrap();
-    let msg = v["error"]["message"].as_str().unwrap_or("");
-    assert!(
-        msg.contains("the engine failed") && msg.contains("send the request again"),
-        "{v}"
-    );
-    let r = health().await.unwrap();
-    assert_eq!(
-        r.status().as_u16(),
-        503,
-        "not ok once the model lock is poisoned"
-    );
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("exiting to be restarted"),
-        "{v}"
-    );
-    // The process ends by itself, non-zero, so that its supervisor starts a new one.
-    let t = std::time::Instant::now();
-    let code = loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "still running 30 s after the fault"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let fault = Fault {
+        path: "/v1/score",
+        body: json!({"sequences": [{"prompt_ids": [1, 5], "completion_ids": [6, 7]}]}),
+        message_has: &["the engine failed", "send the request again"],
     };
-    assert!(!code.success(), "exit status {code}");
+    let code = check_engine_fault(&url, &mut child.0, fault).await;
+    assert!(code.is_ok(), "{code:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,9 @@
 //! the key guard, fallbacks, graceful shutdown and the server runner (axum); [`client`]: the typed
 //! client with its retry budget (reqwest; feature `client`, so servers do not compile it);
 //! [`fuzz`]: bodies generated from a service's own OpenAPI document, sent to every operation
-//! (feature `client`, for the tests); [`metrics`]: Prometheus text.
+//! (feature `client`, for the tests); [`restart`]: what an engine fault must look like from
+//! outside, checked the same way for both services (feature `client`, for the tests);
+//! [`metrics`]: Prometheus text.
 //!
 //! It holds no domain logic (that is `rl-core`'s) and must never touch the rollout store or the
 //! model: the learner, which serves nothing, does not depend on it.
@@ -13,4 +15,6 @@ pub mod client;
 #[cfg(feature = "client")]
 pub mod fuzz;
 pub mod metrics;
+#[cfg(feature = "client")]
+pub mod restart;
 pub mod server;

@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use rl_http::restart::{check_engine_fault, Fault};
 use serde_json::json;
 
 /// Reads `listening on URL` (and, from a shell, `child PID`) from a server's stdout.
@@ -63,53 +64,13 @@ async fn an_engine_panic_fails_health_and_ends_the_process_non_zero() {
         .spawn()
         .unwrap();
     let (url, _) = read_start(child.stdout.take().unwrap());
-    let http = reqwest::Client::new();
-    let health = || http.get(format!("{url}/health")).send();
-    assert_eq!(health().await.unwrap().status().as_u16(), 200);
-    let body = json!({"prompt_ids": [1, 5, 6], "n": 2, "max_tokens": 4, "seed": 1});
-    let r = http
-        .post(format!("{url}/v1/generate"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status().as_u16(),
-        500,
-        "an engine fault is the server's error, not 422"
-    );
-    let v: serde_json::Value = r.json().await.unwrap();
-    let msg = v["error"]["message"].as_str().unwrap_or("");
-    assert!(
-        msg.contains("engine thread panicked") && msg.contains("send it again"),
-        "{v}"
-    );
-    let r = health().await.unwrap();
-    assert_eq!(
-        r.status().as_u16(),
-        503,
-        "/health is not ok after the fault"
-    );
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("exiting to be restarted"),
-        "{v}"
-    );
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "still running 30 s after the fault"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let fault = Fault {
+        path: "/v1/generate",
+        body: json!({"prompt_ids": [1, 5, 6], "n": 2, "max_tokens": 4, "seed": 1}),
+        message_has: &["engine thread panicked", "send it again"],
     };
-    assert!(!status.success(), "exit status {status}");
+    let status = check_engine_fault(&url, &mut child, fault).await;
+    assert!(status.is_ok(), "{status:?}");
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("exiting non-zero"), "{stderr}");
