@@ -1,14 +1,16 @@
 //! What an engine fault must look like from outside a service, checked the same way for both
 //! (the services' fault tests): the request the engine failed under is answered 500 with a
-//! message that tells the client to send it again, `/health` turns 503 and says the server is
-//! exiting to be restarted ([`crate::server::Liveness::check`]), and the process then ends by
-//! itself with a non-zero status, so that its supervisor starts a new one. Each broken promise
+//! message that tells the client to send it again, `/health` turns 503 and says
+//! [`EXITING_TO_BE_RESTARTED`] ([`crate::server::Liveness::check`]), and the process then ends
+//! by itself with a non-zero status, so that its supervisor starts a new one. Each broken promise
 //! comes back as an `Err` naming it, for the test to assert on.
 
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use crate::server::EXITING_TO_BE_RESTARTED;
 
 /// How long a failed service may take to exit (its linger is a few seconds).
 pub const EXIT_WITHIN: Duration = Duration::from_secs(30);
@@ -62,9 +64,9 @@ pub async fn check_engine_fault(
     let r = health().await.map_err(send)?;
     let (status, v) = (r.status().as_u16(), r.json::<Value>().await.map_err(send)?);
     let said = v["error"]["message"].as_str().unwrap_or("");
-    if status != 503 || !said.contains("exiting to be restarted") {
+    if status != 503 || !said.contains(EXITING_TO_BE_RESTARTED) {
         return Err(format!(
-            "/health after the fault answered {status}, not 503 saying it is exiting to be restarted: {v}"
+            "/health after the fault answered {status}, not 503 saying {EXITING_TO_BE_RESTARTED:?}: {v}"
         ));
     }
 

@@ -197,6 +197,10 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// What a failed service says of itself, in `/health`'s 503 and in the 500s of
+/// [`Liveness::engine_error`] (the words its clients and fault tests look for).
+pub const EXITING_TO_BE_RESTARTED: &str = "this server is exiting to be restarted";
+
 /// Whether a service can still do its work. Presence is not enough: an engine thread that
 /// panicked or a model lock poisoned by a panic leaves a process that listens but can never
 /// answer. [`Liveness::fail`] records the fault; from then `/health` answers 503 with it, engine
@@ -245,7 +249,7 @@ impl Liveness {
         match self.fault() {
             None => Ok(()),
             Some(why) => Err(ApiError::unavailable(
-                format!("the engine failed ({why}); this server is exiting to be restarted"),
+                format!("the engine failed ({why}); {EXITING_TO_BE_RESTARTED}"),
                 5,
             )),
         }
@@ -254,7 +258,7 @@ impl Liveness {
     /// The 500 a request gets when the engine failed under it.
     pub fn engine_error(&self) -> ApiError {
         ApiError::internal(format!(
-            "the engine failed ({}); this server is exiting to be restarted: send the request again",
+            "the engine failed ({}); {EXITING_TO_BE_RESTARTED}: send the request again",
             self.fault().unwrap_or_else(|| "unknown fault".into())
         ))
     }
