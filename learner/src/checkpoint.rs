@@ -2,7 +2,7 @@
 //! orchestrator and export that find, record and verify them: `RUN/checkpoints/iter_N/` holds a
 //! PEFT adapter folder (`adapter_model.safetensors`, `adapter_config.json`) plus the optimizer's
 //! moments (`optimizer.safetensors`) and `training_state.json` (step, iteration), written last.
-//! A folder is written whole through [`rl_core::files::write_dir_with`] (hidden temporary,
+//! A folder is written whole through [`rl_core::files::write_dir`] (hidden temporary,
 //! fsynced, renamed): a crash leaves either the whole checkpoint or a temporary that
 //! [`clean_partials`] removes and nothing reads. Its identity is the sha256 of the adapter
 //! weights, recorded in the run's database and checked by [`verify`].
@@ -21,8 +21,10 @@ pub const STATE_FILE: &str = "training_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub use model::lora::{CONFIG_FILE as ADAPTER_CONFIG_FILE, WEIGHTS_FILE as ADAPTER_FILE};
 
-/// Environment variable naming a point at which the learner aborts, to test crash safety:
-/// `checkpoint-before-rename` aborts after the temporary folder is written, before the rename.
+/// Environment variable naming a point at which the learner aborts, to test crash safety (in
+/// builds with the `failpoints` feature): `checkpoint-before-rename` aborts after the temporary
+/// folder is written, before the rename.
+#[cfg(feature = "failpoints")]
 pub const FAILPOINT_ENV: &str = "LEARNER_FAILPOINT";
 
 /// What a resumed run needs besides the tensors.
@@ -124,9 +126,7 @@ pub fn save(
         let path = tmp.join(STATE_FILE);
         std::fs::write(&path, serde_json::to_string_pretty(&st)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
-    };
-    let failpoint = |tmp: &Path| {
+        #[cfg(feature = "failpoints")]
         if std::env::var(FAILPOINT_ENV).as_deref() == Ok("checkpoint-before-rename") {
             eprintln!(
                 "{FAILPOINT_ENV}: aborting before renaming {} into place",
@@ -134,8 +134,9 @@ pub fn save(
             );
             std::process::abort();
         }
+        Ok(())
     };
-    rl_core::files::write_dir_with(dir, fill, failpoint)?;
+    rl_core::files::write_dir(dir, fill)?;
     weights_sha256(dir)
 }
 

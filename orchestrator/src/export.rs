@@ -67,15 +67,11 @@ pub async fn command(
     let out = out.to_path_buf();
     // Written whole or not at all: a hidden temporary folder renamed into place.
     let report = tokio::task::spawn_blocking(move || {
-        rl_core::files::write_dir_with(
-            &out,
-            |tmp| -> anyhow::Result<model::ExportReport> {
-                let mut report = model::export_merged(&base_path, Some(&adapter), tmp, dtype)?;
-                report.out.clone_from(&out);
-                Ok(report)
-            },
-            |_| {},
-        )
+        rl_core::files::write_dir(&out, |tmp| -> anyhow::Result<model::ExportReport> {
+            let mut report = model::export_merged(&base_path, Some(&adapter), tmp, dtype)?;
+            report.out.clone_from(&out);
+            Ok(report)
+        })
     })
     .await??;
     Ok(report)

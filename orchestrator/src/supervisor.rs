@@ -312,11 +312,12 @@ impl Service {
         let Some(mut child) = st.child.take() else {
             return;
         };
-        if let Some(pid) = child.id() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .await;
+        let pid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .and_then(rustix::process::Pid::from_raw);
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
             if tokio::time::timeout(Duration::from_secs(10), child.wait())
                 .await
                 .is_ok()

@@ -44,14 +44,16 @@ impl Default for Options {
     }
 }
 
-/// Environment variable of the scorer's failpoint (fault tests): `engine-panic` panics a scoring
-/// while it holds the model lock (poisoning it).
+/// Environment variable of the scorer's failpoint (fault tests, in builds with the `failpoints`
+/// feature): `engine-panic` panics a scoring while it holds the model lock (poisoning it).
+#[cfg(feature = "failpoints")]
 pub const FAILPOINT_ENV: &str = "REF_SCORER_FAILPOINT";
 
 pub struct ScorerState {
     /// Failed once the model lock is poisoned: `/health` 503, the process exits.
     pub liveness: Liveness,
     /// The `engine-panic` failpoint is set ([`FAILPOINT_ENV`], read once at start).
+    #[cfg(feature = "failpoints")]
     panic_failpoint: bool,
     engine: Arc<Mutex<Engine>>,
     model_name: String,
@@ -119,6 +121,7 @@ pub fn app(engine: Engine, opts: &Options) -> (axum::Router, Arc<ScorerState>) {
     let (metrics, counters) = Metrics::new("scorer", engine.matmul_backend(), Counters::new);
     let state = Arc::new(ScorerState {
         liveness: Liveness::default(),
+        #[cfg(feature = "failpoints")]
         panic_failpoint: rl_http::server::failpoint(FAILPOINT_ENV, "engine-panic").is_some(),
         engine: Arc::new(Mutex::new(engine)),
         model_name: opts.model_name.clone(),
@@ -194,6 +197,7 @@ async fn score(
     let temperature = req.temperature;
     let counters = state.counters.clone();
     let liveness = state.liveness.clone();
+    #[cfg(feature = "failpoints")]
     let panic_failpoint = state.panic_failpoint;
     let scored = tokio::task::spawn_blocking(move || {
         let waited = Instant::now();
@@ -201,6 +205,7 @@ async fn score(
             liveness.fail("the model lock is poisoned: a scoring panicked while holding it");
             liveness.engine_error()
         })?;
+        #[cfg(feature = "failpoints")]
         if panic_failpoint {
             panic!("{FAILPOINT_ENV}: engine-panic while holding the model lock");
         }

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use rl_core::wire::{ScoreRequest, ScoreSequence};
 use rl_http::client::ServiceClient;
-use rl_http::restart::{check_engine_fault, Fault};
 use serde_json::json;
+use test_kit::restart::{check_engine_fault, Fault};
 
 fn golden() -> PathBuf {
     match std::env::var_os("GOLDEN_DIR") {
@@ -159,7 +159,9 @@ async fn http_scores_equal_the_offline_command() {
     assert!(metrics.contains("scorer_sequences_total"), "{metrics}");
     // The document is derived from the router: every documented operation answers, no other
     // method does.
-    let (doc, problems) = rl_http::client::check_contract(&url, None).await.unwrap();
+    let (doc, problems) = test_kit::contract::check_contract(&url, None)
+        .await
+        .unwrap();
     assert!(problems.is_empty(), "{problems:#?}");
     for (method, path) in [
         ("post", "/v1/score"),
@@ -265,10 +267,10 @@ async fn generated_bodies_never_break_the_scorer() {
     };
     // The scorer has one body route: it gets five times the cases.
     let (cases, seed) = (5 * env("FUZZ_CASES", 400) as usize, env("FUZZ_SEED", 17));
-    let report = rl_http::fuzz::fuzz(&url, Some("k"), cases, seed, Duration::from_secs(120))
+    let report = test_kit::fuzz::fuzz(&url, Some("k"), cases, seed, Duration::from_secs(120))
         .await
         .unwrap();
-    rl_http::fuzz::record("TEST_COUNTS_FILE", &report.summary("ref-scorer", seed));
+    test_kit::record("TEST_COUNTS_FILE", &report.summary("ref-scorer", seed));
     assert!(
         report.problems.is_empty(),
         "{} problems, first ones:\n{}",

@@ -130,12 +130,10 @@ pub fn write_stream<T, E: From<FileError> + From<std::io::Error>>(
 
 /// Writes the folder `dir` through `fill`, which fills the temporary folder whose path it is
 /// given; every file in it is fsynced, then the folder is renamed into place and its parent
-/// fsynced. A non-empty `dir` is never replaced (an empty one is). `before_rename` runs last
-/// before the rename (crash tests abort there).
-pub fn write_dir_with<T, E: From<FileError>>(
+/// fsynced. A non-empty `dir` is never replaced (an empty one is).
+pub fn write_dir<T, E: From<FileError>>(
     dir: &Path,
     fill: impl FnOnce(&Path) -> Result<T, E>,
-    before_rename: impl FnOnce(&Path),
 ) -> Result<T, E> {
     let nonempty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
     if nonempty {
@@ -164,7 +162,6 @@ pub fn write_dir_with<T, E: From<FileError>>(
         }
     }
     fsync(tmp.path())?;
-    before_rename(tmp.path());
     if dir.exists() {
         // Empty (checked above): replaced by the finished folder.
         std::fs::remove_dir(dir).map_err(err("removing the empty folder", dir))?;
@@ -260,17 +257,13 @@ mod tests {
     fn folders_are_never_overwritten_and_partials_are_cleaned() {
         let t = tempfile::tempdir().unwrap();
         let d = t.path().join("iter_0");
-        let n: Result<usize, FileError> = write_dir_with(
-            &d,
-            |tmp| {
-                std::fs::write(tmp.join("x"), b"1").unwrap();
-                Ok(1)
-            },
-            |_| {},
-        );
+        let n: Result<usize, FileError> = write_dir(&d, |tmp| {
+            std::fs::write(tmp.join("x"), b"1").unwrap();
+            Ok(1)
+        });
         assert_eq!(n.unwrap(), 1);
         assert_eq!(std::fs::read(d.join("x")).unwrap(), b"1");
-        let again: Result<(), FileError> = write_dir_with(&d, |_| Ok(()), |_| {});
+        let again: Result<(), FileError> = write_dir(&d, |_| Ok(()));
         let e = again.unwrap_err().to_string();
         assert!(e.contains("iter_0") && e.contains("not empty"), "{e}");
         // A crash mid-write leaves a temporary; remove_partials cleans it, not the finished one.

@@ -281,8 +281,10 @@ pub fn all_finite(what: &str, values: &[f32]) -> Result<(), ApiError> {
 const FAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 const FAULT_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Reads a failpoint of the service (for the fault tests): the environment variable `var` holds
-/// `point` or `point:N`; returns `Some(N)` (1 without a number) when it names `point`.
+/// Reads a failpoint of the service (for the fault tests; only in builds with the `failpoints`
+/// feature, which `cargo test` turns on and release builds leave out): the environment variable
+/// `var` holds `point` or `point:N`; returns `Some(N)` (1 without a number) when it names `point`.
+#[cfg(feature = "failpoints")]
 pub fn failpoint(var: &str, point: &str) -> Option<u64> {
     let value = std::env::var(var).ok()?;
     let (name, n) = value.split_once(':').unwrap_or((value.as_str(), "1"));

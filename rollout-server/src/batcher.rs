@@ -196,6 +196,7 @@ impl Batcher {
         let adapter = Arc::new(Mutex::new(None));
         let actor = Actor {
             _on_panic: PanicGuard(liveness.clone()),
+            #[cfg(feature = "failpoints")]
             panic_at_batch: rl_http::server::failpoint(FAILPOINT_ENV, "engine-panic"),
             engine,
             rx,
@@ -367,8 +368,9 @@ struct Pending {
     reply: GenerateReply,
 }
 
-/// Environment variable of the server's failpoint (fault tests): `engine-panic[:N]` panics the
-/// actor at its N-th batch.
+/// Environment variable of the server's failpoint (fault tests, in builds with the `failpoints`
+/// feature): `engine-panic[:N]` panics the actor at its N-th batch.
+#[cfg(feature = "failpoints")]
 pub const FAILPOINT_ENV: &str = "ROLLOUT_SERVER_FAILPOINT";
 
 /// Fails the server's liveness when the actor thread unwinds from a panic. It is the actor's
@@ -387,6 +389,7 @@ impl Drop for PanicGuard {
 struct Actor {
     _on_panic: PanicGuard,
     /// The `engine-panic:N` failpoint: the batch at which to panic.
+    #[cfg(feature = "failpoints")]
     panic_at_batch: Option<u64>,
     engine: Engine,
     rx: mpsc::UnboundedReceiver<Job>,
@@ -496,6 +499,7 @@ impl Actor {
         self.stats.batch_rows.inc_by(batch.len() as u64);
         let prompt_tokens: usize = batch.iter().map(|r| r.prompt.len()).sum();
         self.stats.prompt_tokens.inc_by(prompt_tokens as u64);
+        #[cfg(feature = "failpoints")]
         if self.panic_at_batch == Some(self.stats.batches.get()) {
             panic!(
                 "{FAILPOINT_ENV}: engine-panic at batch {}",

@@ -12,8 +12,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use rl_http::restart::{check_engine_fault, Fault};
 use serde_json::json;
+use test_kit::restart::{check_engine_fault, Fault};
 
 /// Reads `listening on URL` (and, from a shell, `child PID`) from a server's stdout.
 fn read_start(out: impl std::io::Read) -> (String, Option<u32>) {

@@ -32,7 +32,7 @@ async fn generated_bodies_never_break_the_server() {
             .unwrap_or(d)
     };
     let (cases, seed) = (env("FUZZ_CASES", 400) as usize, env("FUZZ_SEED", 17));
-    let report = rl_http::fuzz::fuzz(
+    let report = test_kit::fuzz::fuzz(
         &server.url,
         Some("k"),
         cases,
@@ -41,7 +41,7 @@ async fn generated_bodies_never_break_the_server() {
     )
     .await
     .unwrap();
-    rl_http::fuzz::record("TEST_COUNTS_FILE", &report.summary("rollout-server", seed));
+    test_kit::record("TEST_COUNTS_FILE", &report.summary("rollout-server", seed));
     assert!(
         report.problems.is_empty(),
         "{} problems, first ones:\n{}",

@@ -135,7 +135,7 @@ async fn routes_answer_in_their_shapes() {
     assert_eq!((status, health.contains("\"status\":\"ok\"")), (200, true));
     // The document is derived from the router: every documented operation answers, no other
     // method does, and the request types are documented as they are parsed.
-    let (doc, problems) = rl_http::client::check_contract(url, None)
+    let (doc, problems) = test_kit::contract::check_contract(url, None)
         .await
         .expect("contract");
     assert!(problems.is_empty(), "{problems:#?}");

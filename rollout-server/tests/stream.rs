@@ -299,7 +299,7 @@ async fn the_openai_sdk_streams_what_it_gets_whole() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !has_sdk {
-        rl_http::fuzz::record(
+        test_kit::record(
             "TEST_SKIPS_FILE",
             &format!(
                 "SKIPPED the_openai_sdk_streams_what_it_gets_whole: no Python with `openai` at {} (scripts/setup-bench-python, or set OPENAI_PYTHON)",

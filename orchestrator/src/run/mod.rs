@@ -3,7 +3,7 @@
 //! started from typed command lines) and moves each iteration through the phases the store
 //! records, one module each: `sampling`, `scoring` (`scoring_ref`), `training`,
 //! `evaluating` (every `test_every_n_iterations`). Crash points for the tests are in
-//! `failpoints`.
+//! `failpoints` (feature `failpoints`, which only `cargo test` turns on).
 //!
 //! Two actors drive the phases, talking through the database and a change signal: the samplers'
 //! side (`produce`: sampling, reference scoring, evaluation, all on the rollout servers) and the
@@ -41,6 +41,7 @@ use crate::children::{self, RolloutServer, ServiceArgs};
 use crate::supervisor::{Adapter, ChildSpec, Pool, Service};
 
 use failpoints::crash_at;
+#[cfg(feature = "failpoints")]
 pub use failpoints::FAILPOINT_ENV;
 use preflight::{check_compatible, check_ports};
 
@@ -56,8 +57,9 @@ pub struct Run {
     /// Bumped after every phase change and stored group, so that each side sees what the other
     /// finished.
     changes: tokio::sync::watch::Sender<u64>,
-    /// The `kill-rollout-server` / `stop-rollout-server` failpoint fired (each run fires one once).
-    killed: std::sync::atomic::AtomicBool,
+    /// Whether a kill point of the chaos tests fired.
+    #[cfg(feature = "failpoints")]
+    fired: failpoints::Fired,
     /// The run directory's lock, held while this run is open.
     _lock: std::fs::File,
 }
@@ -233,7 +235,8 @@ impl Run {
             rollout,
             scorer,
             changes: tokio::sync::watch::Sender::new(0),
-            killed: Default::default(),
+            #[cfg(feature = "failpoints")]
+            fired: Default::default(),
             _lock: lock,
         })
     }

@@ -8,7 +8,6 @@ use rl_core::rewards;
 use rl_core::wire::{FinishReason, TokenizeRequest};
 use rl_store::{RolloutRecord, TaskRecord};
 
-use super::failpoints::{crash_at, failpoint, FAILPOINT_ENV};
 use super::Run;
 
 impl Run {
@@ -19,19 +18,7 @@ impl Run {
         let tasks = self.store.tasks(it).await?;
         let adapter = adapter.map(learner::checkpoint::name);
         let concurrency = self.sampling_concurrency() * self.rollout.len();
-        if self.rollout.len() > 1
-            && failpoint("kill-rollout-server", it)
-            && !self.killed.load(std::sync::atomic::Ordering::SeqCst)
-        {
-            // With several servers, the first is frozen now, so that it holds requests when
-            // it is SIGKILLed below (after another server's group is stored): they must be
-            // re-sent to the others.
-            self.signal_rollout_server(
-                "-STOP",
-                "freezing the first rollout server until a group is stored",
-            )
-            .await;
-        }
+        self.before_sampling(it).await;
         let bar = crate::report::bar(missing.len() as u64, &format!("iteration {it}: sampling"));
         let mut done = futures::stream::iter(
             missing
@@ -138,31 +125,7 @@ impl Run {
             "iteration {it}: sampling: group {} stored",
             task.group_index
         );
-        crash_at("sampling", it);
-        for (point, signal, doing) in [
-            ("kill-rollout-server", "-KILL", "killing"),
-            (
-                "stop-rollout-server",
-                "-STOP",
-                "stopping (SIGSTOP: it keeps its port and never answers)",
-            ),
-        ] {
-            if failpoint(point, it) && !self.killed.swap(true, std::sync::atomic::Ordering::SeqCst)
-            {
-                self.signal_rollout_server(signal, doing).await;
-            }
-        }
+        self.after_group_stored(it).await;
         Ok(())
-    }
-
-    /// Sends `signal` to the first rollout server (the failpoints above).
-    async fn signal_rollout_server(&self, signal: &str, doing: &str) {
-        if let Some(pid) = self.rollout.pid(0).await {
-            tracing::warn!("{FAILPOINT_ENV}: {doing} the rollout server (pid {pid})");
-            let _ = tokio::process::Command::new("kill")
-                .args([signal, &pid.to_string()])
-                .status()
-                .await;
-        }
     }
 }

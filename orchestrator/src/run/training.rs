@@ -6,7 +6,6 @@ use anyhow::{bail, Context};
 use learner::checkpoint;
 use rl_store::CheckpointRecord;
 
-use super::failpoints::{crash_at, failpoint};
 use super::Run;
 use crate::children::LearnerStep;
 
@@ -102,12 +101,7 @@ impl Run {
             "iteration {it}: training: learner started (pid {})",
             child.id().map_or_else(|| "?".into(), |p| p.to_string())
         );
-        if failpoint("overlap", it) {
-            // Aborts in the overlap: this learner running, a group of the next iteration stored.
-            self.wait_for(|| async { Ok(!self.store.rollouts(it + 1).await?.is_empty()) })
-                .await?;
-            crash_at("overlap", it);
-        }
+        self.while_training(it).await?;
         let output = child
             .wait_with_output()
             .await

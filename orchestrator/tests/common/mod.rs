@@ -331,7 +331,7 @@ pub fn assert_store_sound(run: &Path, iterations: usize, groups: usize, attempts
     );
 }
 
-pub use rl_http::fuzz::record;
+pub use test_kit::record;
 
 /// Says that `test` checked nothing on this machine and why (`TEST_SKIPS_FILE`).
 pub fn skipped(test: &str, reason: &str) {

@@ -168,22 +168,18 @@ fn keep(dir: &Path, req: &AdapterUpload) -> Result<(std::path::PathBuf, bool), A
     }
     let config = serde_json::to_vec_pretty(&req.config)
         .map_err(|e| ApiError::internal(format!("writing the adapter config: {e}")))?;
-    rl_core::files::write_dir_with(
-        dir,
-        |tmp| -> Result<(), rl_core::files::FileError> {
-            let write = |file: &str, bytes: &[u8]| {
-                let path = tmp.join(file);
-                std::fs::write(&path, bytes).map_err(|source| rl_core::files::FileError {
-                    action: "writing",
-                    path,
-                    source,
-                })
-            };
-            write(model::lora::CONFIG_FILE, &config)?;
-            write(model::lora::WEIGHTS_FILE, &weights)
-        },
-        |_| {},
-    )
+    rl_core::files::write_dir(dir, |tmp| -> Result<(), rl_core::files::FileError> {
+        let write = |file: &str, bytes: &[u8]| {
+            let path = tmp.join(file);
+            std::fs::write(&path, bytes).map_err(|source| rl_core::files::FileError {
+                action: "writing",
+                path,
+                source,
+            })
+        };
+        write(model::lora::CONFIG_FILE, &config)?;
+        write(model::lora::WEIGHTS_FILE, &weights)
+    })
     .map_or_else(
         // Another upload of the name won the race: compare with what it kept.
         |e| match dir.join(model::lora::WEIGHTS_FILE).exists() {

@@ -421,22 +421,3 @@ fn mutate(mut v: Value, rng: &mut ChaCha8Rng) -> Value {
     }
     v
 }
-
-/// Appends `line` to the file named by the environment variable `var`, if set, and prints it
-/// on stderr: how the tests report their counts (`TEST_COUNTS_FILE`) and skips
-/// (`TEST_SKIPS_FILE`), which scripts/test prints at the end of a run.
-pub fn record(var: &str, line: &str) {
-    eprintln!("{line}");
-    if let Some(path) = std::env::var_os(var) {
-        use std::io::Write;
-        let written = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            // One write of the whole line: concurrent tests append without interleaving.
-            .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
-        if let Err(e) = written {
-            panic!("cannot append to {var} {path:?}: {e}");
-        }
-    }
-}

@@ -1,7 +1,7 @@
 //! What an engine fault must look like from outside a service, checked the same way for both
 //! (the services' fault tests): the request the engine failed under is answered 500 with a
 //! message that tells the client to send it again, `/health` turns 503 and says
-//! [`EXITING_TO_BE_RESTARTED`] ([`crate::server::Liveness::check`]), and the process then ends
+//! [`EXITING_TO_BE_RESTARTED`] ([`rl_http::server::Liveness::check`]), and the process then ends
 //! by itself with a non-zero status, so that its supervisor starts a new one. Each broken promise
 //! comes back as an `Err` naming it, for the test to assert on.
 
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::server::EXITING_TO_BE_RESTARTED;
+use rl_http::server::EXITING_TO_BE_RESTARTED;
 
 /// How long a failed service may take to exit (its linger is a few seconds).
 pub const EXIT_WITHIN: Duration = Duration::from_secs(30);
