@@ -81,6 +81,10 @@ fn main() {
                     .collect()
             })
             .collect(),
+        // As drawn by the default config (temperature 0.7), by the base model.
+        temperature: sampling::ScoreTemperature::try_from(config.sampling.train.temperature)
+            .expect("a trainable temperature"),
+        policy_version: None,
     };
     let mut times = Vec::new();
     for i in 0..repeats.max(1) + 1 {

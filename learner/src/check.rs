@@ -8,9 +8,10 @@ use anyhow::Context;
 use candle_core::{DType, Tensor};
 use model::{Engine, LoraAdapter, ScoreRequest};
 use rl_core::config::{ImportanceLevel, LossType, ScaleRewards};
+use sampling::ScoreTemperature;
 use serde::Deserialize;
 
-use crate::grpo::{self, Objective};
+use crate::grpo::{self, Objective, Tokens};
 
 /// A batch to check (extra fields of the fixture, such as the expected results, are ignored).
 #[derive(Debug, Deserialize)]
@@ -28,11 +29,11 @@ pub struct CheckBatch {
     pub loss_type: LossType,
     pub scale_rewards: ScaleRewards,
     #[serde(default = "one")]
-    pub temperature: f64,
+    pub temperature: ScoreTemperature,
 }
 
-fn one() -> f64 {
-    1.0
+fn one() -> ScoreTemperature {
+    ScoreTemperature::ONE
 }
 
 /// What `check` reports.
@@ -73,12 +74,16 @@ pub fn run(engine: &Engine, adapter_dir: &Path, batch: &CheckBatch) -> anyhow::R
     let adapter = LoraAdapter::load(adapter_dir, engine.config(), engine.device())
         .with_context(|| format!("loading the adapter {}", adapter_dir.display()))?;
     let (trainable, vars) = adapter.trainable(Some(DType::F32))?;
-    let reqs: Vec<ScoreRequest> = (0..n)
-        .map(|i| ScoreRequest {
-            prompt: batch.prompts[i].clone(),
-            completion: batch.completions[i].clone(),
+    let reqs = (0..n)
+        .map(|i| {
+            ScoreRequest::new(
+                &format!("sequence {i}"),
+                batch.prompts[i].clone(),
+                batch.completions[i].clone(),
+                engine.limits(),
+            )
         })
-        .collect();
+        .collect::<model::Result<Vec<_>>>()?;
     let out = engine.train_logprobs(&reqs, &trainable, batch.temperature)?;
     let adv = grpo::advantages(&batch.rewards, batch.group_size, batch.scale_rewards);
     let lens: Vec<usize> = batch.completions.iter().map(Vec::len).collect();
@@ -91,18 +96,8 @@ pub fn run(engine: &Engine, adapter_dir: &Path, batch: &CheckBatch) -> anyhow::R
     };
     let old: Vec<f64> = batch.old_logp.iter().flatten().copied().collect();
     let reference: Vec<f64> = batch.ref_logp.iter().flatten().copied().collect();
-    let t = grpo::terms(
-        &out.logprobs,
-        &grpo::Tokens {
-            offsets: &out.offsets,
-            old: &old,
-            reference: &reference,
-            advantage: &grpo::per_token(&adv, &out.offsets),
-            weight: &grpo::per_token(&weights, &out.offsets),
-            tis: None,
-        },
-        obj,
-    )?;
+    let tokens = Tokens::new(&out.offsets, &old, &reference, &adv, &weights)?;
+    let t = grpo::terms(&out.logprobs, &tokens, obj)?;
     let loss = t.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let g = t.loss.backward()?;
     let mut grads = HashMap::new();

@@ -89,19 +89,76 @@ pub struct Objective {
 
 /// What [`terms`] needs of each token besides its differentiable logprob, over concatenated
 /// sequences (`offsets` as from `Engine::train_logprobs`: sequence `i` is `offsets[i]..offsets[i+1]`).
-#[derive(Debug, Clone, Copy)]
-pub struct Tokens<'a> {
-    pub offsets: &'a [usize],
+/// Built by [`Tokens::new`], the one place (for the learner, `learner check` and the oracle
+/// tests) where per-sequence values are spread over tokens and the lengths are checked.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    offsets: Vec<usize>,
     /// The old policy's logprobs.
-    pub old: &'a [f64],
+    old: Vec<f64>,
     /// The reference model's logprobs.
-    pub reference: &'a [f64],
-    /// Each token's sequence's advantage ([`per_token`]).
-    pub advantage: &'a [f64],
+    reference: Vec<f64>,
+    /// Each token's sequence's advantage.
+    advantage: Vec<f64>,
     /// Each token's sequence's loss weight, 0 for masked sequences ([`sequence_weights`]).
-    pub weight: &'a [f64],
+    weight: Vec<f64>,
     /// Each token's truncated importance-sampling weight ([`tis_weights`]), when on.
-    pub tis: Option<&'a [f64]>,
+    tis: Option<Vec<f64>>,
+}
+
+impl Tokens {
+    /// The tokens of sequences at `offsets`: `old` and `reference` logprobs per token (flat),
+    /// `advantages` and `weights` per sequence (spread over its tokens).
+    pub fn new(
+        offsets: &[usize],
+        old: &[f64],
+        reference: &[f64],
+        advantages: &[f64],
+        weights: &[f64],
+    ) -> Result<Self> {
+        let n = offsets.last().copied().unwrap_or(0);
+        let seqs = offsets.len().saturating_sub(1);
+        if old.len() != n || reference.len() != n {
+            return Err(candle_core::Error::Msg(format!(
+                "{n} tokens, but {} old and {} reference logprobs",
+                old.len(),
+                reference.len()
+            )));
+        }
+        if advantages.len() != seqs || weights.len() != seqs {
+            return Err(candle_core::Error::Msg(format!(
+                "{seqs} sequences, but {} advantages and {} weights",
+                advantages.len(),
+                weights.len()
+            )));
+        }
+        Ok(Self {
+            offsets: offsets.to_vec(),
+            old: old.to_vec(),
+            reference: reference.to_vec(),
+            advantage: per_token(advantages, offsets),
+            weight: per_token(weights, offsets),
+            tis: None,
+        })
+    }
+
+    /// With truncated importance-sampling weights, one per token.
+    pub fn with_tis(mut self, tis: Vec<f64>) -> Result<Self> {
+        if tis.len() != self.old.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "{} importance weights for {} tokens",
+                tis.len(),
+                self.old.len()
+            )));
+        }
+        self.tis = Some(tis);
+        Ok(self)
+    }
+
+    /// Each token's loss weight (0: the token counts for nothing, a masked sequence's).
+    pub fn weight(&self) -> &[f64] {
+        &self.weight
+    }
 }
 
 /// One micro-batch's contribution: `loss` (differentiable) and, for the metrics, the weighted sums
@@ -134,28 +191,28 @@ pub fn tis_weights(old: &[f64], sampler: &[f64], cap: f64) -> (Vec<f64>, Vec<boo
 
 /// The per-token objective over concatenated sequences: `logp` `[n]` is differentiable, the rest
 /// is in `tokens`. Everything is computed in `logp`'s dtype.
-pub fn terms(logp: &Tensor, tokens: &Tokens<'_>, obj: Objective) -> Result<Terms> {
+pub fn terms(logp: &Tensor, tokens: &Tokens, obj: Objective) -> Result<Terms> {
     let dtype = logp.dtype();
     let dev = logp.device();
     let t = |v: &[f64]| Tensor::new(v, dev)?.to_dtype(dtype);
     let (old, reference, adv, w) = (
-        t(tokens.old)?,
-        t(tokens.reference)?,
-        t(tokens.advantage)?,
-        t(tokens.weight)?,
+        t(&tokens.old)?,
+        t(&tokens.reference)?,
+        t(&tokens.advantage)?,
+        t(&tokens.weight)?,
     );
-    let weight = tokens.weight;
-    let advantage = tokens.advantage;
+    let weight = &tokens.weight;
+    let advantage = &tokens.advantage;
     let log_ratio = (logp - &old)?;
     let log_ratio = match obj.level {
         ImportanceLevel::Token => log_ratio,
-        ImportanceLevel::Sequence => sequence_means(&log_ratio, tokens.offsets)?,
+        ImportanceLevel::Sequence => sequence_means(&log_ratio, &tokens.offsets)?,
     };
     let ratio = log_ratio.exp()?;
     let unclipped = (&ratio * &adv)?;
     let clipped_ratio = ratio.clamp(1.0 - obj.epsilon_low, 1.0 + obj.epsilon_high)?;
     let mut surrogate = unclipped.minimum(&(&clipped_ratio * &adv)?)?;
-    if let Some(tis) = tokens.tis {
+    if let Some(tis) = &tokens.tis {
         surrogate = (surrogate * t(tis)?)?;
     }
     let d = (&reference - logp)?;
@@ -205,7 +262,7 @@ fn sequence_means(x: &Tensor, offsets: &[usize]) -> Result<Tensor> {
 }
 
 /// Spreads per-sequence values over their tokens (`offsets` as from `Engine::train_logprobs`).
-pub fn per_token(values: &[f64], offsets: &[usize]) -> Vec<f64> {
+fn per_token(values: &[f64], offsets: &[usize]) -> Vec<f64> {
     values
         .iter()
         .enumerate()

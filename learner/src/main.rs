@@ -38,7 +38,8 @@ enum Command {
         /// Where to write this iteration's checkpoint (must not exist yet).
         #[arg(long)]
         out: PathBuf,
-        /// The run config (its `learner`, `lora`, `seed`, `max_iterations` and train temperature).
+        /// The run config (its `learner`, `lora`, `seed` and `max_iterations`; the temperature
+        /// comes from the rollouts, the config's only for rows that did not record one).
         #[arg(long)]
         config: Option<PathBuf>,
         #[command(flatten)]
@@ -94,6 +95,7 @@ fn main() -> anyhow::Result<()> {
                 &store,
                 iteration,
                 config.overlap.max_lag,
+                config.sampling.train.temperature,
             ))?;
             let engine = load_engine(&model, &flags)?;
             let mut learner = if adapter_in == "none" {

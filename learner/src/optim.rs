@@ -102,6 +102,44 @@ pub fn clip_factor(grads: &[&[f32]], max_norm: Option<f64>) -> (f64, f64) {
     (norm, factor)
 }
 
+/// One optimizer step over `vars` with the step's summed `grads`: the global norm clipped to
+/// `max_grad_norm`, the learning rate of the step from the schedule (`total_steps` in the run),
+/// AdamW. Returns the norm before clipping and the learning rate.
+pub fn apply(
+    opt: &mut AdamW,
+    vars: &[(String, candle_core::Var)],
+    grads: &mut [Vec<f32>],
+    cfg: &rl_core::config::LearnerConfig,
+    total_steps: u64,
+) -> candle_core::Result<(f64, f64)> {
+    let views: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+    let (grad_norm, factor) = clip_factor(&views, cfg.max_grad_norm);
+    opt.begin_step();
+    let lr = learning_rate(
+        cfg.lr,
+        cfg.schedule,
+        u64::from(cfg.warmup_steps),
+        opt.step,
+        total_steps,
+    );
+    for ((name, var), grad) in vars.iter().zip(grads.iter_mut()) {
+        if factor != 1.0 {
+            for x in grad.iter_mut() {
+                *x = (f64::from(*x) * factor) as f32;
+            }
+        }
+        let t = var.as_tensor();
+        let mut param = t.flatten_all()?.to_vec1::<f32>()?;
+        opt.update(name, &mut param, grad, lr, cfg.weight_decay);
+        var.set(&candle_core::Tensor::from_vec(
+            param,
+            t.shape(),
+            t.device(),
+        )?)?;
+    }
+    Ok((grad_norm, lr))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -97,14 +97,7 @@ fn every_case_matches_the_oracle() {
             let lp = Tensor::new(logp.as_slice(), &dev).unwrap();
             let t = grpo::terms(
                 &lp,
-                &grpo::Tokens {
-                    offsets: &offsets,
-                    old: &old,
-                    reference: &reference,
-                    advantage: &grpo::per_token(&adv, &offsets),
-                    weight: &grpo::per_token(&weights, &offsets),
-                    tis: None,
-                },
+                &grpo::Tokens::new(&offsets, &old, &reference, &adv, &weights).unwrap(),
                 obj,
             )
             .unwrap();
@@ -177,14 +170,14 @@ fn micro_batches_sum_to_the_whole_step() {
             let off: Vec<usize> = offsets[from..=to].iter().map(|o| o - a).collect();
             let t = grpo::terms(
                 &Tensor::new(&logp[a..b], &dev).unwrap(),
-                &grpo::Tokens {
-                    offsets: &off,
-                    old: &old[a..b],
-                    reference: &reference[a..b],
-                    advantage: &grpo::per_token(&adv[from..to], &off),
-                    weight: &grpo::per_token(&w[from..to], &off),
-                    tis: None,
-                },
+                &grpo::Tokens::new(
+                    &off,
+                    &old[a..b],
+                    &reference[a..b],
+                    &adv[from..to],
+                    &w[from..to],
+                )
+                .unwrap(),
                 obj,
             )
             .unwrap();
@@ -275,20 +268,12 @@ fn truncated_importance_sampling_matches_the_oracle() {
             let w = grpo::sequence_weights(&lens, &vec![false; lens.len()], lt);
             let lp = candle_core::Var::new(logp.as_slice(), &dev).unwrap();
             let loss_with = |tis: Option<&[f64]>| {
-                grpo::terms(
-                    lp.as_tensor(),
-                    &grpo::Tokens {
-                        offsets: &offsets,
-                        old: &old,
-                        reference: &reference,
-                        advantage: &grpo::per_token(&adv, &offsets),
-                        weight: &grpo::per_token(&w, &offsets),
-                        tis,
-                    },
-                    obj,
-                )
-                .unwrap()
-                .loss
+                let tokens = grpo::Tokens::new(&offsets, &old, &reference, &adv, &w).unwrap();
+                let tokens = match tis {
+                    Some(weights) => tokens.with_tis(weights.to_vec()).unwrap(),
+                    None => tokens,
+                };
+                grpo::terms(lp.as_tensor(), &tokens, obj).unwrap().loss
             };
             let t = loss_with(Some(&weights));
             let loss = t.to_scalar::<f64>().unwrap();
@@ -333,14 +318,7 @@ fn sequence_level_ratio_matches_the_gspo_oracle() {
             let terms_at = |level| {
                 grpo::terms(
                     lp.as_tensor(),
-                    &grpo::Tokens {
-                        offsets: &offsets,
-                        old: &old,
-                        reference: &reference,
-                        advantage: &grpo::per_token(&adv, &offsets),
-                        weight: &grpo::per_token(&w, &offsets),
-                        tis: None,
-                    },
+                    &grpo::Tokens::new(&offsets, &old, &reference, &adv, &w).unwrap(),
                     Objective {
                         beta: g["beta"].as_f64().unwrap(),
                         epsilon_low: lo,

@@ -102,12 +102,9 @@ fn loss_gradient_matches_finite_differences_in_f64() {
         (PROMPTS[1], vec![60, 61]),
     ]
     .iter()
-    .map(|(p, c)| ScoreRequest {
-        prompt: p.to_vec(),
-        completion: c.clone(),
-    })
+    .map(|(p, c)| score_request(&engine, p.to_vec(), c.clone()))
     .collect();
-    let base = engine.train_logprobs(&reqs, &trainable, 1.0).unwrap();
+    let base = engine.train_logprobs(&reqs, &trainable, st(1.0)).unwrap();
     let current = base.logprobs.to_vec1::<f64>().unwrap();
     // Old logprobs put ratios at 1.5 (above 1 + eps_high), 0.5 (below 1 - eps_low) and 1.05
     // (inside), far from the kinks.
@@ -121,7 +118,7 @@ fn loss_gradient_matches_finite_differences_in_f64() {
     let rewards = [1.0, 0.0, 0.0, 1.0];
     let adv = grpo::advantages(&rewards, 2, ScaleRewards::Group);
     assert!(adv.iter().any(|a| *a > 0.0) && adv.iter().any(|a| *a < 0.0));
-    let lens: Vec<usize> = reqs.iter().map(|r| r.completion.len()).collect();
+    let lens: Vec<usize> = reqs.iter().map(|r| r.completion().len()).collect();
     let weights = grpo::sequence_weights(&lens, &[false; 4], LossType::Grpo);
     let obj = Objective {
         beta: 0.04,
@@ -130,20 +127,9 @@ fn loss_gradient_matches_finite_differences_in_f64() {
         level: ImportanceLevel::Token,
     };
     let loss_of = |with: &LoraAdapter| {
-        let out = engine.train_logprobs(&reqs, with, 1.0).unwrap();
-        grpo::terms(
-            &out.logprobs,
-            &grpo::Tokens {
-                offsets: &out.offsets,
-                old: &old,
-                reference: &reference,
-                advantage: &grpo::per_token(&adv, &out.offsets),
-                weight: &grpo::per_token(&weights, &out.offsets),
-                tis: None,
-            },
-            obj,
-        )
-        .unwrap()
+        let out = engine.train_logprobs(&reqs, with, st(1.0)).unwrap();
+        let tokens = grpo::Tokens::new(&out.offsets, &old, &reference, &adv, &weights).unwrap();
+        grpo::terms(&out.logprobs, &tokens, obj).unwrap()
     };
     let t = loss_of(&trainable);
     assert!(
@@ -198,7 +184,10 @@ fn loss_gradient_matches_finite_differences_in_f64() {
 }
 
 fn sum_logprobs(l: &learner::Learner, seqs: &[ScoreRequest]) -> Vec<f64> {
-    let out = l.engine().train_logprobs(seqs, l.adapter(), 1.0).unwrap();
+    let out = l
+        .engine()
+        .train_logprobs(seqs, l.adapter(), sampling::ScoreTemperature::ONE)
+        .unwrap();
     let flat = out.logprobs.to_vec1::<f32>().unwrap();
     (0..seqs.len())
         .map(|i| {
@@ -214,7 +203,9 @@ fn sum_logprobs(l: &learner::Learner, seqs: &[ScoreRequest]) -> Vec<f64> {
 async fn training_raises_the_rewarded_completion_and_lowers_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let store = make_db(&dir.path().join("r.sqlite"), 1).await;
-    let batch = learner::load_batch(&store, 0, 0).await.unwrap();
+    let batch = learner::load_batch(&store, 0, 0, config_temperature())
+        .await
+        .unwrap();
     let config = Config::from_yaml(
         &config_yaml(20),
         "test",
@@ -228,10 +219,7 @@ async fn training_raises_the_rewarded_completion_and_lowers_the_others() {
     let mut l = learner::Learner::new(tiny(DType::F32), &config, "tiny").unwrap();
     let seqs: Vec<ScoreRequest> = batch.groups[0]
         .iter()
-        .map(|s| ScoreRequest {
-            prompt: s.prompt.clone(),
-            completion: s.completion.clone(),
-        })
+        .map(|s| score_request(l.engine(), s.prompt.clone(), s.completion.clone()))
         .collect();
     let before = sum_logprobs(&l, &seqs);
     for _ in 0..20 {
@@ -316,7 +304,9 @@ async fn resuming_between_iterations_is_bit_identical_and_crashes_leave_no_half_
     .unwrap();
     let mut steps = Vec::new();
     for it in 0..3 {
-        let batch = learner::load_batch(&store, it, 0).await.unwrap();
+        let batch = learner::load_batch(&store, it, 0, config_temperature())
+            .await
+            .unwrap();
         steps.extend(whole.train_iteration(it, &batch).unwrap());
     }
     store.close().await;
@@ -440,7 +430,9 @@ async fn resuming_between_iterations_is_bit_identical_and_crashes_leave_no_half_
 async fn importance_weights_follow_the_sampler_logprobs_and_are_reported_per_step() {
     let dir = tempfile::tempdir().unwrap();
     let store = make_db(&dir.path().join("r.sqlite"), 1).await;
-    let mut batch = learner::load_batch(&store, 0, 0).await.unwrap();
+    let mut batch = learner::load_batch(&store, 0, 0, config_temperature())
+        .await
+        .unwrap();
     let overrides = |tis: &str| -> Config {
         Config::from_yaml(
             &config_yaml(1),
@@ -455,17 +447,14 @@ async fn importance_weights_follow_the_sampler_logprobs_and_are_reported_per_ste
         .config
     };
     let config = overrides("2");
-    let temperature = f64::from(config.sampling.train.temperature);
+    let temperature = batch.temperature;
     let fresh = |c: &Config| learner::Learner::new(tiny(DType::F32), c, "tiny").unwrap();
     let l = fresh(&config);
     let (mut shifted, mut tokens) = (0usize, 0usize);
     for group in &mut batch.groups {
         let seqs: Vec<ScoreRequest> = group
             .iter()
-            .map(|s| ScoreRequest {
-                prompt: s.prompt.clone(),
-                completion: s.completion.clone(),
-            })
+            .map(|s| score_request(l.engine(), s.prompt.clone(), s.completion.clone()))
             .collect();
         let out = l
             .engine()
@@ -519,20 +508,22 @@ async fn rollouts_older_than_max_lag_versions_are_never_trained_on() {
     // Iterations 0 and 1 with the base model and 2 with iter_0, as `async.max_lag: 1` samples;
     // 3 with iter_3, its own checkpoint, which cannot exist before it is trained.
     let store = make_db_sampled_with(&db, 4, |it| match it {
-        2 => Some("iter_0".into()),
-        3 => Some("iter_3".into()),
+        2 => Some(0),
+        3 => Some(3),
         _ => None,
     })
     .await;
     for it in [0, 1, 2] {
-        learner::load_batch(&store, it, 1).await.unwrap();
+        learner::load_batch(&store, it, 1, config_temperature())
+            .await
+            .unwrap();
     }
-    let e = learner::load_batch(&store, 2, 0)
+    let e = learner::load_batch(&store, 2, 0, config_temperature())
         .await
         .unwrap_err()
         .to_string();
     for says in [
-        "iteration 2 group 0 attempt 0 was sampled with `iter_0`",
+        "iteration 2 group 0 attempt 0: it was sampled with the checkpoint of iteration 0",
         "iterations 1..=1",
         "async.max_lag = 0",
         "resume with the max_lag the run was sampled with",
@@ -540,12 +531,12 @@ async fn rollouts_older_than_max_lag_versions_are_never_trained_on() {
         assert!(e.contains(says), "`{says}` not in: {e}");
     }
     // Iteration 3 cannot have been sampled with its own checkpoint.
-    let e = learner::load_batch(&store, 3, 1)
+    let e = learner::load_batch(&store, 3, 1, config_temperature())
         .await
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("`iter_3`") && e.contains("iterations 1..=2"),
+        e.contains("the checkpoint of iteration 3") && e.contains("iterations 1..=2"),
         "{e}"
     );
 }

@@ -23,6 +23,7 @@ use model::{
     Engine, GenerateRequest, LoraAdapter, LoraConfig, LoraPair, Proj, SamplingParams, ScoreRequest,
 };
 use rand::{Rng, SeedableRng};
+use sampling::{Knobs, MaxTokens, ScoreTemperature};
 use serde_json::json;
 
 struct Args {
@@ -309,15 +310,13 @@ fn main() {
         let mut rows = vec![];
         for &batch in &[1usize, 8, 32] {
             let reqs: Vec<GenerateRequest> = (0..batch)
-                .map(|i| GenerateRequest {
-                    prompt: random_ids(&mut rng, plen, vocab),
-                    params: SamplingParams {
-                        temperature: 1.0,
-                        max_tokens: new,
+                .map(|i| {
+                    let params = SamplingParams {
                         seed: i as u64,
-                        stop_ids: vec![],
-                        ..Default::default()
-                    },
+                        ..SamplingParams::new(Knobs::plain(MaxTokens::new(new as u32).unwrap()))
+                    };
+                    let prompt = random_ids(&mut rng, plen, vocab);
+                    GenerateRequest::new("prompt", prompt, params, engine.limits()).unwrap()
                 })
                 .collect();
             reset_peak();
@@ -342,16 +341,19 @@ fn main() {
     let batch: Vec<ScoreRequest> = (0..seqs)
         .map(|_| {
             let ids = random_ids(&mut rng, len, vocab);
-            ScoreRequest {
-                prompt: ids[..1].to_vec(),
-                completion: ids[1..].to_vec(),
-            }
+            ScoreRequest::new(
+                "sequence",
+                ids[..1].to_vec(),
+                ids[1..].to_vec(),
+                engine.limits(),
+            )
+            .unwrap()
         })
         .collect();
     if want("score") {
         reset_peak();
         let s = time(&device, a.repeats, || {
-            engine.score(&batch, 1.0).unwrap();
+            engine.score(&batch, ScoreTemperature::ONE).unwrap();
         });
         let tps = (seqs * len) as f64 / s;
         let flops = (seqs * len) as f64 * forward_flops_per_token(&engine, len as f64 / 2.0);
@@ -442,7 +444,9 @@ fn main() {
         let s = time(&device, a.repeats, || {
             let mut total: Option<candle_core::backprop::GradStore> = None;
             for (m, chunk) in batch.chunks(seqs / micro).enumerate() {
-                let out = engine.train_logprobs(chunk, &adapter, 1.0).unwrap();
+                let out = engine
+                    .train_logprobs(chunk, &adapter, ScoreTemperature::ONE)
+                    .unwrap();
                 let mut w = vec![];
                 for (i, _) in chunk.iter().enumerate() {
                     let n = out.offsets[i + 1] - out.offsets[i];

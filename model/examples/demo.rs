@@ -11,6 +11,7 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::{DType, Device};
 use model::{Engine, GenerateRequest, Message, SamplingParams};
+use sampling::{Knobs, MaxTokens, Temperature};
 
 fn main() -> anyhow::Result<()> {
     model::alloc::tune();
@@ -72,16 +73,22 @@ fn main() -> anyhow::Result<()> {
         let prompt = tok.encode(&engine.render_chat(&[Message::new("user", &content)], true)?)?;
         for a in 0..=attempts {
             let temperature = if a == attempts { 0.0 } else { 1.0 };
-            reqs.push(GenerateRequest {
-                prompt: prompt.clone(),
-                params: SamplingParams {
-                    temperature,
-                    max_tokens,
-                    stop_ids: eos.clone(),
-                    seed: (i * 1000 + a) as u64,
-                    ..Default::default()
-                },
-            });
+            let knobs = Knobs {
+                temperature: Temperature::new(temperature)?,
+                max_tokens: MaxTokens::new(max_tokens as u32)?,
+                ..Knobs::plain(MaxTokens::of(1))
+            };
+            let params = SamplingParams {
+                stop_ids: eos.clone(),
+                seed: (i * 1000 + a) as u64,
+                ..SamplingParams::new(knobs)
+            };
+            reqs.push(GenerateRequest::new(
+                "prompt",
+                prompt.clone(),
+                params,
+                engine.limits(),
+            )?);
         }
     }
     let t = Instant::now();
@@ -90,7 +97,7 @@ fn main() -> anyhow::Result<()> {
     let new: usize = gens.iter().map(|g| g.tokens.len()).sum();
     for (k, (g, r)) in gens.iter().zip(&reqs).enumerate() {
         let q = k / (attempts + 1);
-        let kind = if r.params.temperature == 0.0 {
+        let kind = if r.params().knobs.temperature.is_greedy() {
             "greedy".to_string()
         } else {
             format!("sample {}", k % (attempts + 1))

@@ -6,22 +6,17 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
+use sampling::ScoreTemperature;
 
 use crate::chat::{ChatTemplate, Message};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::grad;
 use crate::lora::LoraAdapter;
-use crate::sampler::{FinishReason, RowSampler, SamplingParams};
+use crate::request::{GenerateRequest, Limits, ScoreRequest};
+use crate::sampler::{FinishReason, RowSampler};
 use crate::tokenizer::Tokenizer;
 use crate::transformer::{KvCache, Mode, Transformer};
-
-/// One prompt to continue.
-#[derive(Debug, Clone)]
-pub struct GenerateRequest {
-    pub prompt: Vec<u32>,
-    pub params: SamplingParams,
-}
 
 /// One decoded token of a request (`request`: its index in the batch given to
 /// [`Engine::generate_with`]), as soon as it is sampled.
@@ -43,13 +38,6 @@ pub struct Generation {
     /// At each step, the `top_logprobs` most likely tokens (empty when not asked for).
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
     pub finish_reason: FinishReason,
-}
-
-/// A (prompt, completion) pair to score under teacher forcing.
-#[derive(Debug, Clone)]
-pub struct ScoreRequest {
-    pub prompt: Vec<u32>,
-    pub completion: Vec<u32>,
 }
 
 /// Differentiable logprobs of a batch of completions.
@@ -186,6 +174,14 @@ impl Engine {
         &self.model.cfg
     }
 
+    /// What a request to this engine must fit (its constructor checks it).
+    pub fn limits(&self) -> Limits {
+        Limits {
+            vocab: self.model.cfg.vocab_size,
+            context: self.model.cfg.max_position_embeddings,
+        }
+    }
+
     /// The tokenizer; an error for a model folder that has none.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| Error::MissingFile {
@@ -252,16 +248,6 @@ impl Engine {
         self.set_adapter(Some(adapter))
     }
 
-    fn check_ids(&self, what: &str, ids: &[u32]) -> Result<()> {
-        let vocab = self.model.cfg.vocab_size;
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            return Err(Error::InvalidRequest(format!(
-                "{what} has token id {bad}, outside the vocabulary of {vocab} ids"
-            )));
-        }
-        Ok(())
-    }
-
     /// Samples a continuation of every request, all rows in one batch.
     pub fn generate(&self, requests: &[GenerateRequest]) -> Result<Vec<Generation>> {
         self.generate_with(requests, &mut |_: &TokenEvent<'_>| true)
@@ -277,35 +263,24 @@ impl Engine {
         if requests.is_empty() {
             return Ok(vec![]);
         }
-        let ctx = self.model.cfg.max_position_embeddings;
-        for (i, r) in requests.iter().enumerate() {
-            if r.prompt.is_empty() {
-                return Err(Error::InvalidRequest(format!("prompt {i} is empty")));
-            }
-            self.check_ids(&format!("prompt {i}"), &r.prompt)?;
-            r.params.validate()?;
-            if r.prompt.len() + r.params.max_tokens > ctx {
-                return Err(Error::InvalidRequest(format!(
-                    "prompt {i} has {} tokens and asks for {} more, over the context of {ctx}; \
-                     shorten the prompt or lower max_tokens",
-                    r.prompt.len(),
-                    r.params.max_tokens
-                )));
-            }
+        // Checked when they were built; only for this model's limits.
+        let limits = self.limits();
+        for r in requests {
+            limits.same(r.limits())?;
         }
         let n = requests.len();
-        let plen = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+        let plen = requests.iter().map(|r| r.prompt().len()).max().unwrap_or(0);
         let max_new = requests
             .iter()
-            .map(|r| r.params.max_tokens)
+            .map(|r| usize::from(r.params().knobs.max_tokens))
             .max()
             .unwrap_or(0);
         // Prefill, left-padded.
-        let mut start: Vec<usize> = requests.iter().map(|r| plen - r.prompt.len()).collect();
+        let mut start: Vec<usize> = requests.iter().map(|r| plen - r.prompt().len()).collect();
         let mut tokens = Vec::with_capacity(n * plen);
         for r in requests {
-            tokens.extend(std::iter::repeat_n(self.pad_id, plen - r.prompt.len()));
-            tokens.extend_from_slice(&r.prompt);
+            tokens.extend(std::iter::repeat_n(self.pad_id, plen - r.prompt().len()));
+            tokens.extend_from_slice(r.prompt());
         }
         let mut cache = KvCache::new(
             &self.model.cfg,
@@ -320,7 +295,7 @@ impl Engine {
 
         let mut samplers: Vec<RowSampler> = requests
             .iter()
-            .map(|r| RowSampler::new(r.params.clone()))
+            .map(|r| RowSampler::new(r.params().clone()))
             .collect();
         let mut out: Vec<Generation> = (0..n)
             .map(|_| Generation {
@@ -383,7 +358,7 @@ impl Engine {
                 {
                     g.finish_reason = FinishReason::Stop;
                     rows[row] = None;
-                } else if g.tokens.len() >= params.max_tokens {
+                } else if g.tokens.len() >= usize::from(params.knobs.max_tokens) {
                     rows[row] = None;
                 } else {
                     next[row] = id;
@@ -419,38 +394,16 @@ impl Engine {
         Ok(Tensor::from_vec(ids, rows.len(), self.device())?)
     }
 
-    /// Checks one sequence to score; `what` names it in the message (e.g. "sequence 3").
-    pub fn check_score_request(&self, what: &str, s: &ScoreRequest) -> Result<()> {
-        let ctx = self.model.cfg.max_position_embeddings;
-        if s.prompt.is_empty() {
-            return Err(Error::InvalidRequest(format!(
-                "{what}: prompt_ids is empty (the first completion token needs a context)"
-            )));
-        }
-        self.check_ids(&format!("{what} prompt_ids"), &s.prompt)?;
-        self.check_ids(&format!("{what} completion_ids"), &s.completion)?;
-        if s.prompt.len() + s.completion.len() > ctx {
-            return Err(Error::InvalidRequest(format!(
-                "{what} has {} tokens, over the model's context of {ctx}",
-                s.prompt.len() + s.completion.len()
-            )));
-        }
-        Ok(())
-    }
-
-    fn check_score_requests(&self, seqs: &[ScoreRequest], temperature: f64) -> Result<()> {
-        sampling::check_score_temperature(temperature)
-            .map_err(|e| Error::InvalidRequest(e.to_string()))?;
-        for (i, s) in seqs.iter().enumerate() {
-            self.check_score_request(&format!("sequence {i}"), s)?;
-        }
-        Ok(())
+    /// `Err` unless every sequence was built for this model's limits.
+    fn check_built(&self, seqs: &[ScoreRequest]) -> Result<()> {
+        let limits = self.limits();
+        seqs.iter().try_for_each(|s| limits.same(s.limits()))
     }
 
     /// Groups sequences (by length, to limit padding) into forwards of at most `score_tokens`
     /// padded tokens. Returns batches of input indices.
     fn score_batches(&self, seqs: &[ScoreRequest]) -> Vec<Vec<usize>> {
-        let len = |i: usize| seqs[i].prompt.len() + seqs[i].completion.len();
+        let len = |i: usize| seqs[i].prompt().len() + seqs[i].completion().len();
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(len(i)));
         let mut batches: Vec<Vec<usize>> = vec![];
@@ -485,7 +438,7 @@ impl Engine {
     ) -> Result<(Tensor, Vec<u32>)> {
         let width = idx
             .iter()
-            .map(|&i| seqs[i].prompt.len() + seqs[i].completion.len())
+            .map(|&i| seqs[i].prompt().len() + seqs[i].completion().len())
             .max()
             .unwrap_or(0);
         let b = idx.len();
@@ -495,13 +448,14 @@ impl Engine {
         let mut targets = Vec::new();
         for (row, &i) in idx.iter().enumerate() {
             let s = &seqs[i];
-            let pad = width - s.prompt.len() - s.completion.len();
+            let (prompt, completion) = (s.prompt(), s.completion());
+            let pad = width - prompt.len() - completion.len();
             start.push(pad);
             tokens.extend(std::iter::repeat_n(self.pad_id, pad));
-            tokens.extend_from_slice(&s.prompt);
-            tokens.extend_from_slice(&s.completion);
-            for (k, &tok) in s.completion.iter().enumerate() {
-                picks.push((row * width + pad + s.prompt.len() - 1 + k) as u32);
+            tokens.extend_from_slice(prompt);
+            tokens.extend_from_slice(completion);
+            for (k, &tok) in completion.iter().enumerate() {
+                picks.push((row * width + pad + prompt.len() - 1 + k) as u32);
                 targets.push(tok);
             }
         }
@@ -515,8 +469,13 @@ impl Engine {
 
     /// Per-token logprobs of each completion given its prompt (teacher forcing), under
     /// `softmax(logits / temperature)`, with the current adapter. Results are in input order.
-    pub fn score(&self, seqs: &[ScoreRequest], temperature: f64) -> Result<Vec<Vec<f32>>> {
-        self.check_score_requests(seqs, temperature)?;
+    pub fn score(
+        &self,
+        seqs: &[ScoreRequest],
+        temperature: ScoreTemperature,
+    ) -> Result<Vec<Vec<f32>>> {
+        self.check_built(seqs)?;
+        let temperature = temperature.get();
         let mut out: Vec<Vec<f32>> = vec![vec![]; seqs.len()];
         for batch in self.score_batches(seqs) {
             let (h, targets) = self.completion_hidden(seqs, &batch, Mode::Plain)?;
@@ -531,7 +490,7 @@ impl Engine {
             .to_vec1::<f32>()?;
             let mut at = 0;
             for &i in &batch {
-                let len = seqs[i].completion.len();
+                let len = seqs[i].completion().len();
                 out[i] = lp[at..at + len].to_vec();
                 at += len;
             }
@@ -541,11 +500,7 @@ impl Engine {
 
     /// Logprobs of every vocabulary id as the next token after `prompt`.
     pub fn next_token_logprobs(&self, prompt: &[u32]) -> Result<Vec<f32>> {
-        let seq = [ScoreRequest {
-            prompt: prompt.to_vec(),
-            completion: vec![],
-        }];
-        self.check_score_requests(&seq, 1.0)?;
+        ScoreRequest::new("prompt", prompt.to_vec(), vec![], self.limits())?;
         let t = prompt.len();
         let inputs = self.model.inputs(prompt.to_vec(), 1, t, &[0], 0)?;
         let hidden = self.model.hidden(&inputs, Mode::Plain)?;
@@ -567,9 +522,10 @@ impl Engine {
         &self,
         seqs: &[ScoreRequest],
         adapter: &LoraAdapter,
-        temperature: f64,
+        temperature: ScoreTemperature,
     ) -> Result<TrainLogprobs> {
-        self.check_score_requests(seqs, temperature)?;
+        self.check_built(seqs)?;
+        let temperature = temperature.get();
         let idx: Vec<usize> = (0..seqs.len()).collect();
         let (h, targets) = self.completion_hidden(seqs, &idx, Mode::Train(adapter))?;
         let logprobs = grad::target_logprobs(
@@ -581,7 +537,7 @@ impl Engine {
         )?;
         let mut offsets = vec![0];
         for s in seqs {
-            offsets.push(offsets[offsets.len() - 1] + s.completion.len());
+            offsets.push(offsets[offsets.len() - 1] + s.completion().len());
         }
         Ok(TrainLogprobs { logprobs, offsets })
     }

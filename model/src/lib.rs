@@ -28,17 +28,19 @@ mod kernels;
 pub mod loader;
 pub mod lora;
 pub mod onednn;
+pub mod request;
 pub mod sampler;
 pub mod tokenizer;
 pub mod transformer;
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{Architecture, ModelConfig, RopeScaling};
-pub use engine::{Engine, GenerateRequest, Generation, ScoreRequest, TokenEvent, TrainLogprobs};
+pub use engine::{Engine, Generation, TokenEvent, TrainLogprobs};
 pub use error::{Error, Result};
 pub use export::{export_merged, ExportReport};
 pub use kernels::{alloc, simd};
 pub use lora::{LoraAdapter, LoraConfig, LoraPair, Proj};
+pub use request::{GenerateRequest, Limits, ScoreRequest};
 pub use sampler::{FinishReason, SamplingParams};
 pub use tokenizer::Tokenizer;
 

@@ -6,20 +6,15 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use sampling::{Knobs, MaxTokens};
 
-use crate::error::{Error, Result};
 use crate::simd;
 
-/// Sampling parameters of one request.
+/// Sampling parameters of one request: the knobs (valid by their types) and what else a row
+/// needs. A [`crate::GenerateRequest`] checks the rest against the model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
-    /// 0 means greedy.
-    pub temperature: f64,
-    /// In (0, 1]; 1 disables nucleus truncation.
-    pub top_p: f64,
-    /// 0 disables top-k truncation.
-    pub top_k: usize,
-    pub max_tokens: usize,
+    pub knobs: Knobs,
     /// Generation stops after any of these ids (the id is kept in the output).
     pub stop_ids: Vec<u32>,
     /// Generation stops once the tokens end with any of these sequences (kept in the output).
@@ -30,42 +25,32 @@ pub struct SamplingParams {
     pub seed: u64,
 }
 
+impl SamplingParams {
+    /// Plain sampling (temperature 1, no truncation, no stops) of up to 128 tokens.
+    pub const PLAIN: Self = Self {
+        knobs: Knobs::plain(MaxTokens::of(128)),
+        stop_ids: vec![],
+        stop_sequences: vec![],
+        top_logprobs: 0,
+        seed: 0,
+    };
+
+    /// `knobs` with no stops, no alternatives and seed 0.
+    pub fn new(knobs: Knobs) -> Self {
+        Self {
+            knobs,
+            ..Self::PLAIN
+        }
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self {
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-            max_tokens: 128,
-            stop_ids: vec![],
-            stop_sequences: vec![],
-            top_logprobs: 0,
-            seed: 0,
-        }
+        Self::PLAIN
     }
 }
 
-impl SamplingParams {
-    /// Checks ranges with the one rule of every sampler ([`sampling::Knobs::check`]); the
-    /// message names the field and the allowed range.
-    pub fn validate(&self) -> Result<()> {
-        sampling::Knobs {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            max_tokens: self.max_tokens as u64,
-        }
-        .check()
-        .map_err(|e| Error::InvalidRequest(e.to_string()))?;
-        if self.stop_sequences.iter().any(|s| s.is_empty()) {
-            return Err(Error::InvalidRequest(
-                "a stop sequence is empty; remove it".into(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-pub use sampling::{GREEDY_BELOW, MAX_TOP_LOGPROBS};
+pub use sampling::MAX_TOP_LOGPROBS;
 
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -104,9 +89,10 @@ impl RowSampler {
 
     /// Picks a token from `logits` (one row, length vocab); returns (id, logprob).
     pub fn sample(&mut self, logits: &[f32]) -> (u32, f32) {
-        let t = self.params.temperature;
+        let knobs = self.params.knobs;
+        let t = knobs.temperature.get();
         // Temperatures this small overflow 1/T in f32: they are greedy (as vLLM treats them).
-        if t < GREEDY_BELOW {
+        if knobs.temperature.is_greedy() {
             let (mut best, mut best_v) = (0usize, f32::NEG_INFINITY);
             for (i, &v) in logits.iter().enumerate() {
                 if v > best_v {
@@ -117,7 +103,8 @@ impl RowSampler {
             return (best as u32, best_v - log_sum_exp(logits, 1.0));
         }
         let inv_t = (1.0 / t) as f32;
-        let truncate = self.params.top_k > 0 || self.params.top_p < 1.0;
+        let (top_k, top_p) = (knobs.top_k as usize, knobs.top_p.get());
+        let truncate = top_k > 0 || !knobs.top_p.keeps_all();
         if !truncate {
             // One pass for the normaliser, one partial pass for the inverse-CDF draw.
             let max = simd::max(logits) * inv_t;
@@ -140,8 +127,8 @@ impl RowSampler {
         let lse = log_sum_exp(logits, inv_t);
         let lp = |i: usize| logits[i] * inv_t - lse;
         let mut order: Vec<usize> = (0..logits.len()).collect();
-        let keep_k = if self.params.top_k > 0 {
-            self.params.top_k.min(order.len())
+        let keep_k = if top_k > 0 {
+            top_k.min(order.len())
         } else {
             order.len()
         };
@@ -153,13 +140,13 @@ impl RowSampler {
         }
         order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
         let mut keep = order.len();
-        if self.params.top_p < 1.0 {
+        if !knobs.top_p.keeps_all() {
             // The nucleus is taken over the top-k survivors, renormalised (as HF and vLLM do).
             let mass: f64 = order.iter().map(|&i| (lp(i) as f64).exp()).sum();
             let mut acc = 0.0f64;
             for (n, &i) in order.iter().enumerate() {
                 acc += (lp(i) as f64).exp();
-                if acc >= self.params.top_p * mass {
+                if acc >= top_p * mass {
                     keep = n + 1;
                     break;
                 }
@@ -192,9 +179,10 @@ impl RowSampler {
         }
         // The same arithmetic as `sample`'s branch for these parameters, so that the sampled
         // token's entry carries exactly the logprob reported with it.
-        let t = self.params.temperature;
-        let truncate = self.params.top_k > 0 || self.params.top_p < 1.0;
-        let lp: Box<dyn Fn(usize) -> f32> = if t < GREEDY_BELOW {
+        let knobs = self.params.knobs;
+        let t = knobs.temperature.get();
+        let truncate = knobs.top_k > 0 || !knobs.top_p.keeps_all();
+        let lp: Box<dyn Fn(usize) -> f32> = if knobs.temperature.is_greedy() {
             let lse = log_sum_exp(logits, 1.0);
             Box::new(move |i| logits[i] - lse)
         } else if truncate {
@@ -228,13 +216,16 @@ fn log_sum_exp(x: &[f32], scale: f32) -> f32 {
 mod tests {
     use super::*;
 
-    fn params(temperature: f64, top_k: usize, top_p: f64, seed: u64) -> SamplingParams {
-        SamplingParams {
-            temperature,
+    fn params(temperature: f64, top_k: u32, top_p: f64, seed: u64) -> SamplingParams {
+        let knobs = Knobs {
+            temperature: sampling::Temperature::new(temperature).unwrap(),
+            top_p: sampling::TopP::new(top_p).unwrap(),
             top_k,
-            top_p,
+            max_tokens: MaxTokens::of(128),
+        };
+        SamplingParams {
             seed,
-            ..Default::default()
+            ..SamplingParams::new(knobs)
         }
     }
 
@@ -278,13 +269,5 @@ mod tests {
         let ones = (0..n).filter(|_| s.sample(&logits).0 == 1).count();
         let f = ones as f64 / n as f64;
         assert!((f - 2.0 / 3.0).abs() < 0.02, "frequency {f}");
-    }
-
-    #[test]
-    fn validate_names_the_field() {
-        let e = params(-1.0, 0, 1.0, 0).validate().unwrap_err().to_string();
-        assert!(e.contains("temperature"), "{e}");
-        let e = params(1.0, 0, 0.0, 0).validate().unwrap_err().to_string();
-        assert!(e.contains("top_p"), "{e}");
     }
 }

@@ -197,12 +197,15 @@ fn smollm2_bf16_matches_the_oracle() {
     let cases = reference["generation_cases"].as_array().unwrap();
     let reqs: Vec<ScoreRequest> = cases
         .iter()
-        .map(|c| ScoreRequest {
-            prompt: ids(&c["prompt_ids"]),
-            completion: ids(&c["greedy_completion_ids"]),
+        .map(|c| {
+            score_request(
+                &engine,
+                ids(&c["prompt_ids"]),
+                ids(&c["greedy_completion_ids"]),
+            )
         })
         .collect();
-    let scored = engine.score(&reqs, 1.0).unwrap();
+    let scored = engine.score(&reqs, st(1.0)).unwrap();
     let mut worst = 0f64;
     for (i, case) in cases.iter().enumerate() {
         for (t, w) in floats(&case["completion_logprobs"]).iter().enumerate() {
@@ -212,17 +215,10 @@ fn smollm2_bf16_matches_the_oracle() {
         }
     }
     eprintln!("bf16 teacher-forced logprobs: max |error| {worst:.2e} (bound 5e-2)");
-    let prompts: Vec<Vec<u32>> = reqs.iter().map(|r| r.prompt.clone()).collect();
+    let prompts: Vec<Vec<u32>> = reqs.iter().map(|r| r.prompt().to_vec()).collect();
     let reqs: Vec<model::GenerateRequest> = prompts
         .iter()
-        .map(|p| model::GenerateRequest {
-            prompt: p.clone(),
-            params: model::SamplingParams {
-                temperature: 0.0,
-                max_tokens: 64,
-                ..Default::default()
-            },
-        })
+        .map(|p| gen_request(&engine, p.clone(), params(0.0, 64)))
         .collect();
     let gens = engine.generate(&reqs).unwrap();
     for (i, (case, gen)) in cases.iter().zip(&gens).enumerate() {

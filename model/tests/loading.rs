@@ -40,23 +40,22 @@ fn load_err(path: &Path) -> String {
     }
 }
 
+/// Two sequences, checked against the tiny model's limits (every model loaded here has them).
 fn requests() -> Vec<ScoreRequest> {
+    let limits = model::Limits {
+        vocab: 96,
+        context: 128,
+    };
     vec![
-        ScoreRequest {
-            prompt: vec![1, 10, 11, 12, 13],
-            completion: vec![30, 31, 32, 2],
-        },
-        ScoreRequest {
-            prompt: vec![1, 20, 21],
-            completion: vec![40, 41, 42, 43, 44],
-        },
+        ScoreRequest::new("a", vec![1, 10, 11, 12, 13], vec![30, 31, 32, 2], limits).unwrap(),
+        ScoreRequest::new("b", vec![1, 20, 21], vec![40, 41, 42, 43, 44], limits).unwrap(),
     ]
 }
 
 fn tiny_scores() -> Vec<Vec<f32>> {
     Engine::load(&tiny_dir(), &Device::Cpu, DType::F32)
         .unwrap()
-        .score(&requests(), 1.0)
+        .score(&requests(), st(1.0))
         .unwrap()
 }
 
@@ -87,7 +86,7 @@ fn sharded_safetensors_load_like_a_single_file() {
     let index = serde_json::json!({ "metadata": {}, "weight_map": map });
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
     let engine = Engine::load(dir, &Device::Cpu, DType::F32).unwrap();
-    assert_eq!(engine.score(&requests(), 1.0).unwrap(), tiny_scores());
+    assert_eq!(engine.score(&requests(), st(1.0)).unwrap(), tiny_scores());
 }
 
 #[test]
@@ -118,14 +117,14 @@ fn qwen2_applies_qkv_biases() {
     candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
     let engine = Engine::load(dir, &Device::Cpu, DType::F32).unwrap();
     assert_eq!(engine.config().architecture, model::Architecture::Qwen2);
-    assert_eq!(engine.score(&requests(), 1.0).unwrap(), tiny_scores());
+    assert_eq!(engine.score(&requests(), st(1.0)).unwrap(), tiny_scores());
     w.insert(
         "model.layers.0.self_attn.v_proj.bias".into(),
         Tensor::ones(16, DType::F32, &Device::Cpu).unwrap(),
     );
     candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
     let engine = Engine::load(dir, &Device::Cpu, DType::F32).unwrap();
-    assert_ne!(engine.score(&requests(), 1.0).unwrap(), tiny_scores());
+    assert_ne!(engine.score(&requests(), st(1.0)).unwrap(), tiny_scores());
 }
 
 #[test]
@@ -240,68 +239,67 @@ fn adapter_for_another_base_is_refused() {
 #[test]
 fn bad_requests_are_refused_with_the_field_named() {
     let engine = Engine::load(&tiny_dir(), &Device::Cpu, DType::F32).unwrap();
+    let limits = engine.limits();
+    assert_eq!((limits.vocab, limits.context), (96, 128));
     let gen = |prompt: Vec<u32>, params: SamplingParams| {
-        engine
-            .generate(&[GenerateRequest { prompt, params }])
+        GenerateRequest::new("prompt_ids", prompt, params, limits)
             .unwrap_err()
             .to_string()
     };
     let e = gen(vec![], SamplingParams::default());
-    assert!(e.contains("prompt 0 is empty"), "{e}");
+    assert!(e.contains("`prompt_ids` is empty"), "{e}");
     let e = gen(vec![1, 500], SamplingParams::default());
     assert!(
-        e.contains("token id 500") && e.contains("vocabulary of 96"),
+        e.contains("token id 500") && e.contains("vocabulary (ids 0..96)"),
         "{e}"
     );
-    let e = gen(
-        vec![1],
-        SamplingParams {
-            temperature: -0.5,
-            ..Default::default()
-        },
+    let e = gen(vec![1; 100], params(1.0, 64));
+    assert!(
+        e.contains("over the model's context of 128") && e.contains("max_tokens <= 28"),
+        "{e}"
     );
-    assert!(e.contains("temperature"), "{e}");
-    let e = gen(
-        vec![1],
-        SamplingParams {
-            top_p: 1.5,
-            ..Default::default()
-        },
-    );
-    assert!(e.contains("top_p"), "{e}");
-    let e = gen(
-        vec![1; 100],
-        SamplingParams {
-            max_tokens: 64,
-            ..Default::default()
-        },
-    );
-    assert!(e.contains("over the context of 128"), "{e}");
-    let e = engine
-        .score(
-            &[ScoreRequest {
-                prompt: vec![],
-                completion: vec![1],
-            }],
-            1.0,
-        )
+    let stops = SamplingParams {
+        stop_ids: vec![96],
+        ..SamplingParams::default()
+    };
+    let e = gen(vec![1], stops);
+    assert!(e.contains("`stop_token_ids` has token id 96"), "{e}");
+    // The knobs cannot even be built outside their rules.
+    let e = sampling::Temperature::new(-0.5)
+        .unwrap_err()
+        .named("temperature");
+    assert!(e.contains("`temperature` is -0.5"), "{e}");
+    let e = sampling::TopP::new(1.5).unwrap_err().named("top_p");
+    assert!(e.contains("`top_p` is 1.5"), "{e}");
+    let e = ScoreRequest::new("sequences[0]", vec![], vec![1], limits)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("prompt_ids is empty"), "{e}");
-    let e = engine
-        .score(
-            &[ScoreRequest {
-                prompt: vec![1],
-                completion: vec![96],
-            }],
-            1.0,
-        )
+    assert!(e.contains("`sequences[0].prompt_ids` is empty"), "{e}");
+    let e = ScoreRequest::new("sequences[1]", vec![1], vec![96], limits)
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("completion_ids") && e.contains("token id 96"),
+        e.contains("sequences[1].completion_ids") && e.contains("token id 96"),
         "{e}"
     );
+    let e = ScoreRequest::new("s", vec![1; 100], vec![1; 29], limits)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("129 tokens, over the model's context of 128"),
+        "{e}"
+    );
+    // A request checked against another model's limits is refused by this engine, unscored.
+    let other = model::Limits {
+        vocab: 49152,
+        context: 8192,
+    };
+    let foreign = ScoreRequest::new("s", vec![1, 40000], vec![2], other).unwrap();
+    let e = engine.score(&[foreign], st(1.0)).unwrap_err().to_string();
+    assert!(e.contains("vocabulary 49152 and context 8192"), "{e}");
+    let foreign = GenerateRequest::new("p", vec![1], params(1.0, 4), other).unwrap();
+    let e = engine.generate(&[foreign]).unwrap_err().to_string();
+    assert!(e.contains("build it with this engine's limits()"), "{e}");
     let e = engine.tokenizer().unwrap_err().to_string();
     assert!(e.contains("tokenizer.json"), "{e}");
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use common::*;
-use model::{Engine, GenerateRequest, RopeScaling, SamplingParams, ScoreRequest};
+use model::{Engine, RopeScaling, ScoreRequest};
 use serde_json::{json, Value};
 
 fn fixture() -> Value {
@@ -34,11 +34,8 @@ fn tiny_with(dir: &Path, key: &str, scaling: &Value) -> PathBuf {
     dir.to_path_buf()
 }
 
-fn request(f: &Value) -> ScoreRequest {
-    ScoreRequest {
-        prompt: ids(&f["prompt"]),
-        completion: ids(&f["completion"]),
-    }
+fn request(f: &Value, engine: &Engine) -> ScoreRequest {
+    score_request(engine, ids(&f["prompt"]), ids(&f["completion"]))
 }
 
 fn max_diff(got: &[f32], want: &[f64]) -> f64 {
@@ -86,7 +83,10 @@ fn scaled_rope_scores_like_transformers() {
             moved > 1e-4,
             "{name}: the fixture barely differs from plain RoPE ({moved})"
         );
-        let got = engine.score(&[request(&f)], 1.0).unwrap().remove(0);
+        let got = engine
+            .score(&[request(&f, &engine)], st(1.0))
+            .unwrap()
+            .remove(0);
         let err = max_diff(&got, &want);
         assert!(err <= 1e-5, "{name}: logprobs off by {err}");
     }
@@ -106,26 +106,12 @@ fn sampling_uses_the_scaled_positions() {
     let engine = Engine::load(&dir, &device(), DType::F32).unwrap();
     let prompt = ids(&f["prompt"]);
     let g = engine
-        .generate(&[GenerateRequest {
-            prompt: prompt.clone(),
-            params: SamplingParams {
-                temperature: 0.0,
-                max_tokens: 100,
-                stop_ids: vec![],
-                ..Default::default()
-            },
-        }])
+        .generate(&[gen_request(&engine, prompt.clone(), params(0.0, 100))])
         .unwrap()
         .remove(0);
     assert_eq!(g.tokens.len(), 100);
     let scored = engine
-        .score(
-            &[ScoreRequest {
-                prompt,
-                completion: g.tokens.clone(),
-            }],
-            1.0,
-        )
+        .score(&[score_request(&engine, prompt, g.tokens.clone())], st(1.0))
         .unwrap()
         .remove(0);
     let want: Vec<f64> = g.logprobs.iter().map(|x| f64::from(*x)).collect();
@@ -276,14 +262,14 @@ fn a_gguf_with_rope_freqs_scores_like_transformers() {
     let f = fixture();
     let tmp = tempfile::tempdir().unwrap();
     let v = &f["variants"]["llama3"];
-    let r = [request(&f)];
     // Without rope_freqs the GGUF is the plain tiny Llama; with them, Llama 3's scaling.
     let plain = tmp.path().join("plain.gguf");
     tiny_gguf(&plain, None);
     let engine = Engine::load(&plain, &device(), DType::F32).unwrap();
+    let r = [request(&f, &engine)];
     assert_eq!(engine.config().rope_scaling, RopeScaling::None);
     let err = max_diff(
-        &engine.score(&r, 1.0).unwrap()[0],
+        &engine.score(&r, st(1.0)).unwrap()[0],
         &floats(&f["plain_completion_logprobs"]),
     );
     assert!(err <= 1e-5, "plain GGUF: logprobs off by {err}");
@@ -294,12 +280,13 @@ fn a_gguf_with_rope_freqs_scores_like_transformers() {
         Some(llama_cpp_divisors(&v["rope_scaling"], 10000.0, 8)),
     );
     let engine = Engine::load(&scaled, &device(), DType::F32).unwrap();
+    let r = [request(&f, &engine)];
     assert!(matches!(
         engine.config().rope_scaling,
         RopeScaling::Divisors { .. }
     ));
     let err = max_diff(
-        &engine.score(&r, 1.0).unwrap()[0],
+        &engine.score(&r, st(1.0)).unwrap()[0],
         &floats(&v["completion_logprobs"]),
     );
     assert!(err <= 1e-5, "GGUF with rope_freqs: logprobs off by {err}");
@@ -328,8 +315,8 @@ fn export_writes_the_scaling_back() {
     let a = Engine::load(&dir, &device(), DType::F32).unwrap();
     let b = Engine::load(&out, &device(), DType::F32).unwrap();
     assert_eq!(a.config().rope_scaling, b.config().rope_scaling);
-    let r = [request(&f)];
-    assert_eq!(a.score(&r, 1.0).unwrap(), b.score(&r, 1.0).unwrap());
+    let r = [request(&f, &a)];
+    assert_eq!(a.score(&r, st(1.0)).unwrap(), b.score(&r, st(1.0)).unwrap());
 }
 
 #[test]

@@ -93,14 +93,12 @@ fn chat_template_renders_like_transformers() {
 fn greedy(prompts: &[Vec<u32>], max_tokens: usize) -> Vec<model::Generation> {
     let reqs: Vec<GenerateRequest> = prompts
         .iter()
-        .map(|p| GenerateRequest {
-            prompt: p.clone(),
-            params: SamplingParams {
-                temperature: 0.0,
-                max_tokens,
+        .map(|p| {
+            let params = SamplingParams {
                 stop_ids: vec![2],
-                ..Default::default()
-            },
+                ..params(0.0, max_tokens)
+            };
+            gen_request(engine(), p.clone(), params)
         })
         .collect();
     engine().generate(&reqs).unwrap()
@@ -158,16 +156,19 @@ fn greedy_decoding_batched_ragged_equals_one_by_one() {
 fn teacher_forced_logprobs_match_one_by_one_and_batched() {
     let reqs: Vec<ScoreRequest> = cases()
         .iter()
-        .map(|c| ScoreRequest {
-            prompt: ids(&c["prompt_ids"]),
-            completion: ids(&c["greedy_completion_ids"]),
+        .map(|c| {
+            score_request(
+                engine(),
+                ids(&c["prompt_ids"]),
+                ids(&c["greedy_completion_ids"]),
+            )
         })
         .collect();
-    let batched = engine().score(&reqs, 1.0).unwrap();
+    let batched = engine().score(&reqs, st(1.0)).unwrap();
     for (i, case) in cases().iter().enumerate() {
         let want = floats(&case["completion_logprobs"]);
         let alone = engine()
-            .score(std::slice::from_ref(&reqs[i]), 1.0)
+            .score(std::slice::from_ref(&reqs[i]), st(1.0))
             .unwrap()
             .remove(0);
         for (t, w) in want.iter().enumerate() {
@@ -247,11 +248,12 @@ fn exported_hf_folder_keeps_tokenizer_template_and_logprobs() {
     let case = &cases()[0];
     let got = exported
         .score(
-            &[ScoreRequest {
-                prompt: ids(&case["prompt_ids"]),
-                completion: ids(&case["greedy_completion_ids"]),
-            }],
-            1.0,
+            &[score_request(
+                &exported,
+                ids(&case["prompt_ids"]),
+                ids(&case["greedy_completion_ids"]),
+            )],
+            st(1.0),
         )
         .unwrap()
         .remove(0);

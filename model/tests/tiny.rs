@@ -20,16 +20,15 @@ fn step() -> serde_json::Value {
     read_json(&golden_dir().join("tiny_grpo_step.json"))
 }
 
+/// The fixture's sequences, checked against the tiny model's limits.
 fn step_requests(g: &serde_json::Value) -> Vec<ScoreRequest> {
     let prompts = g["prompts"].as_array().unwrap();
     let comps = g["completions"].as_array().unwrap();
+    let limits = tiny().limits();
     prompts
         .iter()
         .zip(comps)
-        .map(|(p, c)| ScoreRequest {
-            prompt: ids(p),
-            completion: ids(c),
-        })
+        .map(|(p, c)| ScoreRequest::new("sequence", ids(p), ids(c), limits).unwrap())
         .collect()
 }
 
@@ -60,16 +59,16 @@ fn scoring_matches_policy_and_reference_logprobs() {
     let g = step();
     let reqs = step_requests(&g);
     let mut engine = tiny();
-    let base = engine.score(&reqs, 1.0).unwrap();
+    let base = engine.score(&reqs, st(1.0)).unwrap();
     assert_scores(&base, &g, "ref_logp", 1e-5, "ref_logp");
     engine
         .load_adapter(&golden_dir().join("tiny_adapter"))
         .unwrap();
-    let policy = engine.score(&reqs, 1.0).unwrap();
+    let policy = engine.score(&reqs, st(1.0)).unwrap();
     assert_scores(&policy, &g, "policy_logp", 1e-5, "policy_logp");
     // Unloading the adapter returns exactly to the base model.
     engine.set_adapter(None).unwrap();
-    assert_eq!(engine.score(&reqs, 1.0).unwrap(), base);
+    assert_eq!(engine.score(&reqs, st(1.0)).unwrap(), base);
 }
 
 #[test]
@@ -77,9 +76,9 @@ fn scoring_in_a_batch_equals_one_by_one() {
     let g = step();
     let reqs = step_requests(&g);
     let engine = tiny();
-    let together = engine.score(&reqs, 1.0).unwrap();
+    let together = engine.score(&reqs, st(1.0)).unwrap();
     for (i, r) in reqs.iter().enumerate() {
-        let alone = engine.score(std::slice::from_ref(r), 1.0).unwrap();
+        let alone = engine.score(std::slice::from_ref(r), st(1.0)).unwrap();
         let want: Vec<f64> = alone[0].iter().map(|&x| x as f64).collect();
         assert_close(
             &together[i],
@@ -194,7 +193,7 @@ fn check_lora_gradients(engine: &Engine, logp_tol: f64, grad_tol: f32) {
     )
     .unwrap();
     let (vars, named) = trainable_of(&adapter);
-    let out = engine.train_logprobs(&reqs, &vars, 1.0).unwrap();
+    let out = engine.train_logprobs(&reqs, &vars, st(1.0)).unwrap();
     // The differentiable forward gives the policy logprobs too.
     let flat = out.logprobs.to_vec1::<f32>().unwrap();
     for i in 0..reqs.len() {
@@ -247,15 +246,13 @@ fn sample(
     let reqs: Vec<GenerateRequest> = prompts
         .iter()
         .enumerate()
-        .map(|(i, p)| GenerateRequest {
-            prompt: p.clone(),
-            params: SamplingParams {
-                temperature,
-                max_tokens,
+        .map(|(i, p)| {
+            let params = SamplingParams {
                 seed: seed + i as u64,
                 stop_ids: vec![2],
-                ..Default::default()
-            },
+                ..params(temperature, max_tokens)
+            };
+            gen_request(engine, p.clone(), params)
         })
         .collect();
     engine.generate(&reqs).unwrap()
@@ -285,12 +282,9 @@ fn sampled_logprobs_are_teacher_forced_logprobs() {
         let reqs: Vec<ScoreRequest> = prompts
             .iter()
             .zip(&gens)
-            .map(|(p, g)| ScoreRequest {
-                prompt: p.clone(),
-                completion: g.tokens.clone(),
-            })
+            .map(|(p, g)| score_request(&engine, p.clone(), g.tokens.clone()))
             .collect();
-        let scored = engine.score(&reqs, temperature).unwrap();
+        let scored = engine.score(&reqs, st(temperature)).unwrap();
         for (g, s) in gens.iter().zip(&scored) {
             let want: Vec<f64> = s.iter().map(|&x| x as f64).collect();
             assert_close(&g.logprobs, &want, 1e-4, "sampled vs scored");
@@ -309,16 +303,12 @@ fn ragged_batch_equals_one_by_one() {
     for temperature in [0.0, 1.0] {
         let together = sample(&engine, &prompts, temperature, 5, 30);
         for (i, p) in prompts.iter().enumerate() {
-            let reqs = [GenerateRequest {
-                prompt: p.clone(),
-                params: SamplingParams {
-                    temperature,
-                    max_tokens: 30,
-                    seed: 5 + i as u64,
-                    stop_ids: vec![2],
-                    ..Default::default()
-                },
-            }];
+            let params = SamplingParams {
+                seed: 5 + i as u64,
+                stop_ids: vec![2],
+                ..params(temperature, 30)
+            };
+            let reqs = [gen_request(&engine, p.clone(), params)];
             let alone = engine.generate(&reqs).unwrap().remove(0);
             assert_eq!(alone.tokens, together[i].tokens, "row {i} t={temperature}");
             let want: Vec<f64> = alone.logprobs.iter().map(|&x| x as f64).collect();
@@ -335,15 +325,11 @@ fn finish_reasons() {
     assert_eq!(gens[0].tokens.len(), 3);
     // Stopping on the first greedy token.
     let first = gens[0].tokens[0];
-    let reqs = [GenerateRequest {
-        prompt: vec![1, 10, 11],
-        params: SamplingParams {
-            temperature: 0.0,
-            max_tokens: 5,
-            stop_ids: vec![first],
-            ..Default::default()
-        },
-    }];
+    let params = SamplingParams {
+        stop_ids: vec![first],
+        ..params(0.0, 5)
+    };
+    let reqs = [gen_request(&engine, vec![1, 10, 11], params)];
     let g = engine.generate(&reqs).unwrap().remove(0);
     assert_eq!(g.tokens, vec![first]);
     assert_eq!(g.finish_reason, model::FinishReason::Stop);
@@ -379,14 +365,14 @@ fn lora_gradients_match_finite_differences_in_f64() {
             .collect(),
     };
     let base = to64(&adapter);
-    let n: usize = reqs.iter().map(|r| r.completion.len()).sum();
+    let n: usize = reqs.iter().map(|r| r.completion().len()).sum();
     // Weights of both signs, like advantages.
     let w: Vec<f64> = (0..n)
         .map(|i| ((i * 7 % 5) as f64 - 2.0) * 0.3 + 0.1)
         .collect();
     let w = Tensor::new(w, engine.device()).unwrap();
     let objective = |a: &LoraAdapter| -> f64 {
-        let out = engine.train_logprobs(&reqs, a, 1.0).unwrap();
+        let out = engine.train_logprobs(&reqs, a, st(1.0)).unwrap();
         (&out.logprobs * &w)
             .unwrap()
             .sum_all()
@@ -395,7 +381,7 @@ fn lora_gradients_match_finite_differences_in_f64() {
             .unwrap()
     };
     let (vars, named) = trainable_of(&base);
-    let out = engine.train_logprobs(&reqs, &vars, 1.0).unwrap();
+    let out = engine.train_logprobs(&reqs, &vars, st(1.0)).unwrap();
     let grads = (&out.logprobs * &w)
         .unwrap()
         .sum_all()
@@ -449,20 +435,15 @@ fn top_logprobs_and_stop_sequences() {
     let prompt = vec![1, 10, 11, 12, 13];
     let run = |params: SamplingParams| {
         engine
-            .generate(&[GenerateRequest {
-                prompt: prompt.clone(),
-                params,
-            }])
+            .generate(&[gen_request(&engine, prompt.clone(), params)])
             .unwrap()
             .remove(0)
     };
     // Greedy with alternatives: the chosen token heads the list with its own logprob, the list is
     // sorted, and the alternatives are the raw distribution's logprobs (they sum to <= 1).
     let g = run(SamplingParams {
-        temperature: 0.0,
-        max_tokens: 12,
         top_logprobs: 5,
-        ..Default::default()
+        ..params(0.0, 12)
     });
     assert_eq!(g.top_logprobs.len(), g.tokens.len());
     for (k, top) in g.top_logprobs.iter().enumerate() {
@@ -475,11 +456,9 @@ fn top_logprobs_and_stop_sequences() {
     // Sampled at temperature 0.7: the sampled token's logprob is among the alternatives' scale
     // (same distribution), and no alternatives are returned unless asked.
     let s = run(SamplingParams {
-        temperature: 0.7,
-        max_tokens: 12,
         top_logprobs: 96,
         seed: 3,
-        ..Default::default()
+        ..params(0.7, 12)
     });
     for (k, top) in s.top_logprobs.iter().enumerate() {
         let own = top.iter().find(|(id, _)| *id == s.tokens[k]).unwrap();
@@ -490,19 +469,12 @@ fn top_logprobs_and_stop_sequences() {
             "the full list is the whole distribution: {mass}"
         );
     }
-    assert!(run(SamplingParams {
-        max_tokens: 4,
-        ..Default::default()
-    })
-    .top_logprobs
-    .is_empty());
+    assert!(run(params(1.0, 4)).top_logprobs.is_empty());
     // A stop sequence taken from a greedy run ends the next greedy run right after it.
     let stop = g.tokens[3..5].to_vec();
     let cut = run(SamplingParams {
-        temperature: 0.0,
-        max_tokens: 12,
         stop_sequences: vec![stop.clone()],
-        ..Default::default()
+        ..params(0.0, 12)
     });
     let first = (2..=g.tokens.len())
         .find(|&k| g.tokens[..k].ends_with(&stop))
@@ -513,11 +485,12 @@ fn top_logprobs_and_stop_sequences() {
         stop_sequences: vec![vec![]],
         ..Default::default()
     };
-    assert!(bad
-        .validate()
-        .unwrap_err()
-        .to_string()
-        .contains("stop sequence is empty"));
+    assert!(
+        GenerateRequest::new("prompt", prompt.clone(), bad, engine.limits())
+            .unwrap_err()
+            .to_string()
+            .contains("stop sequence is empty")
+    );
 }
 
 #[test]
@@ -535,7 +508,7 @@ fn exported_merged_folder_scores_like_base_plus_adapter() {
     let engine = Engine::load(&merged, &device(), DType::F32).unwrap();
     assert!(engine.adapter().is_none());
     assert_scores(
-        &engine.score(&reqs, 1.0).unwrap(),
+        &engine.score(&reqs, st(1.0)).unwrap(),
         &g,
         "policy_logp",
         1e-5,
@@ -551,7 +524,7 @@ fn exported_merged_folder_scores_like_base_plus_adapter() {
     let engine = Engine::load(&base, &device(), DType::F32).unwrap();
     assert_eq!(engine.config(), tiny().config());
     assert_scores(
-        &engine.score(&reqs, 1.0).unwrap(),
+        &engine.score(&reqs, st(1.0)).unwrap(),
         &g,
         "ref_logp",
         1e-5,
@@ -566,7 +539,7 @@ fn exported_merged_folder_scores_like_base_plus_adapter() {
     );
     let engine = Engine::load(&half, &device(), DType::F32).unwrap();
     assert_scores(
-        &engine.score(&reqs, 1.0).unwrap(),
+        &engine.score(&reqs, st(1.0)).unwrap(),
         &g,
         "policy_logp",
         5e-2,
@@ -605,11 +578,11 @@ fn bf16_engine_applies_the_adapter_unmerged() {
     let reqs = step_requests(&g);
     let mut engine =
         Engine::load(&golden_dir().join("tiny_llama"), &device(), DType::BF16).unwrap();
-    let base = engine.score(&reqs, 1.0).unwrap();
+    let base = engine.score(&reqs, st(1.0)).unwrap();
     engine
         .load_adapter(&golden_dir().join("tiny_adapter"))
         .unwrap();
-    let policy = engine.score(&reqs, 1.0).unwrap();
+    let policy = engine.score(&reqs, st(1.0)).unwrap();
     let (mut to_policy, mut effect) = (0f64, 0f64);
     for (i, lp) in policy.iter().enumerate() {
         let want = floats(&g["policy_logp"][i]);
@@ -625,7 +598,7 @@ fn bf16_engine_applies_the_adapter_unmerged() {
         "the adapter's effect ({effect}) is visible beyond the bf16 error ({to_policy})"
     );
     engine.set_adapter(None).unwrap();
-    assert_eq!(engine.score(&reqs, 1.0).unwrap(), base);
+    assert_eq!(engine.score(&reqs, st(1.0)).unwrap(), base);
 }
 
 fn trainable_of(adapter: &LoraAdapter) -> (LoraAdapter, Vec<(String, candle_core::Var)>) {

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use rl_core::config::Config;
+use rl_core::config::{ApiKey, Config, Device};
 
 use crate::supervisor::ChildSpec;
 
@@ -29,9 +29,10 @@ pub struct ServiceArgs {
     pub model: String,
     pub host: String,
     pub port: u16,
-    pub device: String,
+    pub device: Device,
     pub dtype: &'static str,
-    pub api_key: Option<String>,
+    /// Given in the environment variable the service reads it from, never on its command line.
+    pub api_key: Option<ApiKey>,
 }
 
 impl ServiceArgs {
@@ -41,14 +42,14 @@ impl ServiceArgs {
             model: config.model.path.clone(),
             host: config.services.host.clone(),
             port,
-            device: config.model.device.clone(),
+            device: config.model.device,
             dtype: config.model.dtype.name(),
             api_key: config.services.api_key.clone(),
         }
     }
 
     fn args(&self) -> Vec<String> {
-        let mut a = vec![
+        vec![
             "--model".to_string(),
             self.model.clone(),
             "--host".into(),
@@ -56,14 +57,15 @@ impl ServiceArgs {
             "--port".into(),
             self.port.to_string(),
             "--device".into(),
-            self.device.clone(),
+            self.device.to_string(),
             "--dtype".into(),
             self.dtype.into(),
-        ];
-        if let Some(k) = &self.api_key {
-            a.extend(["--api-key".to_string(), k.clone()]);
-        }
-        a
+        ]
+    }
+
+    /// The key in `var` (the service's `--api-key` environment variable), when there is one.
+    fn key(&self, var: &'static str) -> Option<(&'static str, ApiKey)> {
+        self.api_key.clone().map(|k| (var, k))
     }
 }
 
@@ -120,6 +122,7 @@ impl RolloutServer {
             program: bin_dir()?.join("rollout-server"),
             args,
             threads: self.threads,
+            key: self.service.key("ROLLOUT_SERVER_API_KEY"),
         })
     }
 }
@@ -130,6 +133,7 @@ pub fn ref_scorer(service: &ServiceArgs) -> anyhow::Result<ChildSpec> {
         program: bin_dir()?.join("ref-scorer"),
         args: service.args(),
         threads: None,
+        key: service.key("REF_SCORER_API_KEY"),
     })
 }
 
@@ -143,7 +147,7 @@ pub struct LearnerStep<'a> {
     pub adapter_in: Option<&'a Path>,
     pub out: &'a Path,
     pub config: &'a Path,
-    pub device: &'a str,
+    pub device: Device,
     pub dtype: &'static str,
 }
 
@@ -164,7 +168,7 @@ impl LearnerStep<'_> {
             .arg(self.out)
             .arg("--config")
             .arg(self.config)
-            .args(["--device", self.device, "--dtype", self.dtype])
+            .args(["--device", &self.device.to_string(), "--dtype", self.dtype])
             .args(["--parent-pid", &std::process::id().to_string()])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

@@ -11,26 +11,27 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context};
+use rl_core::config::Device;
 
 /// How to get a CUDA build, said in every refusal.
 const FIX: &str = "build with the `cuda` feature (`cargo build --release --features cuda --bins \
     -p orchestrator -p rollout-server -p ref-scorer -p learner`; `scripts/train CONFIG` does it \
     when the config asks for cuda), or set model.device=cpu";
 
-/// Checks that `device` (`cpu`, `cuda`, `cuda:N`) can be used by `binaries` (the services the
-/// run would start) and by this process.
-pub fn preflight(device: &str, binaries: &[&Path]) -> anyhow::Result<()> {
-    if device == "cpu" {
+/// Checks that `device` can be used by `binaries` (the services the run would start) and by
+/// this process.
+pub fn preflight(device: Device, binaries: &[&Path]) -> anyhow::Result<()> {
+    if device.is_cpu() {
         return Ok(());
     }
     check_binaries(device, binaries)?;
-    model::device(device)
+    model::device(&device.to_string())
         .map(drop)
         .with_context(|| format!("`model.device: {device}` cannot be used by orchestrate"))
 }
 
 /// Each binary's `--version` line must name CUDA among its devices.
-pub fn check_binaries(device: &str, binaries: &[&Path]) -> anyhow::Result<()> {
+pub fn check_binaries(device: Device, binaries: &[&Path]) -> anyhow::Result<()> {
     for bin in binaries {
         let out = Command::new(bin)
             .arg("--version")
@@ -71,8 +72,8 @@ mod tests {
             "rollout-server 0.1.0 (devices: cpu, cuda)",
         );
         let bad = fake(dir.path(), "learner", "learner 0.1.0 (devices: cpu)");
-        check_binaries("cuda", &[&good]).unwrap();
-        let e = check_binaries("cuda:1", &[&good, &bad])
+        check_binaries(Device::Cuda(0), &[&good]).unwrap();
+        let e = check_binaries(Device::Cuda(1), &[&good, &bad])
             .unwrap_err()
             .to_string();
         assert!(
@@ -82,11 +83,11 @@ mod tests {
                 && e.contains("model.device=cpu"),
             "{e}"
         );
-        let e = check_binaries("cuda", &[&dir.path().join("missing")])
+        let e = check_binaries(Device::Cuda(0), &[&dir.path().join("missing")])
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing --version"), "{e}");
         // The CPU needs nothing from the binaries.
-        preflight("cpu", &[&bad]).unwrap();
+        preflight(Device::Cpu, &[&bad]).unwrap();
     }
 }

@@ -11,7 +11,7 @@ use rl_core::config::Config;
 use rl_core::rewards;
 use rl_core::rewards::AnswerStatus;
 use rl_core::tasks::Problem;
-use rl_core::wire::{FinishReason, TokenizeRequest};
+use rl_core::wire::{FinishReason, GenerateRequest, TokenizeRequest};
 use rl_http::client::{ClientError, ServiceClient};
 use rl_store::{EvalResult, EvalSummary};
 use serde::Serialize;
@@ -32,7 +32,12 @@ pub async fn answer(
         .messages(&problem.question, config.prompt.system.as_deref());
     let tok = client.tokenize(&TokenizeRequest::chat(messages)).await?;
     let out = client
-        .generate(&config.sampling.test.request(tok.tokens, 1, 0))
+        .generate(&GenerateRequest::sample(
+            tok.tokens,
+            1,
+            config.sampling.test,
+            0,
+        ))
         .await?;
     let Some(ch) = out.choices.into_iter().next() else {
         return Err(ClientError::Transport {
@@ -63,7 +68,7 @@ pub async fn answer(
 /// The deadline of one answer (tokenizing and generating) while `in_flight` are asked at once;
 /// the question's length in bytes bounds its prompt tokens.
 pub fn deadline(config: &Config, problem: &Problem, in_flight: u32) -> Duration {
-    let tokens = problem.question.len() as u64 + u64::from(config.sampling.test.max_tokens);
+    let tokens = problem.question.len() as u64 + u64::from(config.sampling.test.max_tokens.get());
     config.services.deadline(tokens, in_flight)
 }
 
@@ -115,7 +120,7 @@ pub async fn command(
         })
     }
     .spec()?;
-    crate::device::preflight(&config.model.device, &[&spec.program])?;
+    crate::device::preflight(config.model.device, &[&spec.program])?;
     let mut problems = rl_core::tasks::load(&data, &config.data)?;
     if let Some(l) = limit {
         problems.truncate(l);

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use orchestrator::run::Run;
-use rl_core::config::Config;
+use rl_core::config::{Config, API_KEY_ENV};
 
 #[derive(Parser)]
 #[command(
@@ -89,6 +89,17 @@ async fn execute(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The config with its services' key settled: the config's own, else `ORCHESTRATE_API_KEY`'s
+/// (how a resumed run, whose saved config never holds the key, gets it back).
+fn with_key(mut config: Config) -> anyhow::Result<Config> {
+    let from_env = std::env::var(API_KEY_ENV).ok();
+    config
+        .services
+        .settle_key(from_env)
+        .map_err(anyhow::Error::msg)?;
+    Ok(config)
+}
+
 fn main() -> anyhow::Result<()> {
     model::cli::init();
     let cli = Cli::parse();
@@ -101,7 +112,7 @@ fn main() -> anyhow::Result<()> {
             Command::Run { config, overrides } => {
                 let loaded = Config::load(&config, &overrides)?;
                 loaded.check_files()?;
-                execute(loaded.config).await
+                execute(with_key(loaded.config)?).await
             }
             Command::Resume { run_dir, overrides } => {
                 let path = run_dir.join("config.yaml");
@@ -112,7 +123,7 @@ fn main() -> anyhow::Result<()> {
                     )
                 })?;
                 loaded.check_files()?;
-                execute(loaded.config).await
+                execute(with_key(loaded.config)?).await
             }
             Command::Eval {
                 model,
@@ -128,6 +139,7 @@ fn main() -> anyhow::Result<()> {
                     None => Config::from_yaml("{}", "(defaults)", &overrides)?.config,
                 };
                 config.resolve_paths(&std::env::current_dir()?);
+                let config = with_key(config)?;
                 let r = orchestrator::eval::command(
                     &config,
                     &model,

@@ -78,6 +78,25 @@ fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
         ),
         ["0|(base)", "1|iter_0", "2|iter_1"]
     );
+    // And carries what made it: the policy version as an integer (the server echoed the
+    // adapter id it was given, never a path), the knobs it was drawn with, and its own seed
+    // (its group's task seed plus its attempt).
+    assert_eq!(
+        query(
+            &run.join("rollouts.sqlite"),
+            "SELECT DISTINCT iteration, ifnull(policy_version, '(base)'), temperature, top_p, \
+             top_k, max_tokens FROM rollouts ORDER BY iteration"
+        ),
+        ["0|(base)|0.7|1.0|0|8", "1|0|0.7|1.0|0|8", "2|1|0.7|1.0|0|8"]
+    );
+    assert_eq!(
+        query(
+            &run.join("rollouts.sqlite"),
+            "SELECT count(*) FROM rollouts r JOIN tasks t USING (run_id, iteration, group_index) \
+             WHERE r.seed = t.seed + r.attempt AND r.adapter NOT LIKE '%/%'"
+        ),
+        ["12"]
+    );
     assert_eq!(whole.phases, vec!["0|done", "1|done", "2|done"]);
     assert_eq!(
         whole.keys.len(),
@@ -149,7 +168,7 @@ fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
     let rows: Vec<serde_json::Value> = query(
         &run.join("rollouts.sqlite"),
         "SELECT json_object('prompt_ids', prompt_ids, 'completion_ids', completion_ids, \
-         'logprobs', logprobs) FROM rollouts WHERE iteration = 2",
+         'logprobs', logprobs, 'temperature', temperature) FROM rollouts WHERE iteration = 2",
     )
     .iter()
     .map(|r| serde_json::from_str(r).unwrap())
@@ -160,13 +179,19 @@ fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
     };
     let reqs: Vec<model::ScoreRequest> = rows
         .iter()
-        .map(|r| model::ScoreRequest {
-            prompt: serde_json::from_value(field(r, "prompt_ids")).unwrap(),
-            completion: serde_json::from_value(field(r, "completion_ids")).unwrap(),
+        .map(|r| {
+            let prompt = serde_json::from_value(field(r, "prompt_ids")).unwrap();
+            let completion = serde_json::from_value(field(r, "completion_ids")).unwrap();
+            model::ScoreRequest::new("row", prompt, completion, engine.limits()).unwrap()
         })
         .collect();
-    // The default train temperature (0.7): the sampler's logprobs are under logits / T.
-    let scored = engine.score(&reqs, 0.7).unwrap();
+    // At the temperature each row recorded (the default train temperature, 0.7): the sampler's
+    // logprobs are under logits / T.
+    let t = rows[0]["temperature"].as_f64().unwrap();
+    assert!(rows.iter().all(|r| r["temperature"].as_f64() == Some(t)));
+    let scored = engine
+        .score(&reqs, sampling::ScoreTemperature::new(t).unwrap())
+        .unwrap();
     for (r, got) in rows.iter().zip(&scored) {
         let want: Vec<f32> = serde_json::from_value(field(r, "logprobs")).unwrap();
         assert_eq!(got.len(), want.len());

@@ -13,6 +13,7 @@ use std::path::Path;
 use anyhow::Context;
 use model::{Engine, ScoreRequest};
 use rl_core::wire::{read_jsonl_numbered, ScoreSequence, SequenceLogprobs};
+use sampling::ScoreTemperature;
 
 /// Sequences scored per engine call (the engine batches them further by length).
 pub const CHUNK: usize = 64;
@@ -22,7 +23,7 @@ pub const CHUNK: usize = 64;
 pub fn score_all(
     engine: &Engine,
     seqs: &[ScoreRequest],
-    temperature: f64,
+    temperature: ScoreTemperature,
 ) -> model::Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(seqs.len());
     for (c, chunk) in seqs.chunks(CHUNK).enumerate() {
@@ -43,20 +44,15 @@ pub fn score_file(
     engine: &Engine,
     input: &Path,
     output: &Path,
-    temperature: f64,
+    temperature: ScoreTemperature,
 ) -> anyhow::Result<usize> {
     let lines: Vec<(usize, ScoreSequence)> = read_jsonl_numbered(input)?;
     // Every line is checked before any work, so that an error names its line.
     let seqs: Vec<ScoreRequest> = lines
         .into_iter()
         .map(|(line, s)| {
-            let req = ScoreRequest {
-                prompt: s.prompt_ids,
-                completion: s.completion_ids,
-            };
-            engine
-                .check_score_request(&format!("{} line {line}", input.display()), &req)
-                .map(|()| req)
+            let what = format!("{} line {line}", input.display());
+            ScoreRequest::new(&what, s.prompt_ids, s.completion_ids, engine.limits())
         })
         .collect::<Result<_, _>>()?;
     rl_core::files::write_stream(output, |w| -> anyhow::Result<()> {

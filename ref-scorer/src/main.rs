@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use sampling::ScoreTemperature;
 
 #[derive(Parser)]
 #[command(
@@ -64,12 +65,20 @@ enum Command {
         input: PathBuf,
         #[arg(long)]
         output: PathBuf,
-        /// Logprobs under softmax(logits / temperature).
-        #[arg(long, default_value_t = 1.0)]
-        temperature: f64,
+        /// Logprobs under softmax(logits / temperature), in [1e-5, 100].
+        #[arg(long, default_value = "1", value_parser = score_temperature)]
+        temperature: ScoreTemperature,
         #[command(flatten)]
         engine: model::cli::DeviceFlags,
     },
+}
+
+/// `--temperature`, through the knob's own rule.
+fn score_temperature(s: &str) -> Result<ScoreTemperature, String> {
+    let t: f64 = s
+        .parse()
+        .map_err(|e| format!("`{s}` is not a number: {e}"))?;
+    ScoreTemperature::new(t).map_err(|e| e.to_string())
 }
 
 fn main() -> anyhow::Result<()> {

@@ -13,7 +13,7 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::response::Response;
 use axum::Json;
-use model::{Engine, ScoreRequest as EngineScore};
+use model::{Engine, Limits, ScoreRequest as EngineScore};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -56,6 +56,8 @@ pub struct ScorerState {
     #[cfg(feature = "failpoints")]
     panic_failpoint: bool,
     engine: Arc<Mutex<Engine>>,
+    /// What a sequence must fit (the model's, read once: the model is frozen).
+    limits: Limits,
     model_name: String,
     adapter: Option<String>,
     max_queue: usize,
@@ -123,6 +125,7 @@ pub fn app(engine: Engine, opts: &Options) -> (axum::Router, Arc<ScorerState>) {
         liveness: Liveness::default(),
         #[cfg(feature = "failpoints")]
         panic_failpoint: rl_http::server::failpoint(FAILPOINT_ENV, "engine-panic").is_some(),
+        limits: engine.limits(),
         engine: Arc::new(Mutex::new(engine)),
         model_name: opts.model_name.clone(),
         adapter,
@@ -173,8 +176,6 @@ async fn score(
         .liveness
         .check()
         .map_err(|_| state.liveness.engine_error())?;
-    sampling::check_score_temperature(req.temperature)
-        .map_err(|e| ApiError::unprocessable(e.to_string()))?;
     let before = state.pending.fetch_add(1, Ordering::SeqCst);
     let _admitted = Admitted(&state.pending);
     if before >= state.max_queue {
@@ -185,14 +186,17 @@ async fn score(
             wait,
         ));
     }
-    let seqs: Vec<EngineScore> = req
+    // The one check of each sequence, against the model (the temperature is valid by its type).
+    let seqs = req
         .sequences
         .into_iter()
-        .map(|s| EngineScore {
-            prompt: s.prompt_ids,
-            completion: s.completion_ids,
+        .enumerate()
+        .map(|(i, s)| {
+            let what = format!("sequences[{i}]");
+            EngineScore::new(&what, s.prompt_ids, s.completion_ids, state.limits)
+                .map_err(|e| ApiError::unprocessable(e.to_string()))
         })
-        .collect();
+        .collect::<Result<Vec<_>, _>>()?;
     let engine = state.engine.clone();
     let temperature = req.temperature;
     let counters = state.counters.clone();
@@ -213,12 +217,7 @@ async fn score(
             .wait_seconds
             .observe(waited.elapsed().as_secs_f64());
         let _timer = PhaseTimer(Instant::now(), &counters.score_seconds);
-        for (i, s) in seqs.iter().enumerate() {
-            engine
-                .check_score_request(&format!("sequences[{i}]"), s)
-                .map_err(|e| ApiError::unprocessable(e.to_string()))?;
-        }
-        let tokens: usize = seqs.iter().map(|s| s.completion.len()).sum();
+        let tokens: usize = seqs.iter().map(|s| s.completion().len()).sum();
         crate::score_all(&engine, &seqs, temperature)
             .map(|r| (r, tokens))
             .map_err(|e| ApiError::internal(format!("scoring failed: {e}")))

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use rl_core::wire::{ScoreRequest, ScoreSequence};
 use rl_http::client::ServiceClient;
+use sampling::ScoreTemperature;
 use serde_json::json;
 use test_kit::restart::{check_engine_fault, Fault};
 
@@ -115,7 +116,7 @@ async fn http_scores_equal_the_offline_command() {
     let response = client
         .score(&ScoreRequest {
             sequences: seqs.clone(),
-            temperature: 1.0,
+            temperature: ScoreTemperature::ONE,
         })
         .await
         .unwrap();
@@ -138,7 +139,7 @@ async fn http_scores_equal_the_offline_command() {
     let hot = client
         .score(&ScoreRequest {
             sequences: seqs.clone(),
-            temperature: 2.0,
+            temperature: ScoreTemperature::new(2.0).unwrap(),
         })
         .await
         .unwrap();

@@ -1,17 +1,26 @@
 //! Wire formats: what crosses a process boundary as JSON. The native HTTP routes of the services
 //! (`/v1/generate`, `/v1/tokenize`, `/v1/score`, `/v1/adapters`, `/health`) and the jsonl of the
 //! offline scorer. Requests refuse unknown fields, so a misspelt parameter is an error rather than
-//! a silently ignored one.
+//! a silently ignored one. The knobs are `sampling`'s types, so a request that deserializes has
+//! every knob in its range, and the OpenAPI documents state the same ranges; integers are read as
+//! JSON Schema defines them (`7` and `7.0` alike, [`sampling::integral`]).
 
 use std::io::BufRead;
 
+use sampling::integral;
+use sampling::schema::{Seed, TokenId};
+use sampling::{Knobs, MaxTokens, ScoreTemperature, Temperature, TopP};
 use serde::{Deserialize, Serialize};
 
 /// One (prompt, completion) pair to score, as token ids.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScoreSequence {
+    #[serde(deserialize_with = "integral::u32s")]
+    #[schema(min_items = 1, value_type = Vec<TokenId>)]
     pub prompt_ids: Vec<u32>,
+    #[serde(deserialize_with = "integral::u32s")]
+    #[schema(value_type = Vec<TokenId>)]
     pub completion_ids: Vec<u32>,
 }
 
@@ -26,8 +35,16 @@ fn one() -> u32 {
     1
 }
 
-fn one_f64() -> f64 {
-    1.0
+fn temperature_one() -> Temperature {
+    Temperature::ONE
+}
+
+fn score_temperature_one() -> ScoreTemperature {
+    ScoreTemperature::ONE
+}
+
+fn top_p_all() -> TopP {
+    TopP::ALL
 }
 
 fn yes() -> bool {
@@ -38,32 +55,61 @@ fn yes() -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
-    #[schema(min_items = 1)]
+    #[serde(deserialize_with = "integral::u32s")]
+    #[schema(min_items = 1, value_type = Vec<TokenId>)]
     pub prompt_ids: Vec<u32>,
     /// Choices to sample (at most the server's `--max-n`).
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "integral::u32")]
     #[schema(minimum = 1, default = 1)]
     pub n: u32,
-    #[schema(minimum = 1)]
-    pub max_tokens: u32,
+    pub max_tokens: MaxTokens,
     /// 0 is greedy.
-    #[serde(default = "one_f64")]
-    #[schema(minimum = 0, default = 1.0)]
-    pub temperature: f64,
-    #[serde(default = "one_f64")]
-    #[schema(exclusive_minimum = 0, maximum = 1, default = 1.0)]
-    pub top_p: f64,
+    #[serde(default = "temperature_one")]
+    #[schema(default = 1.0)]
+    pub temperature: Temperature,
+    #[serde(default = "top_p_all")]
+    #[schema(default = 1.0)]
+    pub top_p: TopP,
     /// 0: no top-k truncation.
-    #[serde(default)]
-    #[schema(default = 0)]
+    #[serde(default, deserialize_with = "integral::u32")]
+    #[schema(default = 0, minimum = 0, maximum = 4294967295_u64)]
     pub top_k: u32,
     /// Token ids that end a completion (kept in `token_ids`); `null`: the model's end-of-sequence
     /// ids.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integral::opt_u32s")]
+    #[schema(value_type = Option<Vec<TokenId>>)]
     pub stop_token_ids: Option<Vec<u32>>,
     /// Choice `i` is sampled with seed `seed + i`; `null`: a random seed (reported back).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integral::opt_u64")]
+    #[schema(value_type = Option<Seed>)]
     pub seed: Option<u64>,
+}
+
+impl GenerateRequest {
+    /// `n` choices of `prompt_ids` drawn with `knobs`, choice `i` with seed `seed + i`, stopped by
+    /// the server's end-of-sequence ids.
+    pub fn sample(prompt_ids: Vec<u32>, n: u32, knobs: Knobs, seed: u64) -> Self {
+        Self {
+            prompt_ids,
+            n,
+            max_tokens: knobs.max_tokens,
+            temperature: knobs.temperature,
+            top_p: knobs.top_p,
+            top_k: knobs.top_k,
+            stop_token_ids: None,
+            seed: Some(seed),
+        }
+    }
+
+    /// The request's knobs.
+    pub fn knobs(&self) -> Knobs {
+        Knobs {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            max_tokens: self.max_tokens,
+        }
+    }
 }
 
 /// One sampled continuation.
@@ -84,7 +130,8 @@ pub struct GeneratedChoice {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GenerateResponse {
     pub model: String,
-    /// The adapter the choices were sampled with (`null`: the base model).
+    /// The id of the adapter the choices were sampled with (`null`: the base model): the one its
+    /// loader gave (`PUT /v1/adapters/{name}`: `name`; `POST /v1/adapters`: `id`).
     pub adapter: Option<String>,
     pub choices: Vec<GeneratedChoice>,
 }
@@ -94,6 +141,7 @@ pub struct GenerateResponse {
 #[serde(deny_unknown_fields)]
 pub struct TokenizeRequest {
     #[serde(default)]
+    #[schema(min_items = 1)]
     pub messages: Option<Vec<crate::prompts::ChatMessage>>,
     #[serde(default)]
     pub prompt: Option<String>,
@@ -129,9 +177,9 @@ pub struct ScoreRequest {
     #[schema(min_items = 1)]
     pub sequences: Vec<ScoreSequence>,
     /// Logits are divided by this before the log-softmax (the sampling temperature).
-    #[serde(default = "one_f64")]
-    #[schema(exclusive_minimum = 0, default = 1.0)]
-    pub temperature: f64,
+    #[serde(default = "score_temperature_one")]
+    #[schema(default = 1.0)]
+    pub temperature: ScoreTemperature,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -146,7 +194,14 @@ pub struct ScoreResponse {
 #[serde(deny_unknown_fields)]
 pub struct AdapterRequest {
     /// A folder inside the server's `--checkpoints-dir` (relative to it, or absolute).
+    #[schema(min_length = 1)]
     pub path: String,
+    /// The name the server answers with for this adapter (in every sampling response, `/health`
+    /// and `/v1/models`); `null`: `path` as sent. The server never answers with a path of its
+    /// own.
+    #[serde(default)]
+    #[schema(min_length = 1)]
+    pub id: Option<String>,
 }
 
 /// `PUT /v1/adapters/{name}`: a PEFT adapter sent as bytes, for a server that shares no file
@@ -166,7 +221,7 @@ pub struct AdapterUpload {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AdapterResponse {
-    /// The adapter now served (`null`: the base model).
+    /// The id of the adapter now served (`null`: the base model).
     pub adapter: Option<String>,
     /// How long the swap took inside the engine.
     pub swap_ms: f64,

@@ -20,7 +20,7 @@ fn s(v: &[&str]) -> Vec<String> {
 fn shipped_configs_load() {
     let cpu = Config::load(&configs_dir().join("rl_gsm8k.yaml"), &[]).expect("cpu config");
     let c = &cpu.config;
-    assert_eq!(c.model.device, "cpu");
+    assert_eq!(c.model.device, rl_core::config::Device::Cpu);
     assert_eq!(c.model.dtype, Dtype::Bf16);
     assert!(c.model.path.ends_with("SmolLM2-135M-Instruct.Q4_1.gguf"));
     assert_eq!(c.prompt.style, PromptStyle::Boxed);
@@ -34,16 +34,16 @@ fn shipped_configs_load() {
 
     let gpu = Config::load(&configs_dir().join("rl_gsm8k_llama1b.yaml"), &[]).expect("gpu config");
     let g = &gpu.config;
-    assert_eq!((g.attempts, g.sampling.train.temperature), (8, 1.0));
+    assert_eq!((g.attempts, g.sampling.train.temperature.get()), (8, 1.0));
     assert_eq!(
         (g.learner.lr, g.learner.beta, g.learner.epsilon_low),
         (2e-6, 0.01, 0.2)
     );
-    assert_eq!(g.sampling.train.max_tokens, 3072);
+    assert_eq!(g.sampling.train.max_tokens.get(), 3072);
     assert_eq!(g.test_every_n_iterations, 1);
     assert_eq!(
-        (g.model.device.as_str(), g.model.dtype),
-        ("cuda", Dtype::Bf16)
+        (g.model.device, g.model.dtype),
+        (rl_core::config::Device::Cuda(0), Dtype::Bf16)
     );
     assert!(g.model.path.contains("Llama-3.2-1B-Instruct"));
 }
@@ -87,10 +87,10 @@ fn omitted_keys_take_the_whole_configs_defaults() {
     .expect("partial sections")
     .config;
     let d = Config::default();
-    assert_eq!(c.sampling.test.max_tokens, 512);
+    assert_eq!(c.sampling.test.max_tokens.get(), 512);
     assert_eq!(c.sampling.test.temperature, d.sampling.test.temperature);
-    assert_eq!(c.sampling.test.temperature, 0.0);
-    assert_eq!(c.sampling.train.max_tokens, 8);
+    assert_eq!(c.sampling.test.temperature.get(), 0.0);
+    assert_eq!(c.sampling.train.max_tokens.get(), 8);
     assert_eq!(c.sampling.train.temperature, d.sampling.train.temperature);
     assert_eq!(c.prompt.system, d.prompt.system);
     // `rewards` is one value: the file's list replaces the default list.

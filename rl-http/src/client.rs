@@ -37,6 +37,15 @@ pub enum ClientError {
         url: String,
         deadline_s: f64,
     },
+    /// The server is busy (503) and this client's retry budget is spent; `retry_after_s`: how
+    /// long the server asked to wait.
+    #[error("{method} {url}: HTTP 503 (busy; retry after {retry_after_s} s): {message}")]
+    Busy {
+        method: &'static str,
+        url: String,
+        retry_after_s: u64,
+        message: String,
+    },
     #[error("{method} {url}: gave up after {attempts} attempts in {waited_s:.1}s; last: {last}")]
     GaveUp {
         method: &'static str,
@@ -65,6 +74,14 @@ impl ClientError {
     pub fn is_timeout(&self) -> bool {
         matches!(self, ClientError::Timeout { .. })
     }
+
+    /// How long a busy server (503) asked to wait, when that is why the request failed.
+    pub fn busy_for(&self) -> Option<Duration> {
+        match self {
+            ClientError::Busy { retry_after_s, .. } => Some(Duration::from_secs(*retry_after_s)),
+            _ => None,
+        }
+    }
 }
 
 /// How long to keep trying a request that meets 503s or an unreachable server.
@@ -80,6 +97,17 @@ pub struct RetryPolicy {
     pub retry_unreachable: bool,
 }
 
+impl RetryPolicy {
+    /// One attempt, no waiting: a 503 comes back as [`ClientError::Busy`] and an unreachable
+    /// server as [`ClientError::Transport`], for a caller that retries itself.
+    pub const ONCE: Self = Self {
+        max_attempts: 1,
+        max_wait: Duration::ZERO,
+        max_delay: Duration::ZERO,
+        retry_unreachable: false,
+    };
+}
+
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
@@ -91,8 +119,9 @@ impl Default for RetryPolicy {
     }
 }
 
-/// A client for one service at `base` (e.g. `http://127.0.0.1:8000`).
-#[derive(Debug, Clone)]
+/// A client for one service at `base` (e.g. `http://127.0.0.1:8000`). Clones share one
+/// connection pool (keep-alive).
+#[derive(Clone)]
 pub struct ServiceClient {
     base: String,
     http: reqwest::Client,
@@ -100,6 +129,18 @@ pub struct ServiceClient {
     retry: RetryPolicy,
     /// The deadline of one request (each attempt).
     timeout: Duration,
+}
+
+impl std::fmt::Debug for ServiceClient {
+    /// Without the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceClient")
+            .field("base", &self.base)
+            .field("keyed", &self.api_key.is_some())
+            .field("retry", &self.retry)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl ServiceClient {
@@ -161,9 +202,16 @@ impl ServiceClient {
             .await
     }
 
-    pub async fn load_adapter(&self, path: &str) -> Result<AdapterResponse, ClientError> {
+    /// Has the server load the adapter folder `path` (inside its checkpoints directory) and
+    /// answer with `id` for it (`None`: `path` as sent).
+    pub async fn load_adapter(
+        &self,
+        path: &str,
+        id: Option<&str>,
+    ) -> Result<AdapterResponse, ClientError> {
         let req = AdapterRequest {
             path: path.to_string(),
+            id: id.map(str::to_string),
         };
         self.call(reqwest::Method::POST, "/v1/adapters", Some(&req))
             .await
@@ -267,6 +315,14 @@ impl ServiceClient {
                             method: name,
                             url,
                             status: status.as_u16(),
+                            message,
+                        });
+                    }
+                    if attempt >= self.retry.max_attempts {
+                        return Err(ClientError::Busy {
+                            method: name,
+                            url,
+                            retry_after_s: retry_after.unwrap_or(1),
                             message,
                         });
                     }

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{as_i64, text, Store, StoreError};
+use sampling::Knobs;
+
+use crate::{as_i64, json, text, Store, StoreError};
 
 /// Where an iteration is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -124,6 +126,47 @@ impl Store {
         tx.commit()
             .await
             .map_err(self.err("committing the iteration"))
+    }
+
+    /// The knobs `iteration` samples its training rollouts with: those recorded when its
+    /// sampling first began, else `proposed`, recorded now. So a resume whose config changed
+    /// `sampling.train` keeps each begun iteration's own knobs and applies the new ones only to
+    /// iterations not begun yet; no iteration mixes two.
+    pub async fn sampling_knobs(
+        &self,
+        iteration: u32,
+        proposed: Knobs,
+    ) -> Result<Knobs, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let stored: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT sampling FROM iterations WHERE run_id = ? AND iteration = ?",
+        )
+        .bind(self.run_id)
+        .bind(i64::from(iteration))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(self.err("reading the iteration's sampling knobs"))?;
+        match stored {
+            None => Err(self.invalid(format!("iteration {iteration} does not exist"))),
+            Some(Some(json)) => serde_json::from_str(&json).map_err(|e| {
+                self.corrupt(format!("iteration {iteration}: sampling knobs {json}: {e}"))
+            }),
+            Some(None) => {
+                sqlx::query(
+                    "UPDATE iterations SET sampling = ? WHERE run_id = ? AND iteration = ?",
+                )
+                .bind(json(&proposed))
+                .bind(self.run_id)
+                .bind(i64::from(iteration))
+                .execute(&mut *tx)
+                .await
+                .map_err(self.err("recording the iteration's sampling knobs"))?;
+                tx.commit()
+                    .await
+                    .map_err(self.err("committing the sampling knobs"))?;
+                Ok(proposed)
+            }
+        }
     }
 
     /// Moves an iteration to a later phase (never back).

@@ -211,6 +211,14 @@ impl Store {
         })
     }
 
+    /// A damaged-file error saying what is wrong.
+    pub(crate) fn corrupt(&self, detail: String) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.display().to_string(),
+            detail,
+        }
+    }
+
     /// A row that sqlx could not map (a column of the wrong type or unreadable JSON).
     pub(crate) fn corrupt_row(&self, what: &str, e: sqlx::Error) -> StoreError {
         StoreError::Corrupt {

@@ -5,11 +5,12 @@ use std::collections::BTreeMap;
 
 use rl_core::rewards::{AnswerStatus, RewardKind};
 use rl_core::wire::FinishReason;
+use sampling::{Knobs, MaxTokens, SampledWith, Temperature, TopP};
 use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use sqlx::{FromRow, Sqlite, Transaction};
 
-use crate::{check_logprobs, json, sql_err, text, Store, StoreError};
+use crate::{as_i64, check_logprobs, json, sql_err, text, Store, StoreError};
 
 /// One sampled completion with everything the learner and the metrics need.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,9 +27,15 @@ pub struct RolloutRecord {
     pub reward: f64,
     pub reward_components: BTreeMap<RewardKind, f64>,
     pub answer_status: AnswerStatus,
-    /// The policy version that sampled it: the served adapter's name (`iter_N`), `None` for the
-    /// base model.
+    /// The policy version that sampled it: the iteration whose checkpoint the rollout server
+    /// served, `None` for the base model.
+    pub policy_version: Option<u32>,
+    /// The adapter id the rollout server answered with (opaque: the orchestrator's name for
+    /// that checkpoint), `None` for the base model.
     pub adapter: Option<String>,
+    /// The knobs and seed it was drawn with; `None` only for rows written before they were
+    /// recorded.
+    pub sampling: Option<SampledWith>,
 }
 
 /// A group being written: one open transaction. Commit checks that every attempt is there.
@@ -83,8 +90,9 @@ impl GroupWriter<'_> {
         }
         sqlx::query(
             "INSERT INTO rollouts (run_id, iteration, group_index, attempt, prompt_ids, completion_ids, logprobs, \
-             ref_logprobs, finish_reason, text, reward, reward_components, answer_status, adapter) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             ref_logprobs, finish_reason, text, reward, reward_components, answer_status, adapter, \
+             policy_version, temperature, top_p, top_k, max_tokens, seed) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(self.store.run_id)
         .bind(i64::from(self.iteration))
@@ -100,6 +108,12 @@ impl GroupWriter<'_> {
         .bind(json(&r.reward_components))
         .bind(text(r.answer_status))
         .bind(&r.adapter)
+        .bind(r.policy_version.map(i64::from))
+        .bind(r.sampling.map(|s| s.knobs.temperature.get()))
+        .bind(r.sampling.map(|s| s.knobs.top_p.get()))
+        .bind(r.sampling.map(|s| i64::from(s.knobs.top_k)))
+        .bind(r.sampling.map(|s| i64::from(s.knobs.max_tokens.get())))
+        .bind(r.sampling.map(|s| as_i64(s.seed)))
         .execute(&mut *self.tx)
         .await
         .map_err(|e| sql_err(&self.store.path, &format!("inserting {where_}"), e))?;
@@ -289,7 +303,8 @@ impl Store {
     ) -> Result<Vec<(u32, RolloutRecord)>, StoreError> {
         let rows = sqlx::query(
             "SELECT group_index, attempt, prompt_ids, completion_ids, logprobs, ref_logprobs, finish_reason, text, \
-             reward, reward_components, answer_status, adapter FROM rollouts \
+             reward, reward_components, answer_status, adapter, policy_version, temperature, top_p, \
+             top_k, max_tokens, seed FROM rollouts \
              WHERE run_id = ? AND iteration = ? AND (? IS NULL OR group_index = ?) ORDER BY group_index, attempt",
         )
         .bind(self.run_id)
@@ -308,6 +323,7 @@ impl Store {
                     "iteration {iteration} group {} attempt {}",
                     r.group_index, r.attempt
                 );
+                let sampling = self.sampled_with(&r, &at)?;
                 Ok((
                     r.group_index as u32,
                     RolloutRecord {
@@ -321,6 +337,11 @@ impl Store {
                         reward: r.reward,
                         reward_components: r.reward_components.0,
                         answer_status: self.parse(&r.answer_status, &at)?,
+                        policy_version: r
+                            .policy_version
+                            .map(|v| self.count(v, &format!("{at} policy_version")))
+                            .transpose()?,
+                        sampling,
                         adapter: r.adapter,
                     },
                 ))
@@ -344,4 +365,45 @@ struct RolloutRow {
     reward_components: Json<BTreeMap<RewardKind, f64>>,
     answer_status: String,
     adapter: Option<String>,
+    policy_version: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    max_tokens: Option<i64>,
+    seed: Option<i64>,
+}
+
+impl Store {
+    /// A stored non-negative integer as a `u32`; a damaged-file error otherwise.
+    fn count(&self, v: i64, what: &str) -> Result<u32, StoreError> {
+        u32::try_from(v).map_err(|_| self.corrupt(format!("{what} is {v}")))
+    }
+
+    /// A row's sampling parameters, each through its knob's own rule: all of them, or none (a
+    /// row written before they were recorded).
+    fn sampled_with(&self, r: &RolloutRow, at: &str) -> Result<Option<SampledWith>, StoreError> {
+        let (Some(t), Some(p), Some(k), Some(m), Some(seed)) =
+            (r.temperature, r.top_p, r.top_k, r.max_tokens, r.seed)
+        else {
+            if [r.temperature, r.top_p].iter().any(Option::is_some)
+                || [r.top_k, r.max_tokens, r.seed].iter().any(Option::is_some)
+            {
+                return Err(self.corrupt(format!("{at}: some sampling parameters are missing")));
+            }
+            return Ok(None);
+        };
+        let bad =
+            |key: &str, e: sampling::OutOfRange| self.corrupt(e.named(&format!("{at} {key}")));
+        let knobs = Knobs {
+            temperature: Temperature::new(t).map_err(|e| bad("temperature", e))?,
+            top_p: TopP::new(p).map_err(|e| bad("top_p", e))?,
+            top_k: self.count(k, &format!("{at} top_k"))?,
+            max_tokens: MaxTokens::new(self.count(m, &format!("{at} max_tokens"))?)
+                .map_err(|e| bad("max_tokens", e))?,
+        };
+        Ok(Some(SampledWith {
+            knobs,
+            seed: seed as u64,
+        }))
+    }
 }

@@ -11,6 +11,7 @@ use rl_store::{
     CheckpointRecord, EvalResult, IdleSide, Phase, RolloutRecord, RunSpec, Store, StoreError,
     TaskRecord, TrainMetrics,
 };
+use sampling::{Knobs, MaxTokens, SampledWith, Temperature, TopP};
 use sqlx::Connection;
 
 const ATTEMPTS: u32 = 4;
@@ -71,7 +72,19 @@ fn rollout(group: u32, attempt: u32) -> RolloutRecord {
             AnswerStatus::NoAnswer
         },
         // Odd groups sampled by an adapter, even ones by the base model: both round-trip.
+        policy_version: (group % 2 == 1).then_some(group),
         adapter: (group % 2 == 1).then(|| format!("iter_{group}")),
+        // Every third group as a row written before sampling parameters were recorded; the
+        // others with knobs of their own and a seed that needs all 64 bits.
+        sampling: (group % 3 != 2).then(|| SampledWith {
+            knobs: Knobs {
+                temperature: Temperature::new(0.5 + f64::from(group) / 64.0).unwrap(),
+                top_p: TopP::new(0.9 + f64::from(attempt) / 100.0).unwrap(),
+                top_k: group * 3,
+                max_tokens: MaxTokens::new(64 + attempt).unwrap(),
+            },
+            seed: u64::MAX - u64::from(group * 10 + attempt),
+        }),
     }
 }
 
@@ -522,4 +535,77 @@ async fn malformed_rows_are_errors_naming_the_file_never_panics() {
     assert!(e.to_string().contains(&shown), "{e}");
     let e = store.tasks(0).await.expect_err("a seed that is text");
     assert!(e.to_string().contains(&shown), "{e}");
+}
+
+#[tokio::test]
+async fn a_rollout_records_its_policy_version_and_sampling_parameters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("rollouts.sqlite");
+    edited_by_hand(&path, 1, &[]).await;
+    let store = Store::open(&path).await.expect("open");
+    let read = store.group(0, 1).await.expect("group 1");
+    assert_eq!(
+        read,
+        group(1),
+        "every field round-trips, the 64-bit seeds bit for bit"
+    );
+    assert_eq!(read[2].policy_version, Some(1));
+    let s = read[2].sampling.expect("recorded");
+    assert_eq!(
+        (
+            s.knobs.temperature.get(),
+            s.knobs.top_p.get(),
+            s.knobs.top_k,
+            s.knobs.max_tokens.get()
+        ),
+        (0.5 + 1.0 / 64.0, 0.92, 3, 66)
+    );
+    assert_eq!(s.seed, u64::MAX - 12);
+    store.close().await;
+
+    // Readable as plain columns, and the migration's backfill of rows written before it: the
+    // version from the adapter name they recorded.
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("raw");
+    let row: (i64, f64, i64, i64) = sqlx::query_as(
+        "SELECT policy_version, temperature, max_tokens, seed FROM rollouts WHERE attempt = 2",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("columns");
+    assert_eq!(row, (1, 0.515625, 66, (u64::MAX - 12) as i64));
+    sqlx::query("UPDATE rollouts SET policy_version = NULL")
+        .execute(&mut conn)
+        .await
+        .expect("as before the migration");
+    let migration = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../migrations/20261202000000_rollout_identity.sql"),
+    )
+    .expect("the migration");
+    let backfill = &migration[migration.find("UPDATE rollouts").expect("its backfill")..];
+    sqlx::query(sqlx::AssertSqlSafe(backfill.to_string()))
+        .execute(&mut conn)
+        .await
+        .expect("backfill");
+    let versions: Vec<Option<i64>> =
+        sqlx::query_scalar("SELECT policy_version FROM rollouts ORDER BY attempt")
+            .fetch_all(&mut conn)
+            .await
+            .expect("versions");
+    assert_eq!(versions, vec![Some(1); ATTEMPTS as usize]);
+    // Half a set of sampling parameters is damage, never a default.
+    sqlx::query("UPDATE rollouts SET top_k = NULL WHERE attempt = 3")
+        .execute(&mut conn)
+        .await
+        .expect("edit");
+    conn.close().await.expect("close");
+    let store = Store::open(&path).await.expect("open");
+    let e = store.group(0, 1).await.expect_err("half a set");
+    assert!(
+        e.to_string()
+            .contains("iteration 0 group 1 attempt 3: some sampling parameters are missing"),
+        "{e}"
+    );
 }

@@ -143,6 +143,14 @@ pub enum JobError {
     Stopped,
 }
 
+/// An adapter to serve: the folder it loads from and the id the server answers with for it
+/// (the loader's name, never the folder: a server's file layout stays its own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named {
+    pub dir: PathBuf,
+    pub id: String,
+}
+
 /// Where a swap's result goes: the swap time in ms, or why it failed.
 type SwapReply = oneshot::Sender<Result<f64, model::Error>>;
 
@@ -158,7 +166,7 @@ enum Job {
     },
     Adapter {
         /// `None`: back to the base model.
-        dir: Option<PathBuf>,
+        adapter: Option<Named>,
         reply: SwapReply,
     },
 }
@@ -242,7 +250,7 @@ impl Batcher {
         self.max_batch
     }
 
-    /// The adapter being served (its path), if any.
+    /// The id of the adapter being served, if any.
     pub fn adapter(&self) -> Option<String> {
         self.adapter.lock().map(|a| a.clone()).unwrap_or(None)
     }
@@ -335,10 +343,10 @@ impl Batcher {
     }
 
     /// Swaps the adapter (`None`: the base model) between batches; returns the swap time in ms.
-    pub async fn set_adapter(&self, dir: Option<PathBuf>) -> Result<f64, JobError> {
+    pub async fn set_adapter(&self, adapter: Option<Named>) -> Result<f64, JobError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job::Adapter { dir, reply })
+            .send(Job::Adapter { adapter, reply })
             .map_err(|_| self.gone())?;
         match rx.await {
             Ok(Ok(ms)) => Ok(ms),
@@ -398,7 +406,7 @@ struct Actor {
     adapter: Arc<Mutex<Option<String>>>,
     max_batch: usize,
     jobs: VecDeque<Pending>,
-    swaps: VecDeque<(Option<PathBuf>, SwapReply)>,
+    swaps: VecDeque<(Option<Named>, SwapReply)>,
 }
 
 impl Actor {
@@ -415,8 +423,8 @@ impl Actor {
             }
             // Swaps wait until no request is half done.
             if self.jobs.front().is_none_or(|j| j.started == 0) {
-                while let Some((dir, reply)) = self.swaps.pop_front() {
-                    let result = self.swap(dir);
+                while let Some((adapter, reply)) = self.swaps.pop_front() {
+                    let result = self.swap(adapter);
                     let _ = reply.send(result);
                 }
             }
@@ -441,14 +449,14 @@ impl Actor {
                     reply,
                 });
             }
-            Job::Adapter { dir, reply } => self.swaps.push_back((dir, reply)),
+            Job::Adapter { adapter, reply } => self.swaps.push_back((adapter, reply)),
         }
     }
 
-    fn swap(&mut self, dir: Option<PathBuf>) -> Result<f64, model::Error> {
+    fn swap(&mut self, adapter: Option<Named>) -> Result<f64, model::Error> {
         let t = Instant::now();
-        match &dir {
-            Some(d) => self.engine.load_adapter(d)?,
+        match &adapter {
+            Some(a) => self.engine.load_adapter(&a.dir)?,
             None => self.engine.set_adapter(None)?,
         }
         let seconds = t.elapsed().as_secs_f64();
@@ -456,7 +464,7 @@ impl Actor {
         self.stats.last_swap_seconds.set(seconds);
         self.stats.swap_seconds.observe(seconds);
         if let Ok(mut a) = self.adapter.lock() {
-            *a = dir.map(|d| d.display().to_string());
+            *a = adapter.map(|a| a.id);
         }
         Ok(seconds * 1000.0)
     }
@@ -497,7 +505,7 @@ impl Actor {
         }
         self.stats.batches.inc();
         self.stats.batch_rows.inc_by(batch.len() as u64);
-        let prompt_tokens: usize = batch.iter().map(|r| r.prompt.len()).sum();
+        let prompt_tokens: usize = batch.iter().map(|r| r.prompt().len()).sum();
         self.stats.prompt_tokens.inc_by(prompt_tokens as u64);
         #[cfg(feature = "failpoints")]
         if self.panic_at_batch == Some(self.stats.batches.get()) {

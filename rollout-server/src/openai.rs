@@ -4,7 +4,13 @@
 //! neutral value and otherwise refused by name. Extensions (as vLLM has them): `top_k`,
 //! `stop_token_ids`, `return_token_ids`.
 
+use sampling::integral;
+use sampling::schema::{Seed, TokenId};
+use sampling::{MaxTokens, Temperature, TopP};
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::PartialSchema;
 
 /// A string or a list of strings (`prompt`, `stop`).
 #[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
@@ -23,15 +29,45 @@ impl OneOrMany {
     }
 }
 
-/// `prompt` of a completion: text, texts, token ids, or lists of token ids.
-#[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
+/// `prompt` of a completion: text, texts, token ids, or lists of token ids; none empty (its
+/// schema says so, [`Prompt::schema`]). Ids are read as JSON Schema defines integers (`7.0` is 7).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum Prompt {
     Text(String),
     Texts(Vec<String>),
+    #[serde(deserialize_with = "integral::u32s")]
     Ids(Vec<u32>),
+    #[serde(deserialize_with = "integral::u32s_lists")]
     IdLists(Vec<Vec<u32>>),
 }
+
+impl PartialSchema for Prompt {
+    /// One of the four shapes, each at least one long (an empty prompt is refused).
+    fn schema() -> RefOr<Schema> {
+        let text = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+        };
+        let ids = || {
+            ArrayBuilder::new()
+                .items(TokenId::schema())
+                .min_items(Some(1))
+        };
+        OneOfBuilder::new()
+            .item(text())
+            .item(ArrayBuilder::new().items(text()).min_items(Some(1)))
+            .item(ids())
+            .item(ArrayBuilder::new().items(ids()).min_items(Some(1)))
+            .description(Some(
+                "Text, texts, token ids or lists of token ids; none empty.",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Prompt {}
 
 /// Declares an OpenAI request with the fields both requests share: sampling (and vLLM's
 /// extensions `top_k`, `stop_token_ids`, `return_token_ids`) and the OpenAI fields accepted only
@@ -49,27 +85,29 @@ macro_rules! openai_request {
             pub model: Option<String>,
             /// 0 is greedy.
             #[serde(default)]
-            #[schema(minimum = 0, default = 1.0)]
-            pub temperature: Option<f64>,
+            #[schema(default = 1.0)]
+            pub temperature: Option<Temperature>,
             #[serde(default)]
-            #[schema(exclusive_minimum = 0, maximum = 1, default = 1.0)]
-            pub top_p: Option<f64>,
+            #[schema(default = 1.0)]
+            pub top_p: Option<TopP>,
             /// Extension: 0 for no top-k truncation.
-            #[serde(default)]
-            #[schema(default = 0)]
+            #[serde(default, deserialize_with = "integral::opt_u32")]
+            #[schema(default = 0, minimum = 0, maximum = 4294967295_u64)]
             pub top_k: Option<u32>,
             /// Choices per prompt (at most the server's `--max-n`).
-            #[serde(default)]
+            #[serde(default, deserialize_with = "integral::opt_u32")]
             #[schema(minimum = 1, default = 1)]
             pub n: Option<u32>,
             /// At most 4 strings (`sampling::MAX_STOP`); the text is cut before the first.
             #[serde(default)]
             pub stop: Option<OneOrMany>,
             /// Extension: token ids that end a choice (default: the model's end ids).
-            #[serde(default)]
+            #[serde(default, deserialize_with = "integral::opt_u32s")]
+            #[schema(value_type = Option<Vec<TokenId>>)]
             pub stop_token_ids: Option<Vec<u32>>,
             /// Choice `i` is sampled with seed `seed + i`.
-            #[serde(default)]
+            #[serde(default, deserialize_with = "integral::opt_u64")]
+            #[schema(value_type = Option<Seed>)]
             pub seed: Option<u64>,
             /// Extension: also return the token ids.
             #[serde(default)]
@@ -133,18 +171,18 @@ openai_request! {
         pub prompt: Prompt,
         /// Default 16.
         #[serde(default)]
-        #[schema(minimum = 1)]
-        pub max_tokens: Option<u32>,
+        pub max_tokens: Option<MaxTokens>,
         /// Number of most likely alternatives per token (at most 5,
         /// `sampling::MAX_COMPLETION_LOGPROBS`); `null`: no logprobs.
-        #[serde(default)]
+        #[serde(default, deserialize_with = "integral::opt_u32")]
         #[schema(minimum = 0, maximum = 5)]
         pub logprobs: Option<u32>,
         /// Only `false`.
         #[serde(default)]
         pub echo: Option<bool>,
         /// Only equal to `n`.
-        #[serde(default)]
+        #[serde(default, deserialize_with = "integral::opt_u32")]
+        #[schema(minimum = 0, maximum = 4294967295_u64)]
         pub best_of: Option<u32>,
         /// Only empty.
         #[serde(default)]
@@ -160,14 +198,15 @@ pub enum Content {
     Parts(Vec<ContentPart>),
 }
 
-/// A part of a message's content: only `{"type": "text", "text": ...}` is supported.
+/// A part of a message's content: only `{"type": "text", "text": ...}` is supported (any other
+/// `type` is refused by the handler, naming it).
 #[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContentPart {
     #[serde(rename = "type")]
+    #[schema(pattern = "^text$")]
     pub kind: String,
-    #[serde(default)]
-    pub text: Option<String>,
+    pub text: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
@@ -186,16 +225,14 @@ openai_request! {
         pub messages: Vec<ChatMessageIn>,
         /// Default: the room left in the context.
         #[serde(default)]
-        #[schema(minimum = 1)]
-        pub max_tokens: Option<u32>,
+        pub max_tokens: Option<MaxTokens>,
         /// Preferred over `max_tokens` when both are given.
         #[serde(default)]
-        #[schema(minimum = 1)]
-        pub max_completion_tokens: Option<u32>,
+        pub max_completion_tokens: Option<MaxTokens>,
         #[serde(default)]
         pub logprobs: Option<bool>,
         /// With `logprobs: true`; at most 20 (`sampling::MAX_TOP_LOGPROBS`).
-        #[serde(default)]
+        #[serde(default, deserialize_with = "integral::opt_u32")]
         #[schema(minimum = 0, maximum = 20)]
         pub top_logprobs: Option<u32>,
         /// Only `null`.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use rl_core::wire::{FinishReason, GenerateRequest};
 use rl_http::client::{RetryPolicy, ServiceClient};
+use sampling::{MaxTokens, Temperature, TopP};
 use serde_json::json;
 
 fn gen_body(prompt: &[u32], n: u32, seed: u64) -> serde_json::Value {
@@ -386,9 +387,9 @@ fn adapter_request() -> GenerateRequest {
     GenerateRequest {
         prompt_ids: vec![1, 60, 61, 62, 63],
         n: 2,
-        max_tokens: 16,
-        temperature: 1.0,
-        top_p: 1.0,
+        max_tokens: MaxTokens::of(16),
+        temperature: Temperature::ONE,
+        top_p: TopP::ALL,
         top_k: 0,
         stop_token_ids: Some(vec![]),
         seed: Some(11),
@@ -406,14 +407,14 @@ fn assert_equals_in_process(
     let mut reference = load(model);
     reference.load_adapter(adapter).expect("reference adapter");
     let rows: Vec<model::GenerateRequest> = (0..u64::from(req.n))
-        .map(|i| model::GenerateRequest {
-            prompt: req.prompt_ids.clone(),
-            params: model::SamplingParams {
-                temperature: req.temperature,
-                max_tokens: req.max_tokens as usize,
+        .map(|i| {
+            let params = model::SamplingParams {
                 seed: req.seed.unwrap_or(0) + i,
-                ..Default::default()
-            },
+                ..model::SamplingParams::new(req.knobs())
+            };
+            let limits = reference.limits();
+            model::GenerateRequest::new("prompt", req.prompt_ids.clone(), params, limits)
+                .expect("a valid row")
         })
         .collect();
     let want = reference.generate(&rows).expect("reference generate");
@@ -450,16 +451,15 @@ async fn adapter_hot_swap_follows_the_adapter() {
     let base = client.generate(&req).await.expect("base");
     assert_eq!(base.adapter, None);
 
+    // The server answers with the id the loader gave it, never with a path of its own.
     let swapped = client
-        .load_adapter("tiny_adapter")
+        .load_adapter("tiny_adapter", Some("policy-7"))
         .await
         .expect("load adapter");
+    assert_eq!(swapped.adapter.as_deref(), Some("policy-7"));
     assert!(swapped.swap_ms < 50.0, "swap took {} ms", swapped.swap_ms);
     let with = client.generate(&req).await.expect("with adapter");
-    assert!(with
-        .adapter
-        .as_deref()
-        .is_some_and(|a| a.ends_with("tiny_adapter")));
+    assert_eq!(with.adapter.as_deref(), Some("policy-7"));
     // The same computation in-process, with the adapter loaded at start: identical numbers.
     assert_equals_in_process(&model, &ckpts.join("tiny_adapter"), &with);
     assert_ne!(
@@ -473,8 +473,25 @@ async fn adapter_hot_swap_follows_the_adapter() {
             .collect::<Vec<_>>(),
         "the adapter changes the logprobs"
     );
-    let (_, health) = get_text(&format!("{}/health", server.url)).await;
-    assert!(health.contains("tiny_adapter"), "{health}");
+    let shown = ckpts
+        .canonicalize()
+        .expect("canonical")
+        .display()
+        .to_string();
+    for route in ["health", "v1/models"] {
+        let (_, body) = get_text(&format!("{}/{route}", server.url)).await;
+        assert!(body.contains("\"policy-7\""), "{route}: {body}");
+        assert!(
+            !body.contains(&shown) && !body.contains("tiny_adapter"),
+            "{route}: {body}"
+        );
+    }
+    // Without an id, the path exactly as it was sent.
+    let again = client
+        .load_adapter("tiny_adapter", None)
+        .await
+        .expect("load");
+    assert_eq!(again.adapter.as_deref(), Some("tiny_adapter"));
 
     let unloaded = client.unload_adapter().await.expect("unload");
     assert_eq!(unloaded.adapter, None);
@@ -699,8 +716,8 @@ async fn an_adapter_sent_as_bytes_is_checked_kept_and_served() {
         .await
         .expect("upload");
     let kept = own.join("iter_0");
-    let served = own.canonicalize().expect("own").join("iter_0");
-    assert_eq!(r.adapter, Some(served.display().to_string()));
+    // The upload's name is the id answered, not the folder it is kept in.
+    assert_eq!(r.adapter.as_deref(), Some("iter_0"));
     assert_eq!(
         rl_core::files::sha256(&kept.join(model::lora::WEIGHTS_FILE)).expect("sha"),
         sha,

@@ -10,6 +10,7 @@ use model::{Engine, GenerateRequest, SamplingParams, ScoreRequest};
 use rl_core::rewards::{AnswerStatus, RewardKind};
 use rl_core::wire::FinishReason;
 use rl_store::{Phase, RolloutRecord, RunSpec, Store, TaskRecord};
+use sampling::{Knobs, MaxTokens, SampledWith, ScoreTemperature, Temperature};
 
 pub fn golden() -> PathBuf {
     std::env::var_os("GOLDEN_DIR")
@@ -64,12 +65,22 @@ pub async fn make_db(path: &Path, iterations: u32) -> Store {
     make_db_sampled_with(path, iterations, |_| None).await
 }
 
-/// [`make_db`], each iteration's rollouts recording `adapter(iteration)` as the policy that
+/// [`make_db`], each iteration's rollouts recording `version(iteration)` as the policy that
 /// sampled them.
 pub async fn make_db_sampled_with(
     path: &Path,
     iterations: u32,
-    adapter: impl Fn(u32) -> Option<String>,
+    version: impl Fn(u32) -> Option<u32>,
+) -> Store {
+    make_db_drawn(path, iterations, |it, _| (version(it), 1.0)).await
+}
+
+/// [`make_db`], group `g` of iteration `it` drawn at the temperature and recording the policy
+/// version `drawn(it, g)` gives.
+pub async fn make_db_drawn(
+    path: &Path,
+    iterations: u32,
+    drawn: impl Fn(u32, u32) -> (Option<u32>, f64),
 ) -> Store {
     let engine = tiny(DType::F32);
     let store = Store::create(
@@ -97,30 +108,30 @@ pub async fn make_db_sampled_with(
             .collect();
         store.begin_iteration(it, ATTEMPTS, &tasks).await.unwrap();
         for (g, prompt) in PROMPTS.iter().enumerate() {
+            let (version, temperature) = drawn(it, g as u32);
+            let knobs = Knobs {
+                temperature: Temperature::new(temperature).unwrap(),
+                ..Knobs::plain(MaxTokens::new(6).unwrap())
+            };
+            let seed = |a: u32| u64::from(it) * 100 + g as u64 * 10 + u64::from(a);
             let reqs: Vec<GenerateRequest> = (0..ATTEMPTS)
-                .map(|a| GenerateRequest {
-                    prompt: prompt.to_vec(),
-                    params: SamplingParams {
-                        temperature: 1.0,
-                        max_tokens: 6,
+                .map(|a| {
+                    let params = SamplingParams {
                         stop_ids: vec![2],
-                        seed: u64::from(it) * 100 + g as u64 * 10 + u64::from(a),
-                        ..Default::default()
-                    },
+                        seed: seed(a),
+                        ..SamplingParams::new(knobs)
+                    };
+                    GenerateRequest::new("prompt", prompt.to_vec(), params, engine.limits())
+                        .unwrap()
                 })
                 .collect();
             let gens = engine.generate(&reqs).unwrap();
+            let seqs: Vec<ScoreRequest> = gens
+                .iter()
+                .map(|x| score_request(&engine, prompt.to_vec(), x.tokens.clone()))
+                .collect();
             let scores = engine
-                .score(
-                    &gens
-                        .iter()
-                        .map(|x| ScoreRequest {
-                            prompt: prompt.to_vec(),
-                            completion: x.tokens.clone(),
-                        })
-                        .collect::<Vec<_>>(),
-                    1.0,
-                )
+                .score(&seqs, ScoreTemperature::new(temperature).unwrap())
                 .unwrap();
             let rollouts: Vec<RolloutRecord> = gens
                 .into_iter()
@@ -148,7 +159,12 @@ pub async fn make_db_sampled_with(
                         reward,
                         reward_components: BTreeMap::from([(RewardKind::Tapeagents, reward)]),
                         answer_status: AnswerStatus::Wrong,
-                        adapter: adapter(it),
+                        policy_version: version,
+                        adapter: version.map(|v| format!("iter_{v}")),
+                        sampling: Some(SampledWith {
+                            knobs,
+                            seed: seed(a as u32),
+                        }),
                     }
                 })
                 .collect();
@@ -159,4 +175,19 @@ pub async fn make_db_sampled_with(
         store.set_phase(it, Phase::Training).await.unwrap();
     }
     store
+}
+
+/// A scoring request, checked against `engine`'s limits.
+pub fn score_request(engine: &Engine, prompt: Vec<u32>, completion: Vec<u32>) -> ScoreRequest {
+    ScoreRequest::new("sequence", prompt, completion, engine.limits()).unwrap()
+}
+
+/// A scoring temperature.
+pub fn st(t: f64) -> ScoreTemperature {
+    ScoreTemperature::new(t).unwrap()
+}
+
+/// The temperature the test config draws at, for rows that did not record one.
+pub fn config_temperature() -> Temperature {
+    Temperature::new(1.0).unwrap()
 }

@@ -115,3 +115,39 @@ pub fn skipped(test: &str, reason: &str) {
         }
     }
 }
+
+/// Sampling at `temperature` (0: greedy), up to `max_tokens` new tokens, no truncation, no
+/// stops, seed 0.
+pub fn params(temperature: f64, max_tokens: usize) -> model::SamplingParams {
+    model::SamplingParams::new(sampling::Knobs {
+        temperature: sampling::Temperature::new(temperature).expect("a valid temperature"),
+        top_p: sampling::TopP::ALL,
+        top_k: 0,
+        max_tokens: sampling::MaxTokens::new(max_tokens as u32).expect("a valid max_tokens"),
+    })
+}
+
+/// A generation request, checked against `engine`'s limits (a bad one panics: the tests that
+/// check the refusals call `GenerateRequest::new` themselves).
+pub fn gen_request(
+    engine: &model::Engine,
+    prompt: Vec<u32>,
+    params: model::SamplingParams,
+) -> model::GenerateRequest {
+    model::GenerateRequest::new("prompt", prompt, params, engine.limits()).expect("a valid request")
+}
+
+/// A scoring request, checked against `engine`'s limits.
+pub fn score_request(
+    engine: &model::Engine,
+    prompt: Vec<u32>,
+    completion: Vec<u32>,
+) -> model::ScoreRequest {
+    model::ScoreRequest::new("sequence", prompt, completion, engine.limits())
+        .expect("a valid sequence")
+}
+
+/// A scoring temperature.
+pub fn st(t: f64) -> sampling::ScoreTemperature {
+    sampling::ScoreTemperature::new(t).expect("a valid scoring temperature")
+}

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use learner::checkpoint;
-use rl_core::config::Config;
+use rl_core::config::{Config, Device};
 use rl_core::prompts::PromptStyle;
 use rl_core::tasks::{self, Problem};
 use rl_store::{IdleSide, Phase, RunSpec, Store, TaskRecord};
@@ -140,9 +140,9 @@ impl Run {
             }
             local.dedup();
             let local: Vec<&Path> = local.iter().map(PathBuf::as_path).collect();
-            crate::device::preflight(&config.model.device, &local)?;
+            crate::device::preflight(config.model.device, &local)?;
             for d in devices {
-                crate::device::preflight(&d, &[server.as_path()])?;
+                crate::device::preflight(d, &[server.as_path()])?;
             }
         }
         // A bad dataset fails here, before the run directory exists.
@@ -183,14 +183,14 @@ impl Run {
         let s = &config.services;
         // Local rollout servers on the CPU share its cores instead of each taking all of them.
         let on_cpu = (0..s.rollout.local_replicas())
-            .filter(|&i| rollout_device(&config, i) == "cpu")
+            .filter(|&i| rollout_device(&config, i).is_cpu())
             .count();
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let rollout_specs = (0..s.rollout.local_replicas())
             .map(|i| {
                 let device = rollout_device(&config, i);
                 RolloutServer {
-                    threads: (on_cpu > 1 && device == "cpu").then(|| (cores / on_cpu).max(1)),
+                    threads: (on_cpu > 1 && device.is_cpu()).then(|| (cores / on_cpu).max(1)),
                     checkpoints_dir: Some(checkpoint::root(&dir)),
                     max_batch: Some(s.rollout.max_batch),
                     max_queue: Some(s.rollout.max_queue),
@@ -340,8 +340,9 @@ impl Run {
             }
             self.serve(adapter).await?;
             if phase == Phase::Sampling {
+                let knobs = self.sampling_knobs(it).await?;
                 let t = Instant::now();
-                self.sample(it, adapter).await?;
+                self.sample(it, adapter, knobs).await?;
                 self.finish_phase(it, Phase::ScoringRef, t).await?;
                 phase = Phase::ScoringRef;
             }
@@ -353,6 +354,19 @@ impl Run {
         }
         self.evaluate_trained(evaluated, max - 1, true).await?;
         Ok(())
+    }
+
+    /// The knobs iteration `it` samples with: the ones it began with (recorded in the database),
+    /// else the config's. A resume whose `sampling.train` differs is told which applies where.
+    async fn sampling_knobs(&self, it: u32) -> anyhow::Result<::sampling::Knobs> {
+        let wanted = self.config.sampling.train;
+        let knobs = self.store.sampling_knobs(it, wanted).await?;
+        if knobs != wanted {
+            tracing::warn!(
+                "iteration {it} began sampling with {knobs}; it keeps them (no iteration mixes two), and sampling.train of the config ({wanted}) applies from the next iteration on"
+            );
+        }
+        Ok(knobs)
     }
 
     /// Evaluates the checkpoints `from..=to` that are due (waiting for each to be trained when
@@ -472,12 +486,12 @@ impl Run {
 
 /// The device of local rollout server `i`: `services.rollout.devices[i % len]`, else
 /// `model.device`.
-fn rollout_device(config: &Config, i: u32) -> String {
+fn rollout_device(config: &Config, i: u32) -> Device {
     let devices = &config.services.rollout.devices;
     if devices.is_empty() {
-        config.model.device.clone()
+        config.model.device
     } else {
-        devices[i as usize % devices.len()].clone()
+        devices[i as usize % devices.len()]
     }
 }
 

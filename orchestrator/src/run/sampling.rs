@@ -1,29 +1,50 @@
 //! Phase 1, `sampling`: the iteration's problems fanned out to the rollout servers with bounded
 //! concurrency (enough to fill every server's batch), `attempts` samples each with the group's
-//! seed, rewarded, each group stored in one transaction with the adapter that sampled it. On
-//! resume only the missing groups are sampled.
+//! seed, rewarded, each group stored in one transaction with what made it: the policy version
+//! (the checkpoint's iteration, which the server confirms by echoing the adapter id it was given)
+//! and the knobs and seed of each rollout. On resume only the missing groups are sampled, with
+//! the knobs the iteration began with.
 
+use ::sampling::{Knobs, SampledWith};
 use futures::StreamExt;
 use rl_core::rewards;
-use rl_core::wire::{FinishReason, TokenizeRequest};
+use rl_core::wire::{FinishReason, GenerateRequest, TokenizeRequest};
 use rl_store::{RolloutRecord, TaskRecord};
 
 use super::Run;
 
+/// What an iteration's groups are sampled with: the policy version (the checkpoint's
+/// iteration, `None` for the base model), the adapter id the servers were given for it, and the
+/// knobs.
+struct Policy {
+    version: Option<u32>,
+    id: Option<String>,
+    knobs: Knobs,
+}
+
 impl Run {
-    /// Samples the missing groups of `it` with the checkpoint of iteration `adapter` (`None`:
-    /// the base model), which the servers serve already.
-    pub(super) async fn sample(&self, it: u32, adapter: Option<u32>) -> anyhow::Result<()> {
+    /// Samples the missing groups of `it` with `knobs` and the checkpoint of iteration
+    /// `version` (`None`: the base model), which the servers serve already.
+    pub(super) async fn sample(
+        &self,
+        it: u32,
+        version: Option<u32>,
+        knobs: Knobs,
+    ) -> anyhow::Result<()> {
         let missing = self.store.missing_groups(it).await?;
         let tasks = self.store.tasks(it).await?;
-        let adapter = adapter.map(learner::checkpoint::name);
+        let policy = Policy {
+            version,
+            id: version.map(learner::checkpoint::name),
+            knobs,
+        };
         let concurrency = self.sampling_concurrency() * self.rollout.len();
         self.before_sampling(it).await;
         let bar = crate::report::bar(missing.len() as u64, &format!("iteration {it}: sampling"));
         let mut done = futures::stream::iter(
             missing
                 .into_iter()
-                .map(|g| self.sample_group(it, tasks[g as usize].clone(), adapter.as_deref())),
+                .map(|g| self.sample_group(it, tasks[g as usize].clone(), &policy)),
         )
         .buffer_unordered(concurrency);
         while let Some(r) = done.next().await {
@@ -40,12 +61,7 @@ impl Run {
         (c.services.rollout.max_batch / c.attempts).max(1) as usize
     }
 
-    async fn sample_group(
-        &self,
-        it: u32,
-        task: TaskRecord,
-        adapter: Option<&str>,
-    ) -> anyhow::Result<()> {
+    async fn sample_group(&self, it: u32, task: TaskRecord, policy: &Policy) -> anyhow::Result<()> {
         let c = &self.config;
         let problem = &self.train[task.problem_index as usize];
         let messages = self
@@ -58,11 +74,9 @@ impl Run {
                 async move { cl.tokenize(&req).await }
             })
             .await?;
-        let req = c
-            .sampling
-            .train
-            .request(tok.tokens.clone(), c.attempts, task.seed);
-        let tokens = tok.tokens.len() as u64 + u64::from(c.attempts) * u64::from(req.max_tokens);
+        let req = GenerateRequest::sample(tok.tokens.clone(), c.attempts, policy.knobs, task.seed);
+        let tokens =
+            tok.tokens.len() as u64 + u64::from(c.attempts) * u64::from(req.max_tokens.get());
         let out = self
             .rollout
             .call(
@@ -74,22 +88,15 @@ impl Run {
                 },
             )
             .await?;
-        // The policy version: the served adapter's name (its folder on the server), which must
-        // be the one this iteration is sampled with.
-        let served = out.adapter.as_deref().map(|a| {
-            std::path::Path::new(a)
-                .file_name()
-                .map_or_else(|| a.to_string(), |n| n.to_string_lossy().into_owned())
-        });
-        if served.as_deref() != adapter {
+        // The server echoes the adapter id it was given: it must be this iteration's.
+        if out.adapter != policy.id {
             anyhow::bail!(
                 "iteration {it} group {}: the rollout server sampled with {} instead of {}; is another run using the same server? Give each run its own servers, then resume",
                 task.group_index,
-                served.as_deref().unwrap_or("the base model"),
-                adapter.unwrap_or("the base model")
+                out.adapter.as_deref().unwrap_or("the base model"),
+                policy.id.as_deref().unwrap_or("the base model")
             );
         }
-        let adapter = served;
         let rollouts: Vec<RolloutRecord> = out
             .choices
             .into_iter()
@@ -113,7 +120,12 @@ impl Run {
                     reward: scored.total,
                     reward_components: scored.components,
                     answer_status: scored.verdict.status,
-                    adapter: adapter.clone(),
+                    policy_version: policy.version,
+                    adapter: policy.id.clone(),
+                    sampling: Some(SampledWith {
+                        knobs: policy.knobs,
+                        seed: ch.seed,
+                    }),
                 }
             })
             .collect();

@@ -1,6 +1,7 @@
 //! Phase 2, `scoring_ref`: the ref-scorers annotate every stored group that has no reference
 //! logprobs yet, one group per request, one request per ref-scorer at a time.
 
+use ::sampling::ScoreTemperature;
 use futures::StreamExt;
 use rl_core::wire::{ScoreRequest, ScoreSequence};
 
@@ -25,8 +26,18 @@ impl Run {
     }
 
     async fn score_group(&self, it: u32, g: u32) -> anyhow::Result<()> {
-        let temperature = f64::from(self.config.sampling.train.temperature);
         let rollouts = self.store.group(it, g).await?;
+        // At the temperature the group was drawn at (the config's only for rows written before
+        // it was recorded): the reference is compared with the policy under the same one.
+        let drawn = rollouts
+            .iter()
+            .find_map(|r| r.sampling)
+            .map_or(self.config.sampling.train.temperature, |s| {
+                s.knobs.temperature
+            });
+        let temperature = ScoreTemperature::try_from(drawn).map_err(|e| {
+            anyhow::anyhow!("iteration {it} group {g} was drawn at temperature {drawn}, which cannot be scored at: it {e}")
+        })?;
         let req = ScoreRequest {
             sequences: rollouts
                 .iter()

@@ -92,7 +92,7 @@ impl Run {
             adapter_in: prev.as_ref().map(|(_, d)| d.as_path()),
             out: &out,
             config: &config,
-            device: &c.model.device,
+            device: c.model.device,
             dtype: c.model.dtype.name(),
         }
         .command()?;

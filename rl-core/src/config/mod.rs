@@ -7,12 +7,19 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use sampling::{Knobs, MaxTokens, Temperature};
 use serde::{Deserialize, Serialize};
 
+mod device;
 mod load;
+mod services;
 mod validate;
 
+pub use device::Device;
 pub use load::LoadedConfig;
+pub use services::{
+    ApiKey, AsyncConfig, RefServiceConfig, RolloutServiceConfig, ServicesConfig, API_KEY_ENV,
+};
 
 use crate::prompts::PromptStyle;
 use crate::rewards::RewardKind;
@@ -71,7 +78,7 @@ pub struct ModelConfig {
     /// A `.gguf` file or a Hugging Face folder (or `hf:org/name` with the `hub` feature).
     pub path: String,
     /// `cpu`, `cuda` or `cuda:N`.
-    pub device: String,
+    pub device: Device,
     pub dtype: Dtype,
 }
 
@@ -79,7 +86,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             path: "assets/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
-            device: "cpu".into(),
+            device: Device::Cpu,
             // bf16 holds the accuracy rules on the SmolLM2 oracle (README, "The engine in
             // brief") and is the fast CPU path; a CPU without a bf16 kernel runs it in f32.
             dtype: Dtype::Bf16,
@@ -170,62 +177,26 @@ impl Default for PromptConfig {
     }
 }
 
-/// Sampling parameters of one phase (training rollouts or evaluation).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SamplingConfig {
-    pub temperature: f32,
-    pub top_p: f32,
-    /// 0: no top-k truncation.
-    pub top_k: u32,
-    pub max_tokens: u32,
-}
-
-impl SamplingConfig {
-    /// The native sampling request of `n` choices of `prompt_ids` with these settings (the
-    /// server's end-of-sequence ids stop them); choice `i` is sampled with seed `seed + i`.
-    pub fn request(&self, prompt_ids: Vec<u32>, n: u32, seed: u64) -> crate::wire::GenerateRequest {
-        crate::wire::GenerateRequest {
-            prompt_ids,
-            n,
-            max_tokens: self.max_tokens,
-            temperature: f64::from(self.temperature),
-            top_p: f64::from(self.top_p),
-            top_k: self.top_k,
-            stop_token_ids: None,
-            seed: Some(seed),
-        }
-    }
-}
-
-impl Default for SamplingConfig {
-    fn default() -> Self {
-        Self {
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-            max_tokens: 256,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SamplingPhases {
-    pub train: SamplingConfig,
-    pub test: SamplingConfig,
+    /// The training rollouts' knobs (`sampling::Knobs`: each valid by its type).
+    pub train: Knobs,
+    /// Evaluation's (greedy by default).
+    pub test: Knobs,
 }
 
 impl Default for SamplingPhases {
     fn default() -> Self {
+        let plain = Knobs::plain(MaxTokens::of(256));
         Self {
-            train: SamplingConfig {
-                temperature: 0.7,
-                ..SamplingConfig::default()
+            train: Knobs {
+                temperature: Temperature::of(0.7),
+                ..plain
             },
-            test: SamplingConfig {
-                temperature: 0.0,
-                ..SamplingConfig::default()
+            test: Knobs {
+                temperature: Temperature::GREEDY,
+                ..plain
             },
         }
     }
@@ -360,130 +331,6 @@ impl Default for LearnerConfig {
             mask_truncated: false,
             tis_cap: None,
         }
-    }
-}
-
-/// How many local replicas a service gets: `replicas` when given, else one when no endpoint is.
-fn local_replicas(replicas: Option<u32>, endpoints: &[String]) -> u32 {
-    replicas.unwrap_or(u32::from(endpoints.is_empty()))
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RolloutServiceConfig {
-    /// Port of the first rollout server the orchestrator starts; replica `i` listens on
-    /// `port + i` (0: any free ports).
-    pub port: u16,
-    /// Rollout servers the orchestrator starts (`null`: one, or none when `endpoints` are given).
-    pub replicas: Option<u32>,
-    /// Devices of the started replicas, replica `i` on `devices[i % len]` (empty: `model.device`).
-    pub devices: Vec<String>,
-    /// Already running rollout servers to use too (`http://host:port`).
-    pub endpoints: Vec<String>,
-    pub max_batch: u32,
-    pub max_queue: u32,
-}
-
-impl RolloutServiceConfig {
-    /// The rollout servers this run starts itself.
-    pub fn local_replicas(&self) -> u32 {
-        local_replicas(self.replicas, &self.endpoints)
-    }
-}
-
-impl Default for RolloutServiceConfig {
-    fn default() -> Self {
-        Self {
-            port: 0,
-            replicas: None,
-            devices: Vec::new(),
-            endpoints: Vec::new(),
-            max_batch: 32,
-            max_queue: 1024,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RefServiceConfig {
-    /// Port of the first ref-scorer the orchestrator starts; replica `i` listens on `port + i`
-    /// (0: any free ports).
-    pub port: u16,
-    /// Ref-scorers the orchestrator starts (`null`: one, or none when `endpoints` are given).
-    pub replicas: Option<u32>,
-    /// Already running ref-scorers to use too (`http://host:port`).
-    pub endpoints: Vec<String>,
-}
-
-impl RefServiceConfig {
-    /// The ref-scorers this run starts itself.
-    pub fn local_replicas(&self) -> u32 {
-        local_replicas(self.replicas, &self.endpoints)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServicesConfig {
-    pub host: String,
-    /// Bearer key the services require (`null`: none).
-    pub api_key: Option<String>,
-    pub rollout: RolloutServiceConfig,
-    pub ref_scorer: RefServiceConfig,
-    /// Seconds to wait for a started service's `/health`.
-    pub startup_timeout_s: u32,
-    /// The fixed part of every request's deadline, in seconds (connecting, queueing, prefill).
-    pub deadline_base_s: u32,
-    /// The rate floor: a service producing fewer tokens per second than this, over the requests
-    /// the run has in flight, is taken as hung. See [`ServicesConfig::deadline`].
-    pub min_tokens_per_s: f64,
-    /// Times one request is sent at most; between two, a service that died or missed the
-    /// deadline is restarted (when this run started it).
-    pub max_attempts: u32,
-}
-
-impl ServicesConfig {
-    /// The deadline of a request for `tokens` tokens (prompt plus `n` x `max_tokens`, or the
-    /// sequences scored) while `in_flight` such requests share the service:
-    /// `deadline_base_s + tokens x in_flight / min_tokens_per_s`. A request not answered by
-    /// then is abandoned and its service taken as hung.
-    pub fn deadline(&self, tokens: u64, in_flight: u32) -> std::time::Duration {
-        let work = tokens as f64 * f64::from(in_flight.max(1)) / self.min_tokens_per_s;
-        std::time::Duration::from_secs(u64::from(self.deadline_base_s))
-            + std::time::Duration::try_from_secs_f64(work).unwrap_or(std::time::Duration::MAX / 4)
-    }
-}
-
-impl Default for ServicesConfig {
-    fn default() -> Self {
-        Self {
-            host: "127.0.0.1".into(),
-            api_key: None,
-            rollout: RolloutServiceConfig::default(),
-            ref_scorer: RefServiceConfig::default(),
-            startup_timeout_s: 120,
-            deadline_base_s: 60,
-            min_tokens_per_s: 2.0,
-            max_attempts: 4,
-        }
-    }
-}
-
-/// Sampling overlapped with training.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AsyncConfig {
-    /// How many policy versions sampling may run behind (0: the synchronous loop). With `k`,
-    /// iteration `N` is sampled with the checkpoint of iteration `N - 1 - k` (the base model
-    /// before the first), so sampling `N` runs while the learner trains `N - 1 .. N - k`.
-    pub max_lag: u32,
-}
-
-impl AsyncConfig {
-    /// The checkpoint iteration `iteration` is sampled with (`None`: the base model).
-    pub fn sampling_adapter(&self, iteration: u32) -> Option<u32> {
-        iteration.checked_sub(1 + self.max_lag)
     }
 }
 

@@ -37,16 +37,6 @@ impl Config {
                 "must name a .gguf file or a Hugging Face folder",
             );
         }
-        let d = self.model.device.as_str();
-        let cuda_ok = d == "cuda"
-            || d.strip_prefix("cuda:")
-                .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
-        if d != "cpu" && !cuda_ok {
-            return err(
-                "model.device",
-                format!("`{d}` is not a device; use cpu, cuda or cuda:N"),
-            );
-        }
         if self.data.test_limit == Some(0) {
             return err(
                 "data.test_limit",
@@ -76,31 +66,13 @@ impl Config {
             }
         }
         self.validate_rewards()?;
-        for (name, s) in [
-            ("train", &self.sampling.train),
-            ("test", &self.sampling.test),
-        ] {
-            let knobs = sampling::Knobs {
-                temperature: f64::from(s.temperature),
-                top_p: f64::from(s.top_p),
-                max_tokens: u64::from(s.max_tokens),
-            };
-            if let Err(e) = knobs.check() {
-                return err(
-                    &format!("sampling.{name}.{}", e.field),
-                    format!("must be {} (got {})", e.rule, e.value),
-                );
-            }
-        }
-        if let Err(e) =
-            sampling::check_score_temperature(f64::from(self.sampling.train.temperature))
-        {
+        // The knobs are valid by their types; training also scores at its temperature.
+        if let Err(e) = sampling::ScoreTemperature::try_from(self.sampling.train.temperature) {
             return err(
                 "sampling.train.temperature",
                 format!(
-                    "must be {} (got {}): the reference model scores the rollouts at it, and greedy \
-                     training rollouts make every group identical (no GRPO signal)",
-                    e.rule, e.value
+                    "{e}: the reference model scores the rollouts at it, and greedy training \
+                     rollouts make every group identical (no GRPO signal)"
                 ),
             );
         }
@@ -269,7 +241,7 @@ impl Config {
                 "must be an address like 127.0.0.1".into(),
             ));
         }
-        if s.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        if s.key().is_some_and(|k| k.trim().is_empty()) {
             return Err((
                 "services.api_key".into(),
                 "is empty; use null for no key".into(),
@@ -308,14 +280,6 @@ impl Config {
                 return Err((
                     format!("services.{service}.replicas"),
                     "is 0 and no endpoints are given: the run needs at least one server (set replicas to 1 or more, or list endpoints)".into(),
-                ));
-            }
-        }
-        for (i, d) in s.rollout.devices.iter().enumerate() {
-            if d.trim().is_empty() {
-                return Err((
-                    format!("services.rollout.devices[{i}]"),
-                    "is empty; name a device like cpu, cuda or cuda:1".into(),
                 ));
             }
         }

@@ -13,6 +13,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{job_error, off_runtime, Router, Shared};
+use crate::batcher::Named;
 
 /// The adapter routes; uploads may be up to `max_upload` bytes.
 pub fn router(max_upload: usize) -> Router {
@@ -44,6 +45,11 @@ pub async fn load_adapter(
     ApiJson(req): ApiJson<AdapterRequest>,
 ) -> Result<Json<AdapterResponse>, ApiError> {
     let root = checkpoints_dir(&state)?;
+    if req.path.is_empty() {
+        return Err(ApiError::unprocessable(
+            "`path` is empty; send an adapter folder inside --checkpoints-dir",
+        ));
+    }
     let given = Path::new(&req.path);
     let candidate = if given.is_absolute() {
         given.to_path_buf()
@@ -71,13 +77,25 @@ pub async fn load_adapter(
             model::lora::WEIGHTS_FILE
         )));
     }
+    // The id answered for it: the caller's, else the path as the caller sent it (never the
+    // server's resolved path).
+    let id = req.id.unwrap_or(req.path);
+    if id.is_empty() {
+        return Err(ApiError::unprocessable(
+            "`id` is empty; send a name or leave it out",
+        ));
+    }
+    let named = Named {
+        dir: canon,
+        id: id.clone(),
+    };
     let swap_ms = state
         .batcher
-        .set_adapter(Some(canon.clone()))
+        .set_adapter(Some(named))
         .await
         .map_err(job_error)?;
     Ok(Json(AdapterResponse {
-        adapter: Some(canon.display().to_string()),
+        adapter: Some(id),
         swap_ms,
     }))
 }
@@ -119,8 +137,13 @@ pub async fn upload_adapter(
         )));
     }
     // Decoding, hashing and writing megabytes: off the async workers.
-    let (dir, fresh) = off_runtime(&state, move |_| keep(&root.join(&name), &req)).await?;
-    let swap_ms = match state.batcher.set_adapter(Some(dir.clone())).await {
+    let dir = root.join(&name);
+    let (dir, fresh) = off_runtime(&state, move |_| keep(&dir, &req)).await?;
+    let named = Named {
+        dir: dir.clone(),
+        id: name.clone(),
+    };
+    let swap_ms = match state.batcher.set_adapter(Some(named)).await {
         Ok(ms) => ms,
         Err(e) => {
             // An upload the engine cannot load is not kept: the name stays free for a good one.
@@ -131,7 +154,7 @@ pub async fn upload_adapter(
         }
     };
     Ok(Json(AdapterResponse {
-        adapter: Some(dir.display().to_string()),
+        adapter: Some(name),
         swap_ms,
     }))
 }

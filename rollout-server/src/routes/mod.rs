@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
-use model::{ChatTemplate, GenerateRequest, Generation, Message, SamplingParams, Tokenizer};
+use model::{
+    ChatTemplate, GenerateRequest, Generation, Limits, Message, SamplingParams, Tokenizer,
+};
 use rl_core::wire::FinishReason;
 use rl_http::metrics::Metrics;
 use rl_http::server::ApiError;
@@ -55,17 +57,6 @@ pub fn router(max_adapter_bytes: usize) -> Router {
         .merge(service::router())
 }
 
-/// Sampling settings of one request, before they become engine rows.
-struct Sampling {
-    max_tokens: u32,
-    temperature: f64,
-    top_p: f64,
-    top_k: u32,
-    stop_ids: Vec<u32>,
-    stop_sequences: Vec<Vec<u32>>,
-    top_logprobs: usize,
-}
-
 impl AppState {
     fn tokenizer(&self) -> Result<&Tokenizer, ApiError> {
         self.tokenizer.as_ref().ok_or_else(|| {
@@ -98,49 +89,37 @@ impl AppState {
         }
     }
 
-    /// Checks a prompt and the sampling settings against the model and the server's limits.
-    fn check(&self, what: &str, prompt: &[u32], s: &Sampling, n: u32) -> Result<(), ApiError> {
-        if prompt.is_empty() {
-            return Err(ApiError::unprocessable(format!(
-                "`{what}` is empty; send at least one token"
-            )));
+    /// What a request must fit: the model's vocabulary and context.
+    fn limits(&self) -> Limits {
+        Limits {
+            vocab: self.vocab,
+            context: self.context,
         }
-        if let Some(bad) = prompt.iter().find(|&&id| id as usize >= self.vocab) {
-            return Err(ApiError::unprocessable(format!(
-                "`{what}` has token id {bad}, outside the vocabulary (ids 0..{})",
-                self.vocab
-            )));
-        }
+    }
+
+    /// The engine's rows for `n` choices of `prompt` (named `what` in messages), choice `i`
+    /// drawn with seed `params.seed + i`. The one check of a sampling request: the knobs are
+    /// valid by their types, the rest is checked here against the model
+    /// ([`GenerateRequest::new`]) and this server's `--max-n`; the engine checks nothing again.
+    fn rows(
+        &self,
+        what: &str,
+        prompt: &[u32],
+        params: SamplingParams,
+        n: u32,
+    ) -> Result<Vec<GenerateRequest>, ApiError> {
         if n == 0 || n > self.max_n {
             return Err(ApiError::unprocessable(format!(
                 "`n` is {n}; it must be in 1..={} (this server's --max-n)",
                 self.max_n
             )));
         }
-        sampling::Knobs {
-            temperature: s.temperature,
-            top_p: s.top_p,
-            max_tokens: u64::from(s.max_tokens),
-        }
-        .check()
-        .map_err(|e| ApiError::unprocessable(e.to_string()))?;
-        if prompt.len() + s.max_tokens as usize > self.context {
-            let room = self.context.saturating_sub(prompt.len());
-            return Err(ApiError::unprocessable(format!(
-                "the prompt has {} tokens and `max_tokens` is {}: over the model's context of {}; \
-                 send a shorter prompt or max_tokens <= {room}",
-                prompt.len(),
-                s.max_tokens,
-                self.context
-            )));
-        }
-        if let Some(bad) = s.stop_ids.iter().find(|&&id| id as usize >= self.vocab) {
-            return Err(ApiError::unprocessable(format!(
-                "`stop_token_ids` has {bad}, outside the vocabulary (ids 0..{})",
-                self.vocab
-            )));
-        }
-        Ok(())
+        let seed = params.seed;
+        let first = GenerateRequest::new(what, prompt.to_vec(), params, self.limits())
+            .map_err(engine_error)?;
+        Ok((0..n)
+            .map(|i| first.reseeded(seed.wrapping_add(u64::from(i))))
+            .collect())
     }
 
     /// Stop strings: at most four, none empty, each also given to the engine as token ids so
@@ -187,24 +166,6 @@ async fn off_runtime<T: Send + 'static>(
     tokio::task::spawn_blocking(move || f(&state))
         .await
         .map_err(|e| ApiError::internal(format!("a handler's task failed: {e}")))?
-}
-
-fn rows(prompt: &[u32], s: &Sampling, n: u32, seed: u64) -> Vec<GenerateRequest> {
-    (0..n)
-        .map(|i| GenerateRequest {
-            prompt: prompt.to_vec(),
-            params: SamplingParams {
-                temperature: s.temperature,
-                top_p: s.top_p,
-                top_k: s.top_k as usize,
-                max_tokens: s.max_tokens as usize,
-                stop_ids: s.stop_ids.clone(),
-                stop_sequences: s.stop_sequences.clone(),
-                top_logprobs: s.top_logprobs,
-                seed: seed.wrapping_add(u64::from(i)),
-            },
-        })
-        .collect()
 }
 
 fn job_error(e: JobError) -> ApiError {

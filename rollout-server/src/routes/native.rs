@@ -3,7 +3,7 @@
 
 use axum::extract::State;
 use axum::Json;
-use model::Message;
+use model::{Message, SamplingParams};
 use rl_core::wire::{
     GenerateRequest, GenerateResponse, GeneratedChoice, TokenizeRequest, TokenizeResponse,
 };
@@ -11,7 +11,7 @@ use rl_http::server::{ApiError, ApiJson};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{finish, job_error, off_runtime, render, rows, Router, Sampling, Shared};
+use super::{finish, job_error, off_runtime, render, Router, Shared};
 
 pub fn router() -> Router {
     OpenApiRouter::new()
@@ -28,22 +28,15 @@ pub async fn generate(
     State(state): Shared,
     ApiJson(req): ApiJson<GenerateRequest>,
 ) -> Result<Json<GenerateResponse>, ApiError> {
-    let s = Sampling {
-        max_tokens: req.max_tokens,
-        temperature: req.temperature,
-        top_p: req.top_p,
-        top_k: req.top_k,
-        stop_ids: req.stop_token_ids.unwrap_or_else(|| state.eos_ids.clone()),
-        stop_sequences: vec![],
-        top_logprobs: 0,
-    };
-    state.check("prompt_ids", &req.prompt_ids, &s, req.n)?;
     let seed = req.seed.unwrap_or_else(rand::random);
-    let out = state
-        .batcher
-        .generate(rows(&req.prompt_ids, &s, req.n, seed))
-        .await
-        .map_err(job_error)?;
+    let knobs = req.knobs();
+    let params = SamplingParams {
+        stop_ids: req.stop_token_ids.unwrap_or_else(|| state.eos_ids.clone()),
+        seed,
+        ..SamplingParams::new(knobs)
+    };
+    let rows = state.rows("prompt_ids", &req.prompt_ids, params, req.n)?;
+    let out = state.batcher.generate(rows).await.map_err(job_error)?;
     let generations = out.generations;
     let choices = off_runtime(&state, move |state| {
         Ok(generations

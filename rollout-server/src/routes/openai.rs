@@ -4,16 +4,16 @@
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use model::Message;
+use model::{Message, SamplingParams};
 use rl_core::wire::ErrorBody;
 use rl_http::server::{ApiError, ApiJson};
-use sampling::MAX_COMPLETION_LOGPROBS;
+use sampling::{Knobs, MaxTokens, Temperature, TopP, MAX_COMPLETION_LOGPROBS, MAX_TOKENS_LIMIT};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{
-    apply_stops, job_error, now_s, off_runtime, render, request_id, rows, stream, AppState, Router,
-    Sampling, Shared,
+    apply_stops, job_error, now_s, off_runtime, render, request_id, stream, AppState, Router,
+    Shared,
 };
 use crate::batcher::Output;
 use crate::openai::{
@@ -64,17 +64,20 @@ pub async fn completions(
         )));
     }
     let stops = state.stop_strings(req.stop)?;
-    let s = Sampling {
-        max_tokens: req.max_tokens.unwrap_or(16),
-        temperature: req.temperature.unwrap_or(1.0),
-        top_p: req.top_p.unwrap_or(1.0),
+    let knobs = Knobs {
+        temperature: req.temperature.unwrap_or(Temperature::ONE),
+        top_p: req.top_p.unwrap_or(TopP::ALL),
         top_k: req.top_k.unwrap_or(0),
+        max_tokens: req.max_tokens.unwrap_or(MaxTokens::of(16)),
+    };
+    let params = SamplingParams {
         stop_ids: req.stop_token_ids.unwrap_or_else(|| state.eos_ids.clone()),
         stop_sequences: state.stop_sequences(&stops),
         top_logprobs: top as usize,
+        seed: req.seed.unwrap_or_else(rand::random),
+        ..SamplingParams::new(knobs)
     };
     let n = req.n.unwrap_or(1);
-    let seed = req.seed.unwrap_or_else(rand::random);
     let mut all_rows = Vec::new();
     for (p, prompt) in prompts.iter().enumerate() {
         let what = if prompts.len() == 1 {
@@ -82,8 +85,7 @@ pub async fn completions(
         } else {
             format!("prompt[{p}]")
         };
-        state.check(&what, prompt, &s, n)?;
-        all_rows.extend(rows(prompt, &s, n, seed));
+        all_rows.extend(state.rows(&what, prompt, params.clone(), n)?);
     }
     let want_ids = req.return_token_ids == Some(true);
     let want_logprobs = req.logprobs.is_some();
@@ -236,9 +238,9 @@ pub async fn chat(
             Content::Parts(parts) => {
                 let mut text = String::new();
                 for p in parts {
-                    match (p.kind.as_str(), &p.text) {
-                        ("text", Some(t)) => text.push_str(t),
-                        (kind, _) => {
+                    match p.kind.as_str() {
+                        "text" => text.push_str(&p.text),
+                        kind => {
                             return Err(ApiError::unprocessable(format!(
                                 "`messages[{i}].content` has a `{kind}` part; only text parts are supported"
                             )))
@@ -269,33 +271,38 @@ pub async fn chat(
         )));
     }
     let stops = state.stop_strings(req.stop)?;
-    let room = state.context.saturating_sub(prompt.len()).max(1) as u32;
-    let s = Sampling {
-        max_tokens: req.max_completion_tokens.or(req.max_tokens).unwrap_or(room),
-        temperature: req.temperature.unwrap_or(1.0),
-        top_p: req.top_p.unwrap_or(1.0),
+    // The room left in the context (at least one token, so that a full prompt is refused by
+    // the context check, naming both numbers).
+    let room = state.context.saturating_sub(prompt.len()).max(1);
+    let room = MaxTokens::new(
+        u32::try_from(room)
+            .unwrap_or(u32::MAX)
+            .min(MAX_TOKENS_LIMIT),
+    )
+    .map_err(|e| ApiError::internal(e.named("max_tokens")))?;
+    let knobs = Knobs {
+        temperature: req.temperature.unwrap_or(Temperature::ONE),
+        top_p: req.top_p.unwrap_or(TopP::ALL),
         top_k: req.top_k.unwrap_or(0),
+        max_tokens: req.max_completion_tokens.or(req.max_tokens).unwrap_or(room),
+    };
+    let params = SamplingParams {
         stop_ids: req.stop_token_ids.unwrap_or_else(|| state.eos_ids.clone()),
         stop_sequences: state.stop_sequences(&stops),
         top_logprobs: top as usize,
+        seed: req.seed.unwrap_or_else(rand::random),
+        ..SamplingParams::new(knobs)
     };
-    let n = req.n.unwrap_or(1);
-    state.check("messages", &prompt, &s, n)?;
-    let seed = req.seed.unwrap_or_else(rand::random);
+    let rows = state.rows("messages", &prompt, params, req.n.unwrap_or(1))?;
     let prompt_tokens = prompt.len() as u32;
     if req.stream == Some(true) {
         let shape = stream::Shape::Chat {
             logprobs: want_logprobs,
         };
         let options = req.stream_options.as_ref();
-        let rows = rows(&prompt, &s, n, seed);
         return stream::sse(state, shape, prompt_tokens, stops, options, rows);
     }
-    let Output { generations, .. } = state
-        .batcher
-        .generate(rows(&prompt, &s, n, seed))
-        .await
-        .map_err(job_error)?;
+    let Output { generations, .. } = state.batcher.generate(rows).await.map_err(job_error)?;
     let want_ids = req.return_token_ids == Some(true);
     let (choices, completion_tokens) = off_runtime(&state, move |state| {
         let mut completion_tokens = 0u32;
