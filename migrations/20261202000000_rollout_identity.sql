@@ -16,12 +16,13 @@ ALTER TABLE rollouts ADD COLUMN max_tokens INTEGER CHECK (max_tokens IS NULL OR 
 -- The seed this rollout was sampled with (its group's seed + its attempt), as a signed 64-bit
 -- integer (the bits of the u64).
 ALTER TABLE rollouts ADD COLUMN seed INTEGER;
-UPDATE rollouts SET policy_version = CAST(substr(adapter, 6) AS INTEGER)
-    WHERE adapter GLOB 'iter_[0-9]*' AND adapter NOT GLOB 'iter_*[^0-9]*';
-
 -- The knobs an iteration samples its training rollouts with (JSON of `sampling::Knobs`), fixed
 -- when its sampling first begins: a resume whose config changed `sampling.train` keeps these for
 -- the iterations already begun and applies the new ones from the next iteration on, so that no
 -- iteration mixes two. NULL for iterations begun before this was recorded (fixed at their next
 -- resume).
 ALTER TABLE iterations ADD COLUMN sampling TEXT CHECK (sampling IS NULL OR json_valid(sampling));
+
+UPDATE rollouts SET policy_version = CAST(substr(adapter, 6) AS INTEGER)
+    WHERE adapter GLOB 'iter_[0-9]*' AND adapter NOT GLOB 'iter_*[^0-9]*';
+

@@ -125,20 +125,30 @@ pub struct ScoreRequest {
 }
 
 impl ScoreRequest {
-    /// Checks a pair (named `what` in messages) against `limits`: a prompt of at least one token
-    /// (the first completion token needs a context), every id inside the vocabulary, the whole
-    /// sequence inside the context. The completion may be empty.
+    /// Checks a pair (named `what` in messages, a JSON path such as `sequences[3]`; empty: the
+    /// fields alone) against `limits`: a prompt of at least one token (the first completion
+    /// token needs a context), every id inside the vocabulary, the whole sequence inside the
+    /// context. The completion may be empty.
     pub fn new(what: &str, prompt: Vec<u32>, completion: Vec<u32>, limits: Limits) -> Result<Self> {
+        let field = |name: &str| match what {
+            "" => name.to_string(),
+            _ => format!("{what}.{name}"),
+        };
         if prompt.is_empty() {
             return Err(Error::InvalidRequest(format!(
-                "`{what}.prompt_ids` is empty (the first completion token needs a context)"
+                "`{}` is empty (the first completion token needs a context)",
+                field("prompt_ids")
             )));
         }
-        limits.check_ids(&format!("{what}.prompt_ids"), &prompt)?;
-        limits.check_ids(&format!("{what}.completion_ids"), &completion)?;
+        limits.check_ids(&field("prompt_ids"), &prompt)?;
+        limits.check_ids(&field("completion_ids"), &completion)?;
         if prompt.len() + completion.len() > limits.context {
+            let whole = match what {
+                "" => "the sequence".to_string(),
+                _ => format!("`{what}`"),
+            };
             return Err(Error::InvalidRequest(format!(
-                "`{what}` has {} tokens, over the model's context of {}",
+                "{whole} has {} tokens, over the model's context of {}",
                 prompt.len() + completion.len(),
                 limits.context
             )));

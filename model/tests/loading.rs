@@ -260,7 +260,7 @@ fn bad_requests_are_refused_with_the_field_named() {
     );
     let stops = SamplingParams {
         stop_ids: vec![96],
-        ..SamplingParams::default()
+        ..params(1.0, 4)
     };
     let e = gen(vec![1], stops);
     assert!(e.contains("`stop_token_ids` has token id 96"), "{e}");

@@ -483,7 +483,7 @@ fn top_logprobs_and_stop_sequences() {
     assert_eq!(cut.finish_reason, model::FinishReason::Stop);
     let bad = SamplingParams {
         stop_sequences: vec![vec![]],
-        ..Default::default()
+        ..params(1.0, 4)
     };
     assert!(
         GenerateRequest::new("prompt", prompt.clone(), bad, engine.limits())

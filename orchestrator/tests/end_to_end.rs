@@ -93,7 +93,7 @@ fn runs_resumes_after_crashes_in_every_phase_and_survives_a_killed_server() {
         query(
             &run.join("rollouts.sqlite"),
             "SELECT count(*) FROM rollouts r JOIN tasks t USING (run_id, iteration, group_index) \
-             WHERE r.seed = t.seed + r.attempt AND r.adapter NOT LIKE '%/%'"
+             WHERE r.seed = t.seed + r.attempt AND ifnull(r.adapter, '') NOT LIKE '%/%'"
         ),
         ["12"]
     );
@@ -350,7 +350,7 @@ fn an_unusable_device_fails_before_anything_is_created() {
         assert!(err.contains("no usable CUDA GPU"), "{err}");
     } else {
         assert!(
-            err.contains("`model.device: cuda` needs CUDA")
+            err.contains("`model.device: cuda:0` needs CUDA")
                 && err.contains("was built without it")
                 && err.contains("--features cuda"),
             "{err}"

@@ -51,8 +51,8 @@ pub fn score_file(
     let seqs: Vec<ScoreRequest> = lines
         .into_iter()
         .map(|(line, s)| {
-            let what = format!("{} line {line}", input.display());
-            ScoreRequest::new(&what, s.prompt_ids, s.completion_ids, engine.limits())
+            ScoreRequest::new("", s.prompt_ids, s.completion_ids, engine.limits())
+                .map_err(|e| anyhow::anyhow!("{} line {line}: {e}", input.display()))
         })
         .collect::<Result<_, _>>()?;
     rl_core::files::write_stream(output, |w| -> anyhow::Result<()> {

@@ -121,7 +121,7 @@ fn bad_inputs_are_named_and_leave_no_output() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
-        err.contains("bad.jsonl line 2 completion_ids") && err.contains("token id 300"),
+        err.contains("bad.jsonl line 2: invalid request: `completion_ids` has token id 300"),
         "{err}"
     );
     assert!(!out.exists(), "a failed run must not leave an output file");

@@ -122,7 +122,14 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         } else if path == "." || path.is_empty() {
             ApiError::unprocessable(format!("{inner}"))
         } else {
-            ApiError::unprocessable(format!("`{path}`: {inner}"))
+            // A knob's error reads on from its name (`is 0; it must be ...`, `sampling`).
+            let message = inner.to_string();
+            let sep = if message.starts_with("is ") {
+                " "
+            } else {
+                ": "
+            };
+            ApiError::unprocessable(format!("`{path}`{sep}{message}"))
         }
     })?;
     de.end()
@@ -407,16 +414,21 @@ pub fn assemble<S: Clone + Send + Sync + 'static>(
     doc.info.title = frame.title.to_string();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     doc.info.description = Some(frame.description.to_string());
-    if let Some(c) = doc.components.as_mut() {
-        c.add_security_scheme(
+    // The bearer scheme only when a key is set: a document must not ask for a key the server
+    // does not check.
+    let keyed = frame.api_key.is_some();
+    if keyed {
+        if let Some(c) = doc.components.as_mut() {
+            c.add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+        }
+        doc.security = Some(vec![SecurityRequirement::new(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
+            Vec::<String>::new(),
+        )]);
     }
-    doc.security = Some(vec![SecurityRequirement::new(
-        "bearer",
-        Vec::<String>::new(),
-    )]);
     for (path, item) in doc.paths.paths.iter_mut() {
         let open = OPEN_ROUTES.contains(&path.as_str());
         for op in [
@@ -428,7 +440,7 @@ pub fn assemble<S: Clone + Send + Sync + 'static>(
         .into_iter()
         .flatten()
         {
-            add_error_responses(op, open);
+            add_error_responses(op, open, keyed);
         }
     }
     patch(&mut doc);
@@ -446,8 +458,9 @@ pub fn assemble<S: Clone + Send + Sync + 'static>(
     (router, doc)
 }
 
-/// The error answers an operation can give, each with the error body.
-fn add_error_responses(op: &mut utoipa::openapi::path::Operation, open: bool) {
+/// The error answers an operation can give, each with the error body (401 only where a key is
+/// checked: `keyed` and not an open route).
+fn add_error_responses(op: &mut utoipa::openapi::path::Operation, open: bool, keyed: bool) {
     use utoipa::openapi::{Ref, ResponseBuilder};
     let mut add = |status: &str, why: &str| {
         let r = ResponseBuilder::new()
@@ -466,11 +479,15 @@ fn add_error_responses(op: &mut utoipa::openapi::path::Operation, open: bool) {
     };
     if open {
         // No key needed, no body: only a failure of the server itself.
-        op.security = Some(vec![]);
+        if keyed {
+            op.security = Some(vec![]);
+        }
         add("500", "The server failed; the message says how");
         return;
     }
-    add("401", "Missing or wrong API key");
+    if keyed {
+        add("401", "Missing or wrong API key");
+    }
     if op.request_body.is_some() {
         add("400", "The body is not valid JSON");
         add("413", "The body is over the server's limit");

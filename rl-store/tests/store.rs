@@ -78,10 +78,10 @@ fn rollout(group: u32, attempt: u32) -> RolloutRecord {
         // others with knobs of their own and a seed that needs all 64 bits.
         sampling: (group % 3 != 2).then(|| SampledWith {
             knobs: Knobs {
-                temperature: Temperature::new(0.5 + f64::from(group) / 64.0).unwrap(),
-                top_p: TopP::new(0.9 + f64::from(attempt) / 100.0).unwrap(),
+                temperature: Temperature::new(0.5 + f64::from(group) / 64.0).expect("in range"),
+                top_p: TopP::new(0.9 + f64::from(attempt) / 100.0).expect("in range"),
                 top_k: group * 3,
-                max_tokens: MaxTokens::new(64 + attempt).unwrap(),
+                max_tokens: MaxTokens::new(64 + attempt).expect("in range"),
             },
             seed: u64::MAX - u64::from(group * 10 + attempt),
         }),

@@ -211,9 +211,13 @@ async fn routes_answer_in_their_shapes() {
         "{}",
         schemas["Content"]
     );
-    // Every error answer has the error body.
+    // Every error answer has the error body; without a key, none is asked for.
     let generate = &doc["paths"]["/v1/generate"]["post"]["responses"];
-    for status in ["400", "401", "413", "422", "503"] {
+    assert!(
+        generate["401"].is_null() && doc["security"].is_null(),
+        "{doc}"
+    );
+    for status in ["400", "413", "422", "503"] {
         assert!(
             generate[status]["content"]["application/json"]["schema"]["$ref"]
                 .as_str()
@@ -553,7 +557,7 @@ async fn bad_inputs_get_their_status_and_message() {
         ("prompt longer than the context", "POST", g, json!({"prompt_ids": long_prompt, "max_tokens": 16}).to_string(), 422, "send a shorter prompt or max_tokens <= 8"),
         ("empty prompt", "POST", g, json!({"prompt_ids": [], "max_tokens": 4}).to_string(), 422, "`prompt_ids` is empty"),
         ("token id out of vocabulary", "POST", g, json!({"prompt_ids": [1, 96], "max_tokens": 4}).to_string(), 422, "token id 96, outside the vocabulary"),
-        ("stop id out of vocabulary", "POST", g, json!({"prompt_ids": [1], "max_tokens": 4, "stop_token_ids": [500]}).to_string(), 422, "`stop_token_ids` has 500"),
+        ("stop id out of vocabulary", "POST", g, json!({"prompt_ids": [1], "max_tokens": 4, "stop_token_ids": [500]}).to_string(), 422, "`stop_token_ids` has token id 500"),
         ("body over the limit", "POST", g, json!({"prompt_ids": huge, "max_tokens": 4}).to_string(), 413, "over the server's limit"),
         ("empty completion prompt", "POST", "/v1/completions", json!({"prompt": ""}).to_string(), 422, "`prompt` is empty"),
         ("stream options without streaming", "POST", "/v1/completions", json!({"prompt": "hi", "stream_options": {"include_usage": true}}).to_string(), 422, "`stream_options` is only allowed with stream: true"),
@@ -564,6 +568,9 @@ async fn bad_inputs_get_their_status_and_message() {
         ("top_logprobs without logprobs", "POST", "/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}).to_string(), 422, "needs `logprobs: true`"),
         ("chat n over the limit", "POST", "/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "n": 100, "max_tokens": 2}).to_string(), 422, "`n` is 100"),
         ("chat negative temperature", "POST", "/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "temperature": -1, "max_tokens": 2}).to_string(), 422, "`temperature` is -1"),
+        ("a fractional token id", "POST", g, json!({"prompt_ids": [1, 2.5], "max_tokens": 4}).to_string(), 422, "an integer in 0..=4294967295"),
+        ("a non-text content part", "POST", "/v1/chat/completions", json!({"messages": [{"role": "user", "content": [{"type": "image_url", "text": "x"}]}], "max_tokens": 2}).to_string(), 422, "has a `image_url` part; only text parts"),
+        ("an empty adapter path", "POST", "/v1/adapters", json!({"path": ""}).to_string(), 422, "`path` is empty"),
         ("adapter outside the checkpoints dir", "POST", "/v1/adapters", json!({"path": outside.display().to_string()}).to_string(), 403, "outside the checkpoints directory"),
         ("adapter path escaping with ..", "POST", "/v1/adapters", json!({"path": "../outside"}).to_string(), 403, "outside the checkpoints directory"),
         ("adapter that does not exist", "POST", "/v1/adapters", json!({"path": "nope"}).to_string(), 404, "does not exist"),
@@ -593,6 +600,18 @@ async fn bad_inputs_get_their_status_and_message() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Integers as JSON Schema has them: `50.0` is 50, everywhere an integer is read.
+    let ask = |body: serde_json::Value| {
+        let (http, url) = (http.clone(), format!("{}{g}", server.url));
+        async move {
+            let r = http.post(url).json(&body).send().await.expect("send");
+            assert_eq!(r.status().as_u16(), 200);
+            r.json::<serde_json::Value>().await.expect("json")["choices"].clone()
+        }
+    };
+    let floats = ask(json!({"prompt_ids": [1.0, 50.0], "max_tokens": 4.0, "n": 2.0, "seed": 3.0, "top_k": 5.0, "stop_token_ids": [2.0]})).await;
+    let ints = ask(json!({"prompt_ids": [1, 50], "max_tokens": 4, "n": 2, "seed": 3, "top_k": 5, "stop_token_ids": [2]})).await;
+    assert_eq!(floats, ints);
     // The refused adapter left the base model in place.
     let (_, health) = get_text(&format!("{}/health", server.url)).await;
     assert!(health.contains("\"adapter\":null"), "{health}");
@@ -641,6 +660,13 @@ async fn bad_inputs_get_their_status_and_message() {
             .as_u16(),
         200
     );
+    // With a key, the document asks for it where the server checks it (and only there).
+    let (_, doc) = get_text(&format!("{}/openapi.json", server.url)).await;
+    let doc: serde_json::Value = serde_json::from_str(&doc).expect("document");
+    assert_eq!(doc["security"], json!([{"bearer": []}]), "{doc}");
+    let paths = &doc["paths"];
+    assert!(paths["/v1/generate"]["post"]["responses"]["401"].is_object());
+    assert_eq!(paths["/health"]["get"]["security"], json!([]));
     // Adapter loading without a checkpoints directory is off.
     let r = http
         .post(format!("{}/v1/adapters", server.url))

@@ -147,7 +147,8 @@ pub struct Snapshot {
 }
 
 /// Rows of `sql` on the database at `db` through sqlx, each row's columns joined by `|` (as the
-/// `sqlite3` command line prints them). Columns are read as text.
+/// `sqlite3` command line prints them). Columns are read as text (reals as Rust shows them:
+/// `0.7`, `1.0`).
 pub fn query(db: &Path, sql: &'static str) -> Vec<String> {
     use sqlx::{Connection, Row};
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -165,6 +166,7 @@ pub fn query(db: &Path, sql: &'static str) -> Vec<String> {
                     .map(|i| {
                         r.try_get::<String, _>(i)
                             .or_else(|_| r.try_get::<i64, _>(i).map(|v| v.to_string()))
+                            .or_else(|_| r.try_get::<f64, _>(i).map(|v| format!("{v:?}")))
                             .unwrap()
                     })
                     .collect::<Vec<_>>()
