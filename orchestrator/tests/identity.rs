@@ -104,7 +104,7 @@ fn the_api_key_reaches_the_services_but_never_ps_a_file_or_the_log() {
     let a = tempfile::tempdir().unwrap();
     let cfg = setup(a.path(), &format!("  api_key: {KEY}\n"));
     let run = a.path().join("run");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_orchestrate"))
+    let child = Command::new(env!("CARGO_BIN_EXE_orchestrate"))
         .args(["run", cfg.to_str().unwrap(), "max_iterations=1"])
         .env("ORCHESTRATE_BIN_DIR", &bins)
         .stdout(Stdio::piped())
