@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod files;
+pub mod numbers;
 pub mod prompts;
 pub mod rewards;
 pub mod stats;

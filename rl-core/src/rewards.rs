@@ -24,8 +24,9 @@ use std::sync::LazyLock;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
+use crate::numbers::{matching_brace, parse_number, same_number};
 use crate::prompts::{PromptStyle, Tags};
-use crate::tasks::{matching_brace, parse_number, same_number, Gold};
+use crate::tasks::Gold;
 
 /// A reward component, as named in the config's `rewards:` map.
 #[derive(

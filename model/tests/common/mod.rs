@@ -151,3 +151,14 @@ pub fn score_request(
 pub fn st(t: f64) -> sampling::ScoreTemperature {
     sampling::ScoreTemperature::new(t).expect("a valid scoring temperature")
 }
+
+/// `got` within `tol` of `want`, element by element (and of the same length); `what` names it.
+pub fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (*g as f64 - w).abs() <= tol,
+            "{what}[{i}]: got {g}, want {w} (tolerance {tol})"
+        );
+    }
+}
