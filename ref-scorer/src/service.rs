@@ -145,7 +145,10 @@ pub fn app(engine: Engine, opts: &Options) -> (axum::Router, Arc<ScorerState>) {
         api_key: opts.api_key.clone(),
         max_body_bytes: opts.max_body_bytes,
     };
-    let (router, _) = assemble(routes, state.clone(), metrics, frame, |_| {});
+    let vocab = state.limits.vocab;
+    let (router, _) = assemble(routes, state.clone(), metrics, frame, |doc| {
+        rl_http::server::limit_token_ids(doc, vocab)
+    });
     (router, state)
 }
 

@@ -214,8 +214,11 @@ pub struct AdapterUpload {
     #[schema(value_type = Object)]
     pub config: serde_json::Value,
     /// `adapter_model.safetensors`, base64 (standard alphabet, padded).
+    #[schema(pattern = "^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")]
     pub weights_base64: String,
-    /// Hex sha256 of the weights' bytes (what a run's database records for its checkpoint).
+    /// Hex sha256 of the weights' bytes (what a run's database records for its checkpoint); the
+    /// server refuses weights that hash to anything else.
+    #[schema(pattern = "^[0-9a-fA-F]{64}$")]
     pub sha256: String,
 }
 

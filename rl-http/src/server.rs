@@ -388,22 +388,23 @@ fn base_openapi() -> utoipa::openapi::OpenApi {
 /// `GET /openapi.json`: this service's OpenAPI 3.1 document, derived from its routes and types.
 #[utoipa::path(get, path = "/openapi.json", tag = "service", responses((status = 200, description = "The OpenAPI document", body = Object)))]
 pub async fn openapi_json(
-    axum::Extension(doc): axum::Extension<Arc<utoipa::openapi::OpenApi>>,
-) -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Extension(doc): axum::Extension<Arc<serde_json::Value>>,
+) -> axum::Json<serde_json::Value> {
     axum::Json((*doc).clone())
 }
 
 /// The router of a service: its documented `routes` (with `/openapi.json` added), the 404/405
 /// fallbacks, the body limit, the key guard and request metrics around them; and the document,
-/// with the error responses every operation can give, the bearer scheme, and `patch` applied
-/// (runtime limits such as `--max-n`).
+/// with the error responses every operation can give, the bearer scheme when a key is set, and
+/// `patch` applied to its JSON (runtime limits such as `--max-n` and the model's vocabulary, and
+/// the rules between fields that the types cannot derive, see [`schema_of`]).
 pub fn assemble<S: Clone + Send + Sync + 'static>(
     routes: utoipa_axum::router::OpenApiRouter<S>,
     state: S,
     metrics: Arc<crate::metrics::Metrics>,
     frame: Frame,
-    patch: impl FnOnce(&mut utoipa::openapi::OpenApi),
-) -> (axum::Router, Arc<utoipa::openapi::OpenApi>) {
+    patch: impl FnOnce(&mut serde_json::Value),
+) -> (axum::Router, Arc<serde_json::Value>) {
     use utoipa::openapi::security::{
         HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
     };
@@ -443,6 +444,7 @@ pub fn assemble<S: Clone + Send + Sync + 'static>(
             add_error_responses(op, open, keyed);
         }
     }
+    let mut doc = serde_json::to_value(&doc).unwrap_or_default();
     patch(&mut doc);
     let doc = Arc::new(doc);
     let key = ApiKey(frame.api_key.as_deref().map(Arc::from));
@@ -456,6 +458,22 @@ pub fn assemble<S: Clone + Send + Sync + 'static>(
         .layer(axum::Extension(doc.clone()))
         .with_state(state);
     (router, doc)
+}
+
+/// The component schema `name` of a document (to patch), if it has one.
+pub fn schema_of<'a>(
+    doc: &'a mut serde_json::Value,
+    name: &str,
+) -> Option<&'a mut serde_json::Value> {
+    doc.pointer_mut(&format!("/components/schemas/{name}"))
+}
+
+/// States a model's vocabulary in a document: every token id (`sampling::schema::TokenId`) is
+/// below `vocab`, as the services' one check of a request (`model::Limits`) holds them.
+pub fn limit_token_ids(doc: &mut serde_json::Value, vocab: usize) {
+    if let Some(id) = schema_of(doc, "TokenId") {
+        id["maximum"] = serde_json::json!(vocab.saturating_sub(1));
+    }
 }
 
 /// The error answers an operation can give, each with the error body (401 only where a key is

@@ -12,6 +12,7 @@
 //! adapters within one response.
 
 pub mod batcher;
+pub mod document;
 pub mod openai;
 pub mod routes;
 
@@ -112,30 +113,16 @@ pub fn app(engine: Engine, opts: &Options) -> anyhow::Result<(axum::Router, Arc<
         api_key: opts.api_key.clone(),
         max_body_bytes: opts.max_body_bytes,
     };
-    let max_n = opts.max_n;
+    let limits = document::Limits {
+        max_n: opts.max_n,
+        vocab,
+        context,
+    };
     let routes = routes::router(opts.max_adapter_bytes);
     let (router, _) = assemble(routes, state.clone(), metrics, frame, |doc| {
-        // The server's own limit on `n` (--max-n), where each request takes it.
-        for schema in ["GenerateRequest", "CompletionRequest", "ChatRequest"] {
-            set_maximum(doc, schema, "n", f64::from(max_n));
-        }
+        document::state_rules(doc, limits)
     });
     Ok((router, state))
-}
-
-/// Sets `maximum` of `field` of the component schema `schema` (a runtime limit).
-fn set_maximum(doc: &mut utoipa::openapi::OpenApi, schema: &str, field: &str, max: f64) {
-    use utoipa::openapi::schema::Schema;
-    use utoipa::openapi::RefOr;
-    let Some(components) = doc.components.as_mut() else {
-        return;
-    };
-    let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(schema) else {
-        return;
-    };
-    if let Some(RefOr::T(Schema::Object(f))) = object.properties.get_mut(field) {
-        f.maximum = Some(max.into());
-    }
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves; requests in flight are finished.

@@ -10,7 +10,7 @@ use sampling::{MaxTokens, Temperature, TopP};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
 use utoipa::openapi::RefOr;
-use utoipa::PartialSchema;
+use utoipa::{PartialSchema, ToSchema};
 
 /// A string or a list of strings (`prompt`, `stop`).
 #[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
@@ -50,11 +50,9 @@ impl PartialSchema for Prompt {
                 .schema_type(Type::String)
                 .min_length(Some(1))
         };
-        let ids = || {
-            ArrayBuilder::new()
-                .items(TokenId::schema())
-                .min_items(Some(1))
-        };
+        // The component, so that the server's vocabulary stated there holds here too.
+        let id = || RefOr::Ref(utoipa::openapi::Ref::from_schema_name(TokenId::name()));
+        let ids = || ArrayBuilder::new().items(id()).min_items(Some(1));
         OneOfBuilder::new()
             .item(text())
             .item(ArrayBuilder::new().items(text()).min_items(Some(1)))
@@ -180,9 +178,9 @@ openai_request! {
         /// Only `false`.
         #[serde(default)]
         pub echo: Option<bool>,
-        /// Only equal to `n`.
+        /// Only 1 (no best-of-n selection).
         #[serde(default, deserialize_with = "integral::opt_u32")]
-        #[schema(minimum = 0, maximum = 4294967295_u64)]
+        #[schema(minimum = 1, maximum = 1)]
         pub best_of: Option<u32>,
         /// Only empty.
         #[serde(default)]
@@ -255,8 +253,8 @@ impl CompletionRequest {
         if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return Some("`suffix` is not supported");
         }
-        if self.best_of.is_some_and(|b| b > self.n.unwrap_or(1)) {
-            return Some("`best_of` is not supported; send best_of equal to n or leave it out");
+        if self.best_of.is_some_and(|b| b != 1) {
+            return Some("`best_of` is not supported; leave it out (or send 1)");
         }
         self.refused_common()
     }
@@ -268,12 +266,13 @@ impl ChatRequest {
         if self.tools.as_ref().is_some_and(|t| !t.is_null()) {
             return Some("`tools` is not supported");
         }
-        if self
-            .response_format
-            .as_ref()
-            .is_some_and(|f| !f.is_null() && f.get("type").and_then(|t| t.as_str()) != Some("text"))
-        {
-            return Some("`response_format` other than text is not supported");
+        let text_only = |f: &serde_json::Value| {
+            f.is_null()
+                || f.as_object()
+                    .is_some_and(|o| o.len() == 1 && o.get("type") == Some(&"text".into()))
+        };
+        if self.response_format.as_ref().is_some_and(|f| !text_only(f)) {
+            return Some("`response_format` other than {\"type\": \"text\"} is not supported");
         }
         self.refused_common()
     }

@@ -202,6 +202,23 @@ async fn routes_answer_in_their_shapes() {
         schemas["GenerateRequest"]["properties"]["n"]["maximum"],
         128
     );
+    // The model's limits and the rules between fields, as the one check holds them.
+    assert_eq!(schemas["TokenId"]["maximum"], 95, "the tiny vocabulary");
+    assert_eq!(
+        schemas["MaxTokens"]["maximum"], 127,
+        "room for a one-token prompt"
+    );
+    let chat = schemas["ChatRequest"]["allOf"].to_string();
+    assert!(
+        chat.contains("top_logprobs") && chat.contains("stream_options"),
+        "{chat}"
+    );
+    assert_eq!(
+        schemas["TokenizeRequest"]["allOf"][0]["oneOf"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
     // Chat content is a string or a list of text parts.
     let content = schemas["ChatMessageIn"]["properties"]["content"].to_string();
     assert!(content.contains("Content"), "{content}");

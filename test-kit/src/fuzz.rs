@@ -296,17 +296,23 @@ fn value(doc: &Value, schema: &Value, rng: &mut ChaCha8Rng, depth: usize) -> Val
     if depth > 5 {
         return Value::Null;
     }
+    // A schema of its own with rules beside it (`allOf` of `if`/`then`, a `oneOf` of required
+    // fields): its own type is generated, the rules are the server's to hold.
+    let has_type = schema.get("type").is_some() || schema.get("properties").is_some();
     for key in ["oneOf", "anyOf"] {
-        if let Some(options) = schema[key].as_array() {
+        if let Some(options) = schema[key].as_array().filter(|_| !has_type) {
             if let Some(s) = options.choose(rng) {
                 return value(doc, s, rng, depth + 1);
             }
         }
     }
-    if let Some(all) = schema["allOf"].as_array() {
+    if let Some(all) = schema["allOf"].as_array().filter(|_| !has_type) {
         if let Some(s) = all.first() {
             return value(doc, s, rng, depth + 1);
         }
+    }
+    if let Some(c) = schema.get("const") {
+        return c.clone();
     }
     if let Some(options) = schema["enum"].as_array() {
         if let Some(v) = options.choose(rng) {

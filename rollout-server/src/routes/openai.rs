@@ -34,7 +34,8 @@ pub fn router() -> Router {
     summary = "OpenAI text completion (prompt as text or token ids)",
     request_body = CompletionRequest,
     responses((status = 200, description = "The completions (with `stream: true`, Server-Sent \
-        Events of `text_completion` chunks, then `data: [DONE]`)", body = CompletionResponse),
+        Events of `text_completion` chunks, then `data: [DONE]`)",
+        content((CompletionResponse = "application/json"), ("text/event-stream"))),
         (status = 404, description = "`model` is not the served model", body = ErrorBody)))]
 pub async fn completions(
     State(state): Shared,
@@ -221,7 +222,8 @@ fn chat_token_logprob(state: &AppState, id: u32, lp: f32, alts: &[(u32, f32)]) -
     summary = "OpenAI chat completion (rendered with the model's chat template)",
     request_body = ChatRequest,
     responses((status = 200, description = "The choices (with `stream: true`, Server-Sent Events \
-        of `chat.completion.chunk` chunks, then `data: [DONE]`)", body = ChatResponse),
+        of `chat.completion.chunk` chunks, then `data: [DONE]`)",
+        content((ChatResponse = "application/json"), ("text/event-stream"))),
         (status = 404, description = "`model` is not the served model", body = ErrorBody)))]
 pub async fn chat(
     State(state): Shared,
