@@ -4,9 +4,10 @@
 //! neutral value and otherwise refused by name. Extensions (as vLLM has them): `top_k`,
 //! `stop_token_ids`, `return_token_ids`.
 
+use model::SamplingParams;
 use sampling::integral;
 use sampling::schema::{Seed, TokenId};
-use sampling::{MaxTokens, Temperature, TopP};
+use sampling::{Knobs, MaxTokens, Temperature, TopP};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
 use utoipa::openapi::RefOr;
@@ -134,6 +135,24 @@ macro_rules! openai_request {
         }
 
         impl $name {
+            /// The engine's sampling parameters of the shared fields, with `max_tokens` (each
+            /// request has its own default) and what the server adds (`tail`: its stop ids,
+            /// stop sequences and alternatives); a random seed when none is given.
+            pub fn sampling(&self, max_tokens: MaxTokens, tail: SamplingParams) -> SamplingParams {
+                let knobs = Knobs {
+                    temperature: self.temperature.unwrap_or(Temperature::ONE),
+                    top_p: self.top_p.unwrap_or(TopP::ALL),
+                    top_k: self.top_k.unwrap_or(0),
+                    max_tokens,
+                };
+                SamplingParams {
+                    knobs,
+                    stop_ids: self.stop_token_ids.clone().unwrap_or(tail.stop_ids),
+                    seed: self.seed.unwrap_or_else(rand::random),
+                    ..tail
+                }
+            }
+
             /// The first shared field set to a value this server cannot honour.
             fn refused_common(&self) -> Option<&'static str> {
                 if self.stream_options.is_some() && self.stream != Some(true) {
@@ -283,6 +302,16 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+}
+
+impl Usage {
+    pub fn of(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
 }
 
 /// Legacy completions logprobs.

@@ -146,6 +146,17 @@ impl AppState {
         Ok(stops)
     }
 
+    /// What the server adds to a request's knobs: its end-of-sequence ids (unless the request
+    /// names its own), the stop strings as token sequences, and `top_logprobs` alternatives.
+    fn sampling_tail(&self, stops: &[String], top_logprobs: usize) -> SamplingParams {
+        SamplingParams {
+            stop_ids: self.eos_ids.clone(),
+            stop_sequences: self.stop_sequences(stops),
+            top_logprobs,
+            ..SamplingParams::PLAIN
+        }
+    }
+
     fn stop_sequences(&self, stops: &[String]) -> Vec<Vec<u32>> {
         stops
             .iter()

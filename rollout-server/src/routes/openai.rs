@@ -4,10 +4,10 @@
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use model::{Message, SamplingParams};
+use model::Message;
 use rl_core::wire::ErrorBody;
 use rl_http::server::{ApiError, ApiJson};
-use sampling::{Knobs, MaxTokens, Temperature, TopP, MAX_COMPLETION_LOGPROBS, MAX_TOKENS_LIMIT};
+use sampling::{MaxTokens, MAX_COMPLETION_LOGPROBS, MAX_TOKENS_LIMIT};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -45,6 +45,15 @@ pub async fn completions(
         return Err(ApiError::unprocessable(why));
     }
     state.check_model(req.model.as_deref())?;
+    let top = req.logprobs.unwrap_or(0);
+    if top > MAX_COMPLETION_LOGPROBS {
+        return Err(ApiError::unprocessable(format!(
+            "`logprobs` is {top}; it must be in 0..={MAX_COMPLETION_LOGPROBS}"
+        )));
+    }
+    let stops = state.stop_strings(req.stop.clone())?;
+    let max_tokens = req.max_tokens.unwrap_or(MaxTokens::of(16));
+    let params = req.sampling(max_tokens, state.sampling_tail(&stops, top as usize));
     let prompt = req.prompt;
     let prompts: Vec<Vec<u32>> = off_runtime(&state, move |state| match prompt {
         Prompt::Text(t) => Ok(vec![state.encode(&t)?]),
@@ -58,26 +67,6 @@ pub async fn completions(
             "`prompt` is an empty list; send at least one prompt",
         ));
     }
-    let top = req.logprobs.unwrap_or(0);
-    if top > MAX_COMPLETION_LOGPROBS {
-        return Err(ApiError::unprocessable(format!(
-            "`logprobs` is {top}; it must be in 0..={MAX_COMPLETION_LOGPROBS}"
-        )));
-    }
-    let stops = state.stop_strings(req.stop)?;
-    let knobs = Knobs {
-        temperature: req.temperature.unwrap_or(Temperature::ONE),
-        top_p: req.top_p.unwrap_or(TopP::ALL),
-        top_k: req.top_k.unwrap_or(0),
-        max_tokens: req.max_tokens.unwrap_or(MaxTokens::of(16)),
-    };
-    let params = SamplingParams {
-        stop_ids: req.stop_token_ids.unwrap_or_else(|| state.eos_ids.clone()),
-        stop_sequences: state.stop_sequences(&stops),
-        top_logprobs: top as usize,
-        seed: req.seed.unwrap_or_else(rand::random),
-        ..SamplingParams::new(knobs)
-    };
     let n = req.n.unwrap_or(1);
     let mut all_rows = Vec::new();
     for (p, prompt) in prompts.iter().enumerate() {
@@ -131,11 +120,7 @@ pub async fn completions(
         created: now_s(),
         model: state.model_name.clone(),
         choices,
-        usage: Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
-        },
+        usage: Usage::of(prompt_tokens, completion_tokens),
     })
     .into_response())
 }
@@ -272,7 +257,7 @@ pub async fn chat(
             sampling::MAX_TOP_LOGPROBS
         )));
     }
-    let stops = state.stop_strings(req.stop)?;
+    let stops = state.stop_strings(req.stop.clone())?;
     // The room left in the context (at least one token, so that a full prompt is refused by
     // the context check, naming both numbers).
     let room = state.context.saturating_sub(prompt.len()).max(1);
@@ -282,19 +267,8 @@ pub async fn chat(
             .min(MAX_TOKENS_LIMIT),
     )
     .map_err(|e| ApiError::internal(e.named("max_tokens")))?;
-    let knobs = Knobs {
-        temperature: req.temperature.unwrap_or(Temperature::ONE),
-        top_p: req.top_p.unwrap_or(TopP::ALL),
-        top_k: req.top_k.unwrap_or(0),
-        max_tokens: req.max_completion_tokens.or(req.max_tokens).unwrap_or(room),
-    };
-    let params = SamplingParams {
-        stop_ids: req.stop_token_ids.unwrap_or_else(|| state.eos_ids.clone()),
-        stop_sequences: state.stop_sequences(&stops),
-        top_logprobs: top as usize,
-        seed: req.seed.unwrap_or_else(rand::random),
-        ..SamplingParams::new(knobs)
-    };
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(room);
+    let params = req.sampling(max_tokens, state.sampling_tail(&stops, top as usize));
     let rows = state.rows("messages", &prompt, params, req.n.unwrap_or(1))?;
     let prompt_tokens = prompt.len() as u32;
     if req.stream == Some(true) {
@@ -337,11 +311,7 @@ pub async fn chat(
         created: now_s(),
         model: state.model_name.clone(),
         choices,
-        usage: Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
-        },
+        usage: Usage::of(prompt_tokens, completion_tokens),
         prompt_token_ids: want_ids.then_some(prompt),
     })
     .into_response())

@@ -295,11 +295,7 @@ impl Chunks {
             Self::send(tx, &self.chunk(vec![piece], None))?;
         }
         if usage {
-            let usage = Usage {
-                prompt_tokens,
-                completion_tokens,
-                total_tokens: prompt_tokens + completion_tokens,
-            };
+            let usage = Usage::of(prompt_tokens, completion_tokens);
             Self::send(tx, &self.chunk(vec![], Some(usage)))?;
         }
         tx.send(Event::default().data("[DONE]")).map_err(|_| Gone)
