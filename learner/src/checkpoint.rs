@@ -44,15 +44,11 @@ pub fn root(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
-/// The name of `iteration`'s checkpoint folder inside [`root`] (also how a rollout server
-/// started with `--checkpoints-dir` is told to load it).
+/// The name of `iteration`'s checkpoint folder inside [`root`] (also the adapter id a rollout
+/// server is given for it and answers with; the policy version itself is stored as the integer,
+/// never parsed back from a name).
 pub fn name(iteration: u32) -> String {
     format!("iter_{iteration}")
-}
-
-/// The iteration of a checkpoint name ([`name`]'s inverse); `None` for any other name.
-pub fn iteration_of(name: &str) -> Option<u32> {
-    name.strip_prefix("iter_")?.parse().ok()
 }
 
 /// The checkpoint folder of `iteration` of the run in `run_dir`.
