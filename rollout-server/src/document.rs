@@ -6,19 +6,13 @@
 //! refused by a rule it could not read. One rule cannot be stated in JSON Schema and is only in
 //! the descriptions: the prompt and `max_tokens` together fit the context.
 
+use model::Limits;
 use rl_http::server::{limit_token_ids, schema_of};
 use serde_json::{json, Value};
 
-/// The server's limits, as the document states them.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_n: u32,
-    pub vocab: usize,
-    pub context: usize,
-}
-
-/// Applies every rule to `doc` (the service's document as JSON).
-pub fn state_rules(doc: &mut Value, limits: Limits) {
+/// Applies every rule to `doc` (the service's document as JSON): the model's `limits` and this
+/// server's `--max-n`.
+pub fn state_rules(doc: &mut Value, limits: Limits, max_n: u32) {
     limit_token_ids(doc, limits.vocab);
     // A completion leaves room for at least one prompt token (`GenerateRequest::new`).
     if let Some(m) = schema_of(doc, "MaxTokens") {
@@ -27,7 +21,7 @@ pub fn state_rules(doc: &mut Value, limits: Limits) {
     for schema in ["GenerateRequest", "CompletionRequest", "ChatRequest"] {
         if let Some(s) = schema_of(doc, schema) {
             // `AppState::rows`: n in 1..=--max-n.
-            s["properties"]["n"]["maximum"] = json!(limits.max_n);
+            s["properties"]["n"]["maximum"] = json!(max_n);
         }
     }
     if let Some(ids) = schema_of(doc, "GenerateRequest").map(|s| &mut s["properties"]["prompt_ids"])

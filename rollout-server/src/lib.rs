@@ -74,9 +74,8 @@ pub fn app(engine: Engine, opts: &Options) -> anyhow::Result<(axum::Router, Arc<
     };
     let tokenizer = engine.tokenizer().ok().cloned();
     let template = engine.chat_template().cloned().map_err(|e| e.to_string());
-    let cfg = engine.config();
-    let (vocab, context) = (cfg.vocab_size, cfg.max_position_embeddings);
-    let eos_ids = cfg.eos_token_ids.clone();
+    let limits = engine.limits();
+    let eos_ids = engine.config().eos_token_ids.clone();
     let gauges = routes::service::Gauges::default();
     let (metrics, stats) = Metrics::new("rollout", engine.matmul_backend(), |r, phases| {
         gauges.register(r);
@@ -97,8 +96,7 @@ pub fn app(engine: Engine, opts: &Options) -> anyhow::Result<(axum::Router, Arc<
         model_name: opts.model_name.clone(),
         tokenizer,
         template,
-        vocab,
-        context,
+        limits,
         eos_ids,
         checkpoints_dir,
         max_n: opts.max_n,
@@ -113,14 +111,10 @@ pub fn app(engine: Engine, opts: &Options) -> anyhow::Result<(axum::Router, Arc<
         api_key: opts.api_key.clone(),
         max_body_bytes: opts.max_body_bytes,
     };
-    let limits = document::Limits {
-        max_n: opts.max_n,
-        vocab,
-        context,
-    };
+    let max_n = opts.max_n;
     let routes = routes::router(opts.max_adapter_bytes);
     let (router, _) = assemble(routes, state.clone(), metrics, frame, |doc| {
-        document::state_rules(doc, limits)
+        document::state_rules(doc, limits, max_n)
     });
     Ok((router, state))
 }

@@ -31,8 +31,8 @@ pub struct AppState {
     pub model_name: String,
     pub tokenizer: Option<Tokenizer>,
     pub template: Result<ChatTemplate, String>,
-    pub vocab: usize,
-    pub context: usize,
+    /// What a request must fit: the model's vocabulary and context.
+    pub limits: Limits,
     pub eos_ids: Vec<u32>,
     /// Canonical path; adapters load only from inside it.
     pub checkpoints_dir: Option<PathBuf>,
@@ -89,14 +89,6 @@ impl AppState {
         }
     }
 
-    /// What a request must fit: the model's vocabulary and context.
-    fn limits(&self) -> Limits {
-        Limits {
-            vocab: self.vocab,
-            context: self.context,
-        }
-    }
-
     /// The engine's rows for `n` choices of `prompt` (named `what` in messages), choice `i`
     /// drawn with seed `params.seed + i`. The one check of a sampling request: the knobs are
     /// valid by their types, the rest is checked here against the model
@@ -115,7 +107,7 @@ impl AppState {
             )));
         }
         let seed = params.seed;
-        let first = GenerateRequest::new(what, prompt.to_vec(), params, self.limits())
+        let first = GenerateRequest::new(what, prompt.to_vec(), params, self.limits)
             .map_err(engine_error)?;
         Ok((0..n)
             .map(|i| first.reseeded(seed.wrapping_add(u64::from(i))))

@@ -260,7 +260,7 @@ pub async fn chat(
     let stops = state.stop_strings(req.stop.clone())?;
     // The room left in the context (at least one token, so that a full prompt is refused by
     // the context check, naming both numbers).
-    let room = state.context.saturating_sub(prompt.len()).max(1);
+    let room = state.limits.context.saturating_sub(prompt.len()).max(1);
     let room = MaxTokens::new(
         u32::try_from(room)
             .unwrap_or(u32::MAX)
@@ -329,7 +329,7 @@ pub async fn models(State(state): Shared) -> Json<ModelList> {
             created: now_s(),
             owned_by: "rollout-server".into(),
             adapter: state.batcher.adapter(),
-            max_model_len: state.context,
+            max_model_len: state.limits.context,
         }],
     })
 }
